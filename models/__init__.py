@@ -1,0 +1,1 @@
+"""The bottom layer of orgsync: settings, engine and sessions, tables, mirror writes and reads."""

@@ -1,0 +1,139 @@
+"""Settings read once from the environment into one frozen object."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import ConfigError
+
+DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
+DEFAULT_DATA_DIR = ".orgsync"
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def parse_signing_secrets(raw: str, name: str = "CLERK_WEBHOOK_SIGNING_SECRET") -> tuple[str, ...]:
+    """Split and check one or more ``whsec_`` secrets; errors name the entry, never its value."""
+    entries = [part for part in re.split(r"[\s,]+", raw.strip()) if part]
+    if not entries:
+        raise ConfigError(
+            f"{name} is not set: webhooks cannot be verified without the endpoint's signing "
+            "secret (copy it from the Clerk dashboard, Webhooks > your endpoint > Signing Secret)"
+        )
+    for position, secret in enumerate(entries, start=1):
+        if not secret.startswith("whsec_"):
+            raise ConfigError(f"{name}: entry {position} of {len(entries)} does not start with 'whsec_'")
+        body = secret[len("whsec_") :]
+        try:
+            key = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                f"{name}: entry {position} of {len(entries)} is not valid base64 after 'whsec_'"
+            ) from None
+        if len(key) < 16:
+            raise ConfigError(
+                f"{name}: entry {position} of {len(entries)} is too short to be a signing secret"
+            )
+    return tuple(entries)
+
+
+def normalize_database_url(url: str) -> str:
+    """Point bare PostgreSQL URLs at psycopg 3, the driver orgsync installs."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything orgsync reads from the environment. Secrets are kept out of ``repr``."""
+
+    database_url: str
+    broker_url: str
+    data_dir: Path
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    clerk_secret_key: str | None = field(default=None, repr=False)
+    clerk_api_url: str = DEFAULT_CLERK_API_URL
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    apply_batch_size: int = 500
+    max_attempts: int = 8
+    sweep_interval: float = 15.0
+    sweep_grace: float = 30.0
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on the built-in SQLite database and SQLite broker."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("sqla+sqlite")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, require_webhook_secret: bool = False
+    ) -> Settings:
+        """Read the settings; ``require_webhook_secret`` for processes that serve webhooks."""
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("ORGSYNC_DATA_DIR", "").strip() or DEFAULT_DATA_DIR)
+        database_url = env.get("DATABASE_URL", "").strip()
+        broker_url = env.get("BROKER_URL", "").strip()
+        if not database_url:
+            database_url = f"sqlite:///{(data_dir / 'orgsync.db').absolute()}"
+        if not broker_url:
+            broker_url = f"sqla+sqlite:///{(data_dir / 'broker.db').absolute()}"
+        raw_secrets = env.get("CLERK_WEBHOOK_SIGNING_SECRET", "")
+        wants_secret = require_webhook_secret or bool(raw_secrets.strip())
+        secrets = parse_signing_secrets(raw_secrets) if wants_secret else ()
+        secret_key = env.get("CLERK_SECRET_KEY", "").strip() or None
+        if secret_key is not None and not secret_key.startswith("sk_"):
+            raise ConfigError("CLERK_SECRET_KEY does not start with 'sk_'")
+        api_url = env.get("CLERK_API_URL", "").strip().rstrip("/") or DEFAULT_CLERK_API_URL
+        if not api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"CLERK_API_URL must be an http(s) URL, got {api_url!r}")
+        log_level = env.get("ORGSYNC_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"ORGSYNC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        return cls(
+            database_url=normalize_database_url(database_url),
+            broker_url=broker_url,
+            data_dir=data_dir,
+            webhook_secrets=secrets,
+            clerk_secret_key=secret_key,
+            clerk_api_url=api_url,
+            max_body_bytes=_int(env, "ORGSYNC_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            apply_batch_size=_int(env, "ORGSYNC_APPLY_BATCH_SIZE", 500),
+            max_attempts=_int(env, "ORGSYNC_MAX_ATTEMPTS", 8),
+            sweep_interval=_float(env, "ORGSYNC_SWEEP_INTERVAL", 15.0),
+            sweep_grace=_float(env, "ORGSYNC_SWEEP_GRACE", 30.0),
+            log_level=log_level,
+        )

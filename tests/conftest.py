@@ -23,7 +23,9 @@ from models.db import create_db_engine, make_session_factory
 from models.migrate import upgrade
 from models.tables import Base
 
-PG_ADMIN_DSN = os.environ.get("ORGSYNC_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "ORGSYNC_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+)
 PG_HOST_URL = os.environ.get("ORGSYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_HOST_URL = os.environ.get("ORGSYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 

@@ -1,0 +1,24 @@
+# orgsync: one image for every role (web, worker, beat, migrate); docker-compose.yml picks the command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ORGSYNC_DATA_DIR=/var/lib/orgsync
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY orgsync ./orgsync
+COPY models ./models
+COPY webhooks ./webhooks
+COPY worker ./worker
+COPY emulator ./emulator
+RUN pip install . \
+    && useradd --system --home-dir /var/lib/orgsync --create-home orgsync
+
+# Beat keeps its schedule file in ORGSYNC_DATA_DIR, which must be writable.
+USER orgsync
+WORKDIR /var/lib/orgsync
+EXPOSE 8000
+CMD ["orgsync", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,472 @@
+"""The Backend API under ``/v1`` (bearer secret key, Clerk's error body, rate limits) and ``/_emulator``.
+
+Views only parse parameters and translate: every rule lives in ``emulator.state``. The
+``/_emulator`` endpoints are test and demo helpers that Clerk does not have (snapshot,
+delivery log, settle, accepting an invitation as the invitee, running a scenario).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from emulator.delivery import Delivery
+from emulator.errors import ClerkError, param_format, param_invalid, too_many_requests
+from emulator.scenario import Scenario
+from emulator.state import State
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Requests per window for the whole instance, and role/metadata changes per membership (0: off)."""
+
+    instance: int = 100
+    membership: int = 10
+    window: float = 10.0
+
+
+class WindowLimiter:
+    """Fixed windows per key: once a key's budget is spent, everything is refused until the window ends."""
+
+    def __init__(self, limit: int, window: float, now: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._now = now
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def hit(self, key: str) -> int | None:
+        """Count one request; None if allowed, else the ``Retry-After`` in whole seconds."""
+        if self.limit <= 0:
+            return None
+        with self._lock:
+            now = self._now()
+            start, count = self._windows.get(key, (now, 0))
+            if now >= start + self.window:
+                start, count = now, 0
+            if count >= self.limit:
+                return max(1, math.ceil(start + self.window - now))
+            self._windows[key] = (start, count + 1)
+            if len(self._windows) > 10_000:
+                self._windows = {k: v for k, v in self._windows.items() if now < v[0] + self.window}
+            return None
+
+
+def _error_response(error: ClerkError) -> Response:
+    response = jsonify(error.body())
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def _int_arg(name: str, default: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise param_invalid(name, "must be an integer") from None
+
+
+def _bool_arg(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _list_arg(name: str) -> list[str]:
+    # The SDK sends repeated ``name=a&name=b``; Clerk's docs also show ``name[]=``.
+    return [v for v in request.args.getlist(name) + request.args.getlist(f"{name}[]") if v]
+
+
+def _body(*, required: bool = True) -> dict[str, Any]:
+    if not request.data and not required:
+        return {}
+    data = request.get_json(silent=True)
+    if data is None and not required and not request.data.strip():
+        return {}
+    if not isinstance(data, dict):
+        raise param_format("body", "must be a JSON object")
+    return data
+
+
+def _str_field(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise param_format(name, "must be a string")
+    return value
+
+
+def _page_args() -> tuple[int, int]:
+    return _int_arg("limit", 10), _int_arg("offset", 0)
+
+
+def create_app(
+    state: State,
+    *,
+    secret_key: str,
+    delivery: Delivery | None = None,
+    limits: RateLimits | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Flask:
+    """The emulator's WSGI app over ``state``; ``delivery`` backs the delivery-log endpoints."""
+    if not secret_key:
+        raise ValueError("the emulator needs a secret key to check")
+    limits = limits or RateLimits()
+    instance_limiter = WindowLimiter(limits.instance, limits.window, monotonic)
+    membership_limiter = WindowLimiter(limits.membership, limits.window, monotonic)
+    expected = f"Bearer {secret_key}".encode()
+
+    app = Flask("emulator")
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    v1 = Blueprint("v1", __name__, url_prefix="/v1")
+    test = Blueprint("emulator", __name__, url_prefix="/_emulator")
+
+    def authenticate() -> None:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise ClerkError(
+                401,
+                "authentication_invalid",
+                "Unauthorized request",
+                "The provided Clerk Secret Key is invalid. Make sure that your Clerk Secret Key is correct.",
+            )
+
+    @v1.before_request
+    def check_v1() -> None:
+        authenticate()
+        retry_after = instance_limiter.hit("instance")
+        if retry_after is not None:
+            raise too_many_requests(retry_after)
+
+    @test.before_request
+    def check_test() -> None:
+        authenticate()
+
+    def membership_budget(org_id: str, user_id: str) -> None:
+        retry_after = membership_limiter.hit(f"{org_id}/{user_id}")
+        if retry_after is not None:
+            raise too_many_requests(retry_after)
+
+    @app.errorhandler(ClerkError)
+    def clerk_error(error: ClerkError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception) -> Response:
+        app.logger.exception("unexpected error in the emulator")
+        return _error_response(ClerkError(500, "internal_clerk_error", "Oops, an error occurred", str(error)))
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = "resource_not_found" if status == 404 else "request_invalid"
+        return _error_response(ClerkError(status, code, error.name, error.description or error.name))
+
+    # ---------------------------------------------------------- organizations
+    @v1.get("/organizations")
+    def list_organizations() -> Any:
+        limit, offset = _page_args()
+        return state.list_organizations(
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+            query=request.args.get("query"),
+            include_members_count=_bool_arg("include_members_count"),
+        ).body()
+
+    @v1.post("/organizations")
+    def create_organization() -> Any:
+        body = _body()
+        max_allowed = body.get("max_allowed_memberships")
+        if max_allowed is not None and not isinstance(max_allowed, int):
+            raise param_format("max_allowed_memberships", "must be an integer")
+        return state.create_organization(
+            name=_str_field(body, "name") or "",
+            slug=_str_field(body, "slug"),
+            created_by=_str_field(body, "created_by"),
+            max_allowed_memberships=max_allowed,
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.get("/organizations/<org_id>")
+    def get_organization(org_id: str) -> Any:
+        return state.get_organization(org_id, include_members_count=_bool_arg("include_members_count"))
+
+    @v1.patch("/organizations/<org_id>")
+    def update_organization(org_id: str) -> Any:
+        body = _body()
+        max_allowed = body.get("max_allowed_memberships")
+        if max_allowed is not None and not isinstance(max_allowed, int):
+            raise param_format("max_allowed_memberships", "must be an integer")
+        admin_delete = body.get("admin_delete_enabled")
+        if admin_delete is not None and not isinstance(admin_delete, bool):
+            raise param_format("admin_delete_enabled", "must be a boolean")
+        return state.update_organization(
+            org_id,
+            name=_str_field(body, "name"),
+            slug=_str_field(body, "slug"),
+            max_allowed_memberships=max_allowed,
+            admin_delete_enabled=admin_delete,
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.delete("/organizations/<org_id>")
+    def delete_organization(org_id: str) -> Any:
+        return state.delete_organization(org_id)
+
+    # ------------------------------------------------------------ memberships
+    @v1.get("/organizations/<org_id>/memberships")
+    def list_memberships(org_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_memberships(
+            org_id,
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+            roles=_list_arg("role"),
+            user_ids=_list_arg("user_id"),
+        ).body()
+
+    @v1.post("/organizations/<org_id>/memberships")
+    def add_membership(org_id: str) -> Any:
+        body = _body()
+        return state.add_membership(
+            org_id,
+            user_id=_str_field(body, "user_id") or "",
+            role=_str_field(body, "role") or "",
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.patch("/organizations/<org_id>/memberships/<user_id>")
+    def update_membership(org_id: str, user_id: str) -> Any:
+        body = _body()
+        membership_budget(org_id, user_id)
+        return state.update_membership_role(org_id, user_id, role=_str_field(body, "role") or "")
+
+    @v1.delete("/organizations/<org_id>/memberships/<user_id>")
+    def remove_membership(org_id: str, user_id: str) -> Any:
+        return state.remove_membership(org_id, user_id)
+
+    @v1.patch("/organizations/<org_id>/memberships/<user_id>/metadata")
+    def update_membership_metadata(org_id: str, user_id: str) -> Any:
+        body = _body()
+        unknown = set(body) - {"public_metadata", "private_metadata"}
+        if unknown:
+            raise param_invalid(sorted(unknown)[0], "is not a recognised parameter")
+        membership_budget(org_id, user_id)
+        return state.update_membership_metadata(
+            org_id,
+            user_id,
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    # ------------------------------------------------------------ invitations
+    @v1.get("/organizations/<org_id>/invitations")
+    def list_invitations(org_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_invitations(
+            org_id,
+            status=request.args.get("status") or None,
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+        ).body()
+
+    @v1.get("/organizations/<org_id>/invitations/pending")
+    def list_pending_invitations(org_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_invitations(org_id, status="pending", limit=limit, offset=offset).body()
+
+    @v1.post("/organizations/<org_id>/invitations")
+    def create_invitation(org_id: str) -> Any:
+        body = _body()
+        return state.create_invitation(
+            org_id,
+            email_address=body.get("email_address"),
+            role=body.get("role"),
+            inviter_user_id=body.get("inviter_user_id"),
+            expires_in_days=body.get("expires_in_days"),
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.post("/organizations/<org_id>/invitations/bulk")
+    def bulk_create_invitations(org_id: str) -> Any:
+        items = request.get_json(silent=True)
+        if not isinstance(items, list):
+            raise param_format("body", "must be a JSON array of invitations")
+        return state.bulk_create_invitations(org_id, items).body()
+
+    @v1.get("/organizations/<org_id>/invitations/<invitation_id>")
+    def get_invitation(org_id: str, invitation_id: str) -> Any:
+        return state.get_invitation(org_id, invitation_id)
+
+    @v1.post("/organizations/<org_id>/invitations/<invitation_id>/revoke")
+    def revoke_invitation(org_id: str, invitation_id: str) -> Any:
+        body = _body(required=False)
+        return state.revoke_invitation(
+            org_id, invitation_id, requesting_user_id=_str_field(body, "requesting_user_id")
+        )
+
+    # ------------------------------------------------------------------ roles
+    @v1.get("/organization_roles")
+    def list_roles() -> Any:
+        limit, offset = _page_args()
+        return state.list_roles(
+            limit=limit, offset=offset, order_by=request.args.get("order_by"), query=request.args.get("query")
+        ).body()
+
+    @v1.post("/organization_roles")
+    def create_role() -> Any:
+        body = _body()
+        permissions = body.get("permissions")
+        if permissions is not None and (
+            not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions)
+        ):
+            raise param_format("permissions", "must be a list of permission ids")
+        return state.create_role(
+            name=_str_field(body, "name") or "",
+            key=_str_field(body, "key") or "",
+            description=_str_field(body, "description"),
+            permissions=permissions,
+        )
+
+    @v1.get("/organization_roles/<role_id>")
+    def get_role(role_id: str) -> Any:
+        return state.get_role(role_id)
+
+    @v1.delete("/organization_roles/<role_id>")
+    def delete_role(role_id: str) -> Any:
+        return state.delete_role(role_id)
+
+    # ------------------------------------------------------------------ users
+    @v1.post("/users")
+    def create_user() -> Any:
+        body = _body()
+        emails = body.get("email_address")
+        if isinstance(emails, str):
+            emails = [emails]
+        if not emails:
+            raise ClerkError(
+                422,
+                "form_param_missing",
+                "email_address must be included",
+                "email_address must be included",
+                meta={"param_name": "email_address"},
+            )
+        if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
+            raise param_format("email_address", "must be a list of email addresses")
+        return state.create_user(
+            email_address=emails[0],
+            first_name=_str_field(body, "first_name"),
+            last_name=_str_field(body, "last_name"),
+            username=_str_field(body, "username"),
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.get("/users/<user_id>")
+    def get_user(user_id: str) -> Any:
+        return state.get_user(user_id)
+
+    @v1.delete("/users/<user_id>")
+    def delete_user(user_id: str) -> Any:
+        return state.delete_user(user_id)
+
+    @v1.get("/users/<user_id>/organization_memberships")
+    def user_memberships(user_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_user_memberships(user_id, limit=limit, offset=offset).body()
+
+    # -------------------------------------------------------------- test only
+    @test.get("/snapshot")
+    def snapshot() -> Any:
+        return state.snapshot()
+
+    @test.post("/invitations/<invitation_id>/accept")
+    def accept_invitation(invitation_id: str) -> Any:
+        body = _body(required=False)
+        return state.accept_invitation(
+            invitation_id,
+            user_id=_str_field(body, "user_id"),
+            first_name=_str_field(body, "first_name"),
+            last_name=_str_field(body, "last_name"),
+        )
+
+    @test.post("/scenario")
+    def run_scenario() -> Any:
+        body = _body(required=False)
+        steps, seed, rate = body.get("steps", 100), body.get("seed", 0), body.get("rate")
+        if not isinstance(steps, int) or steps < 0:
+            raise param_invalid("steps", "must be a non-negative integer")
+        if not isinstance(seed, int):
+            raise param_invalid("seed", "must be an integer")
+        if rate is not None and (not isinstance(rate, int | float) or rate <= 0):
+            raise param_invalid("rate", "must be a positive number of steps per second")
+        return Scenario(state, seed=seed).run(steps, rate=rate).as_dict()
+
+    def need_delivery() -> Delivery:
+        if delivery is None:
+            raise ClerkError(404, "resource_not_found", "not found", "This emulator delivers no webhooks.")
+        return delivery
+
+    @test.get("/deliveries")
+    def deliveries() -> Any:
+        log = need_delivery().log()
+        msg_id = request.args.get("msg_id")
+        if msg_id:
+            log = [a for a in log if a.msg_id == msg_id]
+        limit = _int_arg("limit", 1000)
+        return {"data": [a.as_dict() for a in log[-limit:]], "total_count": len(log)}
+
+    @test.get("/dropped")
+    def dropped() -> Any:
+        messages = need_delivery().dropped()
+        return {
+            "data": [
+                {
+                    "seq": m.seq,
+                    "msg_id": m.msg_id,
+                    "type": m.event_type,
+                    "timestamp": m.timestamp,
+                    "data": m.data,
+                }
+                for m in messages
+            ],
+            "total_count": len(messages),
+        }
+
+    @test.get("/stats")
+    def stats() -> Any:
+        result: dict[str, Any] = {"state": state.counts()}
+        if delivery is not None:
+            result["delivery"] = delivery.stats()
+        return result
+
+    @test.post("/settle")
+    def settle() -> Any:
+        body = _body(required=False)
+        timeout = body.get("timeout", 30)
+        if not isinstance(timeout, int | float) or timeout < 0:
+            raise param_invalid("timeout", "must be a non-negative number of seconds")
+        target = need_delivery()
+        settled = target.settle(float(timeout))
+        return {"settled": settled, "pending": target.pending()}
+
+    app.register_blueprint(v1)
+    app.register_blueprint(test)
+
+    return app

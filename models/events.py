@@ -1,0 +1,473 @@
+"""Clerk webhook events: parsing, lenient normalisation into table rows, and row versions.
+
+Everything here is pure (no database): ``parse_event`` turns a verified body into an
+``Event``, ``event_writes`` turns an event into the rows it writes, each carrying the
+``version`` that decides, in any order of arrival, which write of a row wins.
+
+Version layout (fixed width, digits and lowercase hex only, so it sorts the same as a
+Python ``str`` and under every database collation):
+
+* memberships: ``created_at(15) updated_at(15) rank(1) envelope_ms(15) sha256(svix_id)[:16]``.
+  ``created_at`` leads because a re-added member is a new generation (new ``orgmem_`` id,
+  later ``created_at``) that must outrank the old generation's tombstone, while a late update
+  of the old generation must not resurrect it. ``organizationMembership.deleted`` carries the
+  SAME ``updated_at`` as the last change, so the kind rank (created < updated < deleted) breaks
+  that tie.
+* everything else: ``updated_at(15) rank(1) envelope_ms(15) sha256(svix_id)[:16]``.
+
+Deleted stubs carry no timestamps: the envelope timestamp stands in for ``updated_at`` and
+they take the top rank. The envelope timestamp and the hash of the delivery id only break
+ties, deterministically, so duplicates of one delivery are no-ops and two distinct
+deliveries never tie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from models.errors import PayloadError
+
+# Envelope timestamps below this are seconds (the spec's examples), above it milliseconds.
+SECONDS_THRESHOLD = 10**11
+_WIDTH = 15
+_MAX_STAMP = 10**_WIDTH - 1
+
+ORGANIZATIONS = "organizations"
+MEMBERSHIPS = "memberships"
+INVITATIONS = "invitations"
+ROLES = "roles"
+PERMISSIONS = "permissions"
+USERS = "users"
+
+MIRRORED_EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        "organization.created",
+        "organization.updated",
+        "organization.deleted",
+        "organizationMembership.created",
+        "organizationMembership.updated",
+        "organizationMembership.deleted",
+        "organizationInvitation.created",
+        "organizationInvitation.accepted",
+        "organizationInvitation.revoked",
+        "role.created",
+        "role.updated",
+        "role.deleted",
+        "permission.created",
+        "permission.updated",
+        "permission.deleted",
+        "user.created",
+        "user.updated",
+        "user.deleted",
+    }
+)
+
+# Very old instances send bare role keys; everything else is stored exactly as sent,
+# because a custom key without the ``org:`` prefix (the spec's role example has one) is
+# still the key Clerk's API expects back, and guessing a prefix would break that.
+LEGACY_ROLE_KEYS: Mapping[str, str] = {
+    "admin": "org:admin",
+    "basic_member": "org:member",
+    "guest_member": "org:guest_member",
+}
+
+# Kind ranks break ties between writes of one row with equal object timestamps.
+MEMBERSHIP_RANK = {"created": 0, "updated": 1, "deleted": 2}
+# A membership event's organization snapshot ranks below the organization's own events.
+ORGANIZATION_RANK = {"snapshot": 0, "created": 1, "updated": 2, "deleted": 3}
+OBJECT_RANK = {"created": 0, "updated": 1, "deleted": 2}
+INVITATION_RANK = {"pending": 0, "accepted": 1, "revoked": 1}
+INVITATION_STATUS = {"created": "pending", "accepted": "accepted", "revoked": "revoked"}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Clerk webhook delivery: ``svix_id`` is the delivery id, ``timestamp_ms`` normalised."""
+
+    svix_id: str
+    type: str
+    timestamp_ms: int
+    data: dict[str, Any]
+
+    @property
+    def resource(self) -> str:
+        return self.type.partition(".")[0]
+
+    @property
+    def action(self) -> str:
+        return self.type.partition(".")[2]
+
+
+@dataclass(frozen=True)
+class Write:
+    """One row an event writes: ``key`` is the primary key, ``values`` every column but synced_at."""
+
+    table: str
+    key: tuple[str, ...]
+    version: str
+    values: dict[str, Any]
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.values["deleted"])
+
+
+def parse_event(svix_id: str, body: str | bytes) -> Event:
+    """Parse and fully validate a verified body; raises ``PayloadError`` naming what is wrong."""
+    if not svix_id:
+        raise PayloadError("delivery id (svix-id) is empty")
+    try:
+        envelope = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise PayloadError("body is not valid JSON") from None
+    if not isinstance(envelope, dict):
+        raise PayloadError("body is not a JSON object")
+    event_type = envelope.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        raise PayloadError("type missing or not a string")
+    if envelope.get("object", "event") != "event":
+        raise PayloadError("object is not 'event'")
+    if event_type not in MIRRORED_EVENT_TYPES:
+        raise PayloadError(f"event type {event_type!r} is not mirrored")
+    data = envelope.get("data")
+    if not isinstance(data, dict):
+        raise PayloadError(f"data missing or not an object for {event_type}")
+    event = Event(
+        svix_id=svix_id,
+        type=event_type,
+        timestamp_ms=normalize_timestamp(envelope.get("timestamp")),
+        data=data,
+    )
+    # Validation is the extraction itself: whatever the mirror cannot interpret fails here.
+    event_writes(event)
+    return event
+
+
+def normalize_timestamp(value: Any) -> int:
+    """The envelope timestamp in milliseconds; the docs say ms, the spec's examples seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise PayloadError("timestamp missing or not a non-negative number")
+    return int(value * 1000) if value < SECONDS_THRESHOLD else int(value)
+
+
+def normalize_role_key(role: str) -> str:
+    return LEGACY_ROLE_KEYS.get(role, role)
+
+
+def delivery_hash(svix_id: str) -> str:
+    return hashlib.sha256(svix_id.encode()).hexdigest()[:16]
+
+
+def _stamp(value: int) -> str:
+    return f"{min(max(value, 0), _MAX_STAMP):0{_WIDTH}d}"
+
+
+def membership_version(
+    *, created_at: int, updated_at: int, kind: str, timestamp_ms: int, svix_id: str
+) -> str:
+    """Version of a membership row; ``kind`` is created, updated or deleted."""
+    return (
+        _stamp(created_at)
+        + _stamp(updated_at)
+        + str(MEMBERSHIP_RANK[kind])
+        + _stamp(timestamp_ms)
+        + delivery_hash(svix_id)
+    )
+
+
+def object_version(*, updated_at: int, rank: int, timestamp_ms: int, svix_id: str) -> str:
+    """Version of an organization, invitation, role, permission or user row."""
+    if not 0 <= rank <= 9:
+        raise ValueError(f"rank must be one digit, got {rank}")
+    return _stamp(updated_at) + str(rank) + _stamp(timestamp_ms) + delivery_hash(svix_id)
+
+
+# --- lenient field readers: a drifted field becomes None rather than a rejected event ---
+
+
+def _str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _int(data: Mapping[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _bool(data: Mapping[str, Any], name: str) -> bool | None:
+    value = data.get(name)
+    return value if isinstance(value, bool) else None
+
+
+def _dict(data: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = data.get(name)
+    return value if isinstance(value, dict) else None
+
+
+def _keys(value: Any) -> list[str] | None:
+    """Permission keys from a list of keys or of Permission objects (roles embed full objects)."""
+    if not isinstance(value, list):
+        return None
+    keys: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            keys.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("key"), str):
+            keys.append(item["key"])
+    return keys
+
+
+def _required_id(data: Mapping[str, Any], path: str, event_type: str) -> str:
+    value = data.get(path.rpartition(".")[2])
+    if not isinstance(value, str) or not value:
+        raise PayloadError(f"{path} missing for {event_type}")
+    return value
+
+
+def _is_deletion(event: Event) -> bool:
+    return event.action == "deleted" or event.data.get("deleted") is True
+
+
+def _updated_at(data: Mapping[str, Any], event: Event) -> int:
+    # A stub has no timestamps; a payload that drifted without updated_at falls back the same way.
+    updated = _int(data, "updated_at")
+    if updated is None:
+        updated = _int(data, "created_at")
+    return event.timestamp_ms if updated is None else updated
+
+
+def event_writes(event: Event) -> tuple[Write, ...]:
+    """The rows ``event`` writes, with their versions; raises ``PayloadError`` if uninterpretable."""
+    builder = _BUILDERS.get(event.resource)
+    if builder is None or event.type not in MIRRORED_EVENT_TYPES:
+        raise PayloadError(f"event type {event.type!r} is not mirrored")
+    return builder(event)
+
+
+def _organization_write(data: Mapping[str, Any], event: Event, *, kind: str, organization_id: str) -> Write:
+    deleted = kind == "deleted"
+    version = object_version(
+        updated_at=_updated_at(data, event),
+        rank=ORGANIZATION_RANK[kind],
+        timestamp_ms=event.timestamp_ms,
+        svix_id=event.svix_id,
+    )
+    values: dict[str, Any] = {
+        "id": organization_id,
+        "name": _str(data, "name"),
+        "slug": _str(data, "slug"),
+        "image_url": _str(data, "image_url"),
+        "has_image": _bool(data, "has_image"),
+        "max_allowed_memberships": _int(data, "max_allowed_memberships"),
+        "admin_delete_enabled": _bool(data, "admin_delete_enabled"),
+        "members_count": _int(data, "members_count"),
+        "created_by": _str(data, "created_by"),
+        "public_metadata": _dict(data, "public_metadata"),
+        "private_metadata": _dict(data, "private_metadata"),
+        "created_at": _int(data, "created_at"),
+        "updated_at": _int(data, "updated_at"),
+        "version": version,
+        "deleted": deleted,
+    }
+    return Write(ORGANIZATIONS, (organization_id,), version, values)
+
+
+def _organization_event(event: Event) -> tuple[Write, ...]:
+    organization_id = _required_id(event.data, "data.id", event.type)
+    kind = "deleted" if _is_deletion(event) else event.action
+    return (_organization_write(event.data, event, kind=kind, organization_id=organization_id),)
+
+
+def _membership_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    membership_id = _required_id(data, "data.id", event.type)
+    organization = _dict(data, "organization")
+    organization_id = (organization or {}).get("id") or data.get("organization_id")
+    if not isinstance(organization_id, str) or not organization_id:
+        raise PayloadError(f"data.organization.id missing for {event.type}")
+    user_data = _dict(data, "public_user_data")
+    user_id = (user_data or {}).get("user_id") or data.get("user_id")
+    if not isinstance(user_id, str) or not user_id:
+        raise PayloadError(f"data.public_user_data.user_id missing for {event.type}")
+    deleted = event.action == "deleted"
+    role = _str(data, "role")
+    if role is None:
+        if not deleted:
+            raise PayloadError(f"data.role missing for {event.type}")
+        role = ""
+    created_at = _int(data, "created_at")
+    updated_at = _int(data, "updated_at")
+    version = membership_version(
+        created_at=created_at or 0,
+        updated_at=updated_at if updated_at is not None else (created_at or 0),
+        kind=event.action,
+        timestamp_ms=event.timestamp_ms,
+        svix_id=event.svix_id,
+    )
+    values: dict[str, Any] = {
+        "organization_id": organization_id,
+        "user_id": user_id,
+        "id": membership_id,
+        "role": normalize_role_key(role),
+        "role_name": _str(data, "role_name"),
+        "permissions": _keys(data.get("permissions")),
+        "identifier": _str(user_data or {}, "identifier"),
+        "public_user_data": user_data,
+        "public_metadata": _dict(data, "public_metadata"),
+        "private_metadata": _dict(data, "private_metadata"),
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "version": version,
+        "deleted": deleted,
+    }
+    writes = [Write(MEMBERSHIPS, (organization_id, user_id), version, values)]
+    if organization is not None:
+        writes.append(
+            _organization_write(organization, event, kind="snapshot", organization_id=organization_id)
+        )
+    return tuple(writes)
+
+
+def _invitation_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    invitation_id = _required_id(data, "data.id", event.type)
+    organization_id = _required_id(data, "data.organization_id", event.type)
+    # The event type is authoritative; ``expired`` is never stored, it is derived on read.
+    status = INVITATION_STATUS[event.action]
+    version = object_version(
+        updated_at=_updated_at(data, event),
+        rank=INVITATION_RANK[status],
+        timestamp_ms=event.timestamp_ms,
+        svix_id=event.svix_id,
+    )
+    role = _str(data, "role")
+    values: dict[str, Any] = {
+        "id": invitation_id,
+        "organization_id": organization_id,
+        "email_address": _str(data, "email_address"),
+        "role": None if role is None else normalize_role_key(role),
+        "role_name": _str(data, "role_name"),
+        "status": status,
+        "user_id": _str(data, "user_id"),
+        "inviter_id": _str(data, "inviter_id"),
+        "url": _str(data, "url"),
+        "public_metadata": _dict(data, "public_metadata"),
+        "private_metadata": _dict(data, "private_metadata"),
+        "expires_at": _int(data, "expires_at"),
+        "created_at": _int(data, "created_at"),
+        "updated_at": _int(data, "updated_at"),
+        "version": version,
+        "deleted": False,
+    }
+    return (Write(INVITATIONS, (invitation_id,), version, values),)
+
+
+def _object_version(event: Event) -> tuple[str, bool]:
+    deleted = _is_deletion(event)
+    rank = OBJECT_RANK["deleted" if deleted else event.action]
+    version = object_version(
+        updated_at=_updated_at(event.data, event),
+        rank=rank,
+        timestamp_ms=event.timestamp_ms,
+        svix_id=event.svix_id,
+    )
+    return version, deleted
+
+
+def _role_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    role_id = _required_id(data, "data.id", event.type)
+    version, deleted = _object_version(event)
+    key = _str(data, "key")
+    values: dict[str, Any] = {
+        "id": role_id,
+        "key": None if key is None else normalize_role_key(key),
+        "name": _str(data, "name"),
+        "description": _str(data, "description"),
+        "is_creator_eligible": _bool(data, "is_creator_eligible"),
+        "permissions": _keys(data.get("permissions")),
+        "created_at": _int(data, "created_at"),
+        "updated_at": _int(data, "updated_at"),
+        "version": version,
+        "deleted": deleted,
+    }
+    return (Write(ROLES, (role_id,), version, values),)
+
+
+def _permission_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    permission_id = _required_id(data, "data.id", event.type)
+    version, deleted = _object_version(event)
+    values: dict[str, Any] = {
+        "id": permission_id,
+        "key": _str(data, "key"),
+        "name": _str(data, "name"),
+        "description": _str(data, "description"),
+        "type": _str(data, "type"),
+        "created_at": _int(data, "created_at"),
+        "updated_at": _int(data, "updated_at"),
+        "version": version,
+        "deleted": deleted,
+    }
+    return (Write(PERMISSIONS, (permission_id,), version, values),)
+
+
+def primary_identifier(data: Mapping[str, Any]) -> str | None:
+    """The primary email address, else the first one listed, else None."""
+    addresses = [item for item in data.get("email_addresses") or [] if isinstance(item, dict)]
+    primary_id = data.get("primary_email_address_id")
+    for item in addresses:
+        if primary_id is not None and item.get("id") == primary_id:
+            email = item.get("email_address")
+            if isinstance(email, str):
+                return email
+    for item in addresses:
+        email = item.get("email_address")
+        if isinstance(email, str):
+            return email
+    return None
+
+
+def _user_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    user_id = _required_id(data, "data.id", event.type)
+    version, deleted = _object_version(event)
+    # Public data only: the mirror never stores email lists, phone numbers or private metadata.
+    values: dict[str, Any] = {
+        "id": user_id,
+        "identifier": primary_identifier(data),
+        "username": _str(data, "username"),
+        "first_name": _str(data, "first_name"),
+        "last_name": _str(data, "last_name"),
+        "image_url": _str(data, "image_url"),
+        "has_image": _bool(data, "has_image"),
+        "public_metadata": _dict(data, "public_metadata"),
+        "created_at": _int(data, "created_at"),
+        "updated_at": _int(data, "updated_at"),
+        "version": version,
+        "deleted": deleted,
+    }
+    return (Write(USERS, (user_id,), version, values),)
+
+
+_BUILDERS = {
+    "organization": _organization_event,
+    "organizationMembership": _membership_event,
+    "organizationInvitation": _invitation_event,
+    "role": _role_event,
+    "permission": _permission_event,
+    "user": _user_event,
+}

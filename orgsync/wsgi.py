@@ -1,0 +1,45 @@
+"""The web process's composition root: settings -> engine, Celery client and the Flask app.
+
+``gunicorn orgsync.wsgi:app`` works too: ``app`` is built on first access from the
+environment, so importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from models.db import create_db_engine
+from models.settings import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+_app: Flask | None = None
+
+
+def build_web_app(settings: Settings) -> Flask:
+    """Wire one engine and one Celery client (producer only) into the webhook app.
+
+    Call it in the process that serves requests, after any fork: the engine's pool and the
+    broker connection must not be shared across processes.
+    """
+    from webhooks import create_app  # noqa: PLC0415  (Flask loads only in web processes)
+    from worker.app import check_broker, create_celery, make_sender  # noqa: PLC0415
+
+    engine = create_db_engine(settings.database_url)
+    celery = create_celery(settings)
+
+    def broker_check() -> None:
+        check_broker(celery)
+
+    return create_app(settings, engine=engine, send=make_sender(celery), broker_check=broker_check)
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: build ``app`` lazily, so that only ``gunicorn orgsync.wsgi:app`` pays for it.
+    global _app  # noqa: PLW0603
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        _app = build_web_app(Settings.from_env(require_webhook_secret=True))
+    return _app

@@ -1,0 +1,483 @@
+"""Realistic Clerk payloads and a small Clerk simulator that emits webhook histories for tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from helpers import envelope
+
+from models.events import Event, parse_event
+
+T0 = 1_716_883_200_000
+
+
+def organization_data(
+    org_id: str,
+    *,
+    name: str = "Acme Corp",
+    slug: str | None = None,
+    created_at: int = T0,
+    updated_at: int | None = None,
+    members_count: int = 1,
+    **extra: Any,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "object": "organization",
+        "id": org_id,
+        "name": name,
+        "slug": slug if slug is not None else org_id.replace("_", "-"),
+        "image_url": "https://img.clerk.com/org",
+        "has_image": True,
+        "members_count": members_count,
+        "missing_member_with_elevated_permissions": False,
+        "pending_invitations_count": 0,
+        "max_allowed_memberships": 5,
+        "admin_delete_enabled": True,
+        "public_metadata": {},
+        "private_metadata": {},
+        "created_by": "user_creator",
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+    data.update(extra)
+    return data
+
+
+def user_public_data(
+    user_id: str, *, first_name: str = "Jane", identifier: str | None = None
+) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "first_name": first_name,
+        "last_name": "Doe",
+        "profile_image_url": "https://img.clerk.com/u",
+        "image_url": "https://img.clerk.com/u",
+        "has_image": True,
+        "identifier": identifier or f"{user_id}@example.com",
+    }
+
+
+def membership_data(
+    membership_id: str,
+    org: dict[str, Any],
+    user_id: str,
+    *,
+    role: str = "org:member",
+    created_at: int = T0,
+    updated_at: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "object": "organization_membership",
+        "id": membership_id,
+        "role": role,
+        "role_name": role.removeprefix("org:").replace("_", " ").title(),
+        "permissions": ["org:sys_memberships:read"],
+        "public_metadata": {},
+        "private_metadata": {},
+        "organization": org,
+        "public_user_data": user_public_data(user_id),
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+    data.update(extra)
+    return data
+
+
+def invitation_data(
+    invitation_id: str,
+    org_id: str,
+    *,
+    email: str = "jane.doe@acme.com",
+    status: str = "pending",
+    role: str = "org:member",
+    created_at: int = T0,
+    updated_at: int | None = None,
+    expires_at: int | None = None,
+    user_id: str | None = None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "object": "organization_invitation",
+        "id": invitation_id,
+        "email_address": email,
+        "role": role,
+        "role_name": "Member",
+        "organization_id": org_id,
+        "status": status,
+        "public_metadata": {},
+        "private_metadata": {},
+        "url": "https://accounts.acme.com/accept-invitation?token=abc123",
+        "expires_at": created_at + 7 * 86_400_000 if expires_at is None else expires_at,
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+    if user_id is not None:
+        data["user_id"] = user_id
+    return data
+
+
+def permission_data(
+    perm_id: str, key: str, *, created_at: int = T0, updated_at: int | None = None
+) -> dict[str, Any]:
+    return {
+        "object": "permission",
+        "id": perm_id,
+        "name": key.rpartition(":")[2].title(),
+        "key": key,
+        "description": f"Ability to {key}",
+        "type": "custom",
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+
+
+def role_data(
+    role_id: str,
+    key: str,
+    *,
+    name: str = "Editor",
+    permissions: list[str] | None = None,
+    created_at: int = T0,
+    updated_at: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "object": "role",
+        "id": role_id,
+        "name": name,
+        "key": key,
+        "description": f"The {name} role",
+        "is_creator_eligible": False,
+        "permissions": [permission_data(f"perm_{k}", k) for k in permissions or ["org:posts:edit"]],
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+
+
+def user_data(
+    user_id: str,
+    *,
+    first_name: str = "John",
+    created_at: int = T0,
+    updated_at: int | None = None,
+    emails: list[str] | None = None,
+    primary: int = 0,
+) -> dict[str, Any]:
+    addresses = [
+        {"object": "email_address", "id": f"idn_{user_id}_{i}", "email_address": email}
+        for i, email in enumerate(emails if emails is not None else [f"{user_id}@example.com"])
+    ]
+    return {
+        "object": "user",
+        "id": user_id,
+        "external_id": None,
+        "primary_email_address_id": addresses[primary]["id"] if addresses else None,
+        "username": None,
+        "first_name": first_name,
+        "last_name": "Doe",
+        "image_url": "https://img.clerk.com/u",
+        "has_image": True,
+        "public_metadata": {},
+        "private_metadata": {"secret": "never mirrored"},
+        "unsafe_metadata": {},
+        "email_addresses": addresses,
+        "phone_numbers": [{"id": "idn_phone", "phone_number": "+15555550100"}],
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+
+
+def deleted_stub(kind: str, object_id: str, **extra: Any) -> dict[str, Any]:
+    return {"object": kind, "id": object_id, "deleted": True, **extra}
+
+
+_counter = iter(range(10**9))
+
+
+def make_event(event_type: str, data: dict[str, Any], timestamp_ms: int, svix_id: str | None = None) -> Event:
+    """An event exactly as the worker gets it: a JSON body through ``parse_event``."""
+    return parse_event(svix_id or f"msg_{next(_counter):08d}", envelope(event_type, data, timestamp_ms))
+
+
+@dataclass
+class _Org:
+    id: str
+    name: str
+    slug: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass
+class _Member:
+    id: str
+    role: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass
+class _Invite:
+    id: str
+    org_id: str
+    email: str
+    created_at: int
+    updated_at: int
+    status: str = "pending"
+    user_id: str | None = None
+
+
+@dataclass
+class ClerkSimulator:
+    """A tiny model of Clerk: every change emits the webhooks Clerk would, on a strictly rising clock."""
+
+    rng: random.Random
+    clock: int = T0
+    events: list[Event] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+    deleted_users: set[str] = field(default_factory=set)
+    orgs: dict[str, _Org] = field(default_factory=dict)
+    members: dict[tuple[str, str], _Member] = field(default_factory=dict)
+    invites: dict[str, _Invite] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    serial: int = 0
+    seconds: bool = False
+
+    def _tick(self) -> int:
+        self.clock += self.rng.randint(1, 5)
+        return self.clock
+
+    def _next(self, prefix: str) -> str:
+        self.serial += 1
+        return f"{prefix}_{self.serial:04d}"
+
+    def _emit(self, event_type: str, data: dict[str, Any]) -> None:
+        now = self._tick()
+        # Envelope timestamps in seconds, as in the spec's examples, make many of them tie:
+        # then only object timestamps, kind ranks and the delivery hash can order events.
+        self.events.append(make_event(event_type, data, now // 1000 if self.seconds else now))
+
+    def _org_payload(self, org: _Org) -> dict[str, Any]:
+        count = sum(1 for (org_id, _user) in self.members if org_id == org.id)
+        return organization_data(
+            org.id,
+            name=org.name,
+            slug=org.slug,
+            created_at=org.created_at,
+            updated_at=org.updated_at,
+            members_count=count,
+        )
+
+    def _member_payload(self, org_id: str, user_id: str, member: _Member) -> dict[str, Any]:
+        return membership_data(
+            member.id,
+            self._org_payload(self.orgs[org_id]),
+            user_id,
+            role=member.role,
+            created_at=member.created_at,
+            updated_at=member.updated_at,
+        )
+
+    # --- actions: each returns without emitting when it does not apply ---
+
+    def create_user(self) -> None:
+        user_id = self._next("user")
+        now = self._tick()
+        self.users.add(user_id)
+        self._emit("user.created", user_data(user_id, created_at=now))
+
+    def update_user(self) -> None:
+        if self.users:
+            user_id = self.rng.choice(sorted(self.users))
+            now = self._tick()
+            data = user_data(user_id, first_name=f"Name{now}", created_at=T0, updated_at=now)
+            self._emit("user.updated", data)
+
+    def delete_user(self) -> None:
+        if not self.users:
+            return
+        user_id = self.rng.choice(sorted(self.users))
+        self.users.discard(user_id)
+        self.deleted_users.add(user_id)
+        gone = [key for key in self.members if key[1] == user_id]
+        self._emit("user.deleted", deleted_stub("user", user_id))
+        # Undocumented whether Clerk emits these: sometimes it does here, the mirror must cascade.
+        announce = self.rng.random() < 0.5
+        for key in gone:
+            member = self.members.pop(key)
+            if announce:
+                self._emit("organizationMembership.deleted", self._member_payload(key[0], user_id, member))
+        for invite in self.invites.values():
+            if invite.user_id == user_id:
+                invite.status = "gone"
+
+    def create_org(self) -> None:
+        if not self.users:
+            return
+        creator = self.rng.choice(sorted(self.users))
+        org_id = self._next("org")
+        now = self._tick()
+        org = _Org(org_id, f"Org {org_id}", org_id.replace("_", "-"), now, now)
+        self.orgs[org_id] = org
+        self._emit("organization.created", self._org_payload(org))
+        member = _Member(self._next("orgmem"), "org:admin", now, now)
+        self.members[(org_id, creator)] = member
+        self._emit("organizationMembership.created", self._member_payload(org_id, creator, member))
+
+    def update_org(self) -> None:
+        if self.orgs:
+            org = self.orgs[self.rng.choice(sorted(self.orgs))]
+            org.updated_at = self._tick()
+            org.name = f"Renamed {org.updated_at}"
+            self._emit("organization.updated", self._org_payload(org))
+
+    def delete_org(self) -> None:
+        if not self.orgs:
+            return
+        org_id = self.rng.choice(sorted(self.orgs))
+        org = self.orgs[org_id]
+        announce = self.rng.random() < 0.5
+        gone = [key for key in self.members if key[0] == org_id]
+        for key in gone:
+            member = self.members[key]
+            if announce:
+                self._emit("organizationMembership.deleted", self._member_payload(org_id, key[1], member))
+            del self.members[key]
+        del self.orgs[org_id]
+        self._emit("organization.deleted", deleted_stub("organization", org_id, slug=org.slug))
+        for invite in self.invites.values():
+            if invite.org_id == org_id:
+                invite.status = "gone"
+
+    def add_member(self) -> None:
+        if not self.orgs or not self.users:
+            return
+        org_id = self.rng.choice(sorted(self.orgs))
+        user_id = self.rng.choice(sorted(self.users))
+        if (org_id, user_id) in self.members:
+            return
+        now = self._tick()
+        member = _Member(
+            self._next("orgmem"), self.rng.choice(["org:member", "basic_member", "org:admin"]), now, now
+        )
+        self.members[(org_id, user_id)] = member
+        self._emit("organizationMembership.created", self._member_payload(org_id, user_id, member))
+
+    def change_role(self) -> None:
+        if self.members:
+            key = self.rng.choice(sorted(self.members))
+            member = self.members[key]
+            member.role = self.rng.choice(["org:member", "org:admin", "org:editor"])
+            member.updated_at = self._tick()
+            self._emit("organizationMembership.updated", self._member_payload(key[0], key[1], member))
+
+    def remove_member(self) -> None:
+        if self.members:
+            key = self.rng.choice(sorted(self.members))
+            # The deleted event repeats the last change's updated_at: only the kind rank orders it.
+            payload = self._member_payload(key[0], key[1], self.members.pop(key))
+            self._emit("organizationMembership.deleted", payload)
+
+    def invite(self) -> None:
+        if self.orgs:
+            org_id = self.rng.choice(sorted(self.orgs))
+            now = self._tick()
+            invite = _Invite(self._next("orginv"), org_id, f"guest{self.serial}@example.com", now, now)
+            self.invites[invite.id] = invite
+            self._emit("organizationInvitation.created", self._invite_payload(invite))
+
+    def _invite_payload(self, invite: _Invite) -> dict[str, Any]:
+        status = "pending" if invite.status == "gone" else invite.status
+        return invitation_data(
+            invite.id,
+            invite.org_id,
+            email=invite.email,
+            status=status,
+            created_at=invite.created_at,
+            updated_at=invite.updated_at,
+            user_id=invite.user_id,
+        )
+
+    def _pending(self) -> list[_Invite]:
+        return [invite for _id, invite in sorted(self.invites.items()) if invite.status == "pending"]
+
+    def accept(self) -> None:
+        pending = self._pending()
+        if not pending or not self.users:
+            return
+        invite = self.rng.choice(pending)
+        user_id = self.rng.choice(sorted(self.users))
+        if (invite.org_id, user_id) in self.members:
+            return
+        now = self._tick()
+        invite.status, invite.user_id, invite.updated_at = "accepted", user_id, now
+        member = _Member(self._next("orgmem"), "org:member", now, now)
+        self.members[(invite.org_id, user_id)] = member
+        both = [
+            ("organizationInvitation.accepted", self._invite_payload(invite)),
+            ("organizationMembership.created", self._member_payload(invite.org_id, user_id, member)),
+        ]
+        self.rng.shuffle(both)
+        for event_type, data in both:
+            self._emit(event_type, data)
+
+    def revoke(self) -> None:
+        pending = self._pending()
+        if pending:
+            invite = self.rng.choice(pending)
+            invite.status, invite.updated_at = "revoked", self._tick()
+            self._emit("organizationInvitation.revoked", self._invite_payload(invite))
+
+    def create_role(self) -> None:
+        role_id = self._next("role")
+        key = f"org:custom{self.serial}"
+        self.roles[role_id] = key
+        self._emit("role.created", role_data(role_id, key, created_at=self._tick()))
+
+    def delete_role(self) -> None:
+        if self.roles:
+            role_id = self.rng.choice(sorted(self.roles))
+            key = self.roles.pop(role_id)
+            if self.rng.random() < 0.5:
+                self._emit("role.deleted", deleted_stub("role", role_id, slug=None))
+            else:
+                self._emit("role.deleted", {**role_data(role_id, key), "deleted": True})
+
+    ACTIONS = (
+        "create_user",
+        "update_user",
+        "delete_user",
+        "create_org",
+        "update_org",
+        "delete_org",
+        "add_member",
+        "change_role",
+        "remove_member",
+        "invite",
+        "accept",
+        "revoke",
+        "create_role",
+        "delete_role",
+    )
+    WEIGHTS = (4, 1, 1, 3, 1, 1, 6, 4, 3, 3, 2, 1, 1, 1)
+
+    def run(self, steps: int) -> list[Event]:
+        for _ in range(steps):
+            getattr(self, self.rng.choices(self.ACTIONS, self.WEIGHTS)[0])()
+        return self.events
+
+    def live_memberships(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """(org id, user id) -> (orgmem id, role) of Clerk's current state."""
+        legacy = {"basic_member": "org:member"}
+        return {key: (m.id, legacy.get(m.role, m.role)) for key, m in self.members.items()}
+
+    def live_invitations(self) -> dict[str, str]:
+        return {i.id: i.status for i in self.invites.values() if i.status != "gone"}
+
+
+def generate_history(seed: int, steps: int) -> ClerkSimulator:
+    rng = random.Random(seed)
+    simulator = ClerkSimulator(rng, seconds=rng.random() < 0.5)
+    simulator.run(steps)
+    return simulator

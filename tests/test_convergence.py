@@ -1,0 +1,135 @@
+"""The mirror is a function of the SET of events: any order, duplicates and batching converge."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from conftest import truncate_all
+from histories import generate_history
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select
+
+from models.db import make_session_factory, session_scope
+from models.events import Event
+from models.mirror import TABLES, apply_events
+
+NOW = 1_800_000_000_000
+
+
+def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every mirrored row, tombstones included, every column, in primary-key order."""
+    state: dict[str, list[tuple[Any, ...]]] = {}
+    with engine.connect() as connection:
+        for name, table in TABLES.items():
+            order = list(table.primary_key.columns)
+            state[name] = [tuple(row) for row in connection.execute(select(table).order_by(*order))]
+    return state
+
+
+def apply_in_batches(engine: Engine, batches: Sequence[Sequence[Event]]) -> None:
+    factory = make_session_factory(engine)
+    for batch in batches:
+        with session_scope(factory) as session:
+            apply_events(session, batch, now_ms=NOW)
+
+
+def deliver(events: Sequence[Event], rng: random.Random) -> list[list[Event]]:
+    """At-least-once, unordered delivery: shuffled, some duplicated, cut into random batches."""
+    delivered = list(events) + [rng.choice(events) for _ in range(rng.randint(0, len(events) // 3 + 1))]
+    rng.shuffle(delivered)
+    batches: list[list[Event]] = []
+    while delivered:
+        size = rng.randint(1, max(1, len(delivered) // 2))
+        batches.append(delivered[:size])
+        delivered = delivered[size:]
+    return batches
+
+
+def live(state: dict[str, list[tuple[Any, ...]]], engine: Engine) -> dict[tuple[str, str], tuple[str, str]]:
+    table = TABLES["memberships"]
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(table.c.organization_id, table.c.user_id, table.c.id, table.c.role).where(
+                table.c.deleted.is_(False)
+            )
+        )
+        return {(org, user): (mem_id, role) for org, user, mem_id, role in rows}
+
+
+def live_objects(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as connection:
+        orgs, users, roles = (TABLES[name] for name in ("organizations", "users", "roles"))
+        return {
+            "orgs": {
+                org_id: name
+                for org_id, name in connection.execute(
+                    select(orgs.c.id, orgs.c.name).where(orgs.c.deleted.is_(False))
+                )
+            },
+            "users": set(connection.scalars(select(users.c.id).where(users.c.deleted.is_(False)))),
+            "roles": {
+                role_id: key
+                for role_id, key in connection.execute(
+                    select(roles.c.id, roles.c.key).where(roles.c.deleted.is_(False))
+                )
+            },
+        }
+
+
+def live_invitations(engine: Engine) -> dict[str, str]:
+    table = TABLES["invitations"]
+    with engine.connect() as connection:
+        rows = connection.execute(select(table.c.id, table.c.status).where(table.c.deleted.is_(False)))
+        return {invitation_id: status for invitation_id, status in rows}
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    history_seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(1, 80),
+    delivery_seed=st.integers(0, 2**32 - 1),
+)
+def test_any_delivery_converges_to_in_order_application(
+    engine: Engine, history_seed: int, steps: int, delivery_seed: int
+) -> None:
+    simulator = generate_history(history_seed, steps)
+    events = simulator.events
+    if not events:
+        return
+
+    truncate_all(engine)
+    apply_in_batches(engine, [[event] for event in events])
+    reference = snapshot(engine)
+    # The mirror's live state is Clerk's state, whatever Clerk announced about cascades.
+    assert live(reference, engine) == simulator.live_memberships()
+    assert live_invitations(engine) == simulator.live_invitations()
+    assert live_objects(engine) == {
+        "orgs": {org.id: org.name for org in simulator.orgs.values()},
+        "users": simulator.users,
+        "roles": simulator.roles,
+    }
+
+    truncate_all(engine)
+    apply_in_batches(engine, deliver(events, random.Random(delivery_seed)))
+    assert snapshot(engine) == reference
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history_seed=st.integers(0, 2**32 - 1), delivery_seed=st.integers(0, 2**32 - 1))
+def test_reversed_single_batch_converges(engine: Engine, history_seed: int, delivery_seed: int) -> None:
+    events = generate_history(history_seed, 40).events
+    truncate_all(engine)
+    apply_in_batches(engine, [events])
+    reference = snapshot(engine)
+    truncate_all(engine)
+    shuffled = list(reversed(events)) + events[: len(events) // 2]
+    random.Random(delivery_seed).shuffle(shuffled)
+    apply_in_batches(engine, [shuffled])
+    assert snapshot(engine) == reference

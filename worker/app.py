@@ -1,0 +1,269 @@
+"""The Celery app factory: configuration, two thin tasks, the sweeper's schedule, an engine per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from celery._state import get_current_app
+from celery.beat import PersistentScheduler
+from celery.concurrency import get_implementation
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import create_db_engine, make_session_factory
+from models.errors import RetryableError
+from models.settings import Settings
+from worker.apply import apply_inbox, backoff_ms, sweep_inbox
+
+log = logging.getLogger(__name__)
+
+TASK_APPLY = "orgsync.apply_events"
+TASK_SWEEP = "orgsync.sweep_inbox"
+# A queue of our own: the application orgsync runs beside may share the Redis server.
+QUEUE = "orgsync"
+# At most this many chunks of apply_batch_size per sweep: a long broker outage leaves a backlog
+# that a few sweeps drain, without one sweep holding the whole inbox in memory.
+SWEEP_MAX_CHUNKS = 20
+# Redis hands an unacknowledged message to another worker after this long. It must exceed the
+# longest retry countdown (worker.apply.BACKOFF_CAP_MS) or a delayed retry would run twice; a
+# worker that died holding a message is covered much sooner by the sweeper anyway.
+REDIS_VISIBILITY_TIMEOUT_S = 3600
+BROKER_CONNECT_TIMEOUT_S = 3.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ProcessDatabase:
+    """The engine and session factory of one process, built after any fork, never at import.
+
+    Prefork children build theirs in ``worker_process_init``; solo and thread pools in
+    ``worker_init``. ``session_factory()`` also builds on first use in a process that got no
+    signal (a task run eagerly, a shell), and rebuilds when it finds itself in a forked child:
+    a pool's sockets must never be shared between processes.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._factory: sessionmaker[Session] | None = None
+        self._pid: int | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._engine is not None and self._pid == os.getpid():
+                return
+            if self._engine is not None:
+                # Inherited through fork: forget the parent's connections without closing
+                # them, the parent still uses them.
+                self._engine.dispose(close=False)
+            self._engine = create_db_engine(self._url)
+            self._factory = make_session_factory(self._engine)
+            self._pid = os.getpid()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._engine is not None and self._pid == os.getpid():
+                self._engine.dispose()
+            self._engine = None
+            self._factory = None
+            self._pid = None
+
+    def session_factory(self) -> sessionmaker[Session]:
+        if self._factory is None or self._pid != os.getpid():
+            self.start()
+        assert self._factory is not None
+        return self._factory
+
+
+class DataDirScheduler(PersistentScheduler):  # type: ignore[misc]
+    """Celery's file-backed beat scheduler, creating its file's directory first.
+
+    Beat opens the schedule file before any signal a handler could use to create the data
+    directory, and the data directory need not exist when PostgreSQL and Redis hold the state.
+    """
+
+    def setup_schedule(self) -> None:
+        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
+
+
+def _is_prefork(pool_cls: Any) -> bool:
+    implementation = get_implementation(pool_cls)
+    return isinstance(implementation, type) and issubclass(implementation, PreforkPool)
+
+
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    # Connection retries for publishing come from these options, and kombu's default is to
+    # retry for a long time: the web process would then block its dispatcher (and /readyz)
+    # while the broker is down. One quick retry survives a stale pooled connection; after
+    # that the caller gets an error and the sweeper enqueues the rows later. The SQLAlchemy
+    # transport removes these four keys before it calls create_engine, so they are safe there.
+    options: dict[str, Any] = {
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    }
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        options["visibility_timeout"] = REDIS_VISIBILITY_TIMEOUT_S
+        options["socket_connect_timeout"] = BROKER_CONNECT_TIMEOUT_S
+    return options
+
+
+def create_celery(settings: Settings) -> Celery:
+    """The Celery app for ``settings``: tasks registered, sweeper scheduled, no connection made."""
+    app = Celery("orgsync")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=_transport_options(settings.broker_url),
+        broker_connection_timeout=BROKER_CONNECT_TIMEOUT_S,
+        # A worker started before the broker, or outliving it, waits for it instead of exiting:
+        # a broker outage of any length must end with the worker consuming again.
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=QUEUE,
+        # At-least-once: a message is acknowledged after its task ran, and given back when the
+        # process running it dies. Applying is idempotent, so running twice is harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        enable_utc=True,
+        timezone="UTC",
+        beat_schedule={
+            "orgsync-sweep-inbox": {
+                "task": TASK_SWEEP,
+                "schedule": settings.sweep_interval,
+                # Sweeps that piled up while no worker ran are worthless: only the last one counts.
+                "options": {"expires": settings.sweep_interval},
+            }
+        },
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+        beat_scheduler=f"{__name__}:DataDirScheduler",
+    )
+    database = ProcessDatabase(settings.database_url)
+    send = make_sender(app)
+    grace_ms = int(settings.sweep_grace * 1000)
+    # Longer than a sweep interval and the grace, so a row just sent is not sent again by the
+    # next sweep while its task waits in the queue.
+    lease_ms = int(max(4 * settings.sweep_interval, settings.sweep_grace, 60.0) * 1000)
+
+    # shared=False: a shared task would be added to every Celery app created later in this
+    # process, running this app's closure (its settings, its engine) under another app.
+    @app.task(name=TASK_APPLY, bind=True, max_retries=settings.max_attempts, shared=False)  # type: ignore[untyped-decorator]
+    def apply_events_task(self: Any, inbox_ids: list[int]) -> None:
+        try:
+            report = apply_inbox(
+                database.session_factory(),
+                [int(value) for value in inbox_ids],
+                now_ms=now_ms(),
+                max_attempts=settings.max_attempts,
+            )
+        except RetryableError as exc:
+            # Not even the failure could be recorded (database down): retry the same ids.
+            _retry(self, inbox_ids, backoff_ms(self.request.retries + 1) / 1000, exc)
+            return
+        log.debug(
+            "applied=%d rejected=%d skipped=%d failed=%d dead=%d",
+            report.applied,
+            report.rejected,
+            report.skipped,
+            report.failed,
+            report.dead,
+        )
+        if report.retry_ids and report.retry_at_ms is not None:
+            _retry(self, report.retry_ids, max(0.0, (report.retry_at_ms - now_ms()) / 1000), None)
+
+    @app.task(name=TASK_SWEEP, shared=False)  # type: ignore[untyped-decorator]
+    def sweep_inbox_task() -> int:
+        sent = sweep_inbox(
+            database.session_factory(),
+            send,
+            now_ms=now_ms(),
+            grace_ms=grace_ms,
+            lease_ms=lease_ms,
+            batch_size=settings.apply_batch_size,
+            limit=settings.apply_batch_size * SWEEP_MAX_CHUNKS,
+        )
+        if sent:
+            log.info("sweeper enqueued %d pending inbox rows", sent)
+        return sent
+
+    _connect_process_signals(app, database)
+    app.orgsync_settings = settings
+    app.orgsync_database = database
+    return app
+
+
+def _retry(task: Any, ids: list[int], countdown: float, exc: BaseException | None) -> None:
+    if task.request.retries >= task.max_retries:
+        # The rows stay pending with their next_attempt_at; the sweeper takes them from here.
+        log.warning("giving up retrying %d inbox rows in this task; the sweeper will pick them up", len(ids))
+        return
+    # Celery publishes the retry before raising; if that publish fails it rejects the message
+    # without requeueing, and the rows, still pending, are left to the sweeper.
+    raise task.retry(args=[list(ids)], countdown=countdown, exc=exc)
+
+
+def _connect_process_signals(app: Celery, database: ProcessDatabase) -> None:
+    """Tie the engine's life to the worker's processes; signals are global, so check the app."""
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app and not _is_prefork(sender.pool_cls):
+            database.start()
+
+    def on_process_init(**_: Any) -> None:
+        if get_current_app() is app:
+            database.start()
+
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        if get_current_app() is app or getattr(sender, "app", None) is app:
+            database.stop()
+
+    handlers = (on_worker_init, on_process_init, on_shutdown)
+    # Signals hold weak references: keep the handlers alive exactly as long as the app.
+    app.orgsync_signal_handlers = handlers
+    signals.worker_init.connect(on_worker_init)
+    signals.worker_process_init.connect(on_process_init)
+    signals.worker_process_shutdown.connect(on_shutdown)
+    signals.worker_shutdown.connect(on_shutdown)
+
+
+def make_sender(celery: Celery) -> Callable[[list[int]], None]:
+    """``send(ids)`` enqueues one apply task for these inbox ids; raises at once if the broker is down.
+
+    No publish retries: the rows are already committed, so a failed send loses nothing (the
+    sweeper enqueues them later), while a blocking retry would stall the caller.
+    """
+
+    def send(ids: list[int]) -> None:
+        if ids:
+            celery.send_task(TASK_APPLY, args=[[int(value) for value in ids]], retry=False)
+
+    return send
+
+
+def check_broker(celery: Celery) -> None:
+    """Raise ``RetryableError`` quickly unless the broker accepts a connection (for /readyz)."""
+    try:
+        with celery.connection_for_write(connect_timeout=BROKER_CONNECT_TIMEOUT_S) as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2)
+    except Exception as exc:
+        # The URL may carry a password: name the failure, not the address.
+        raise RetryableError(f"broker unavailable: {type(exc).__name__}") from exc

@@ -1,0 +1,301 @@
+"""Apply pending inbox rows to the mirror: whole batches first, then isolate poison, retry or dead-letter."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import lock_mirror_writes, session_scope
+from models.errors import PayloadError, RetryableError
+from models.events import Event, parse_event
+from models.inbox import due_pending_ids
+from models.mirror import apply_events
+from models.tables import InboxEvent, InboxStatus
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_MS = 2_000
+# Well below the Redis visibility timeout set in worker.app: a countdown longer than that would
+# have the broker hand the retry to a second worker before its time.
+BACKOFF_CAP_MS = 600_000
+MAX_ERROR_CHARS = 500
+
+_TABLE = cast(Table, InboxEvent.__table__)
+_SECRET = re.compile(r"\b(whsec|sk_live|sk_test)_[A-Za-z0-9+/=_\-]+")
+_URL_CREDENTIALS = re.compile(r"(://[^/\s:@]*:)[^@\s/]*@")
+
+# Core executemany: one statement, different values per row, no ORM identity map involved.
+_MARK_REJECTED = (
+    _TABLE.update()
+    .where(_TABLE.c.id == bindparam("row_id"))
+    .values(
+        status=InboxStatus.REJECTED,
+        last_error=bindparam("error"),
+        handled_at=bindparam("now"),
+        next_attempt_at=None,
+    )
+)
+_MARK_FAILED = (
+    _TABLE.update()
+    .where(_TABLE.c.id == bindparam("row_id"))
+    .values(
+        status=bindparam("new_status"),
+        attempts=bindparam("new_attempts"),
+        last_error=bindparam("error"),
+        handled_at=bindparam("handled"),
+        next_attempt_at=bindparam("next_at"),
+    )
+)
+
+
+@dataclass
+class ApplyReport:
+    """What one ``apply_inbox`` call did with the ids it was given.
+
+    ``skipped`` rows were not pending (already applied, rejected, dead, or unknown ids): that is
+    what makes a redelivered or duplicated task harmless. ``failed`` rows stay pending with a
+    later ``next_attempt_at`` and are listed in ``retry_ids``; ``dead`` rows gave up for good.
+    """
+
+    applied: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    failed: int = 0
+    dead: int = 0
+    retry_ids: list[int] = field(default_factory=list)
+    retry_at_ms: int | None = None
+
+    def merge_failure(self, other: ApplyReport) -> None:
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.dead += other.dead
+        self.retry_ids.extend(other.retry_ids)
+        if other.retry_at_ms is not None:
+            self.retry_at_ms = (
+                other.retry_at_ms if self.retry_at_ms is None else min(self.retry_at_ms, other.retry_at_ms)
+            )
+
+
+def backoff_ms(attempts: int, *, rand: Callable[[], float] = random.random) -> int:
+    """Delay before attempt ``attempts + 1``: doubling from 2 s up to 10 min, half of it jittered.
+
+    The jitter spreads retries of rows that failed together (a database restart fails a whole
+    backlog at once) so they do not come back as one thundering batch.
+    """
+    ceiling = min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * int(2 ** min(max(attempts, 1) - 1, 20)))
+    half = ceiling // 2
+    return half + int(rand() * (ceiling - half))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line error for ``last_error`` and logs, without SQL parameters, bodies or secrets."""
+    # SQLAlchemy's own message appends the statement and its parameters (event data); the
+    # driver's first line names the problem without them.
+    orig = getattr(exc, "orig", None)
+    source = orig if isinstance(orig, BaseException) else exc
+    lines = str(source).strip().splitlines()
+    text = f"{type(source).__name__}: {lines[0]}" if lines else type(source).__name__
+    text = _SECRET.sub(r"\1_[redacted]", text)
+    text = _URL_CREDENTIALS.sub(r"\1[redacted]@", text)
+    return text[:MAX_ERROR_CHARS]
+
+
+def apply_inbox(
+    factory: sessionmaker[Session], ids: Sequence[int], *, now_ms: int, max_attempts: int
+) -> ApplyReport:
+    """Apply the still-pending inbox rows among ``ids`` to the mirror.
+
+    The happy path is one transaction for the whole batch: take the mirror lock, load the rows
+    that are still pending (others are skipped), mark unparseable ones ``rejected``, apply the
+    rest in one ``apply_events`` call and mark them ``applied``.
+
+    A ``RetryableError`` (database unreachable, lock timeout) is not the events' fault: every
+    row not yet applied gets one more attempt counted and a backoff. Any other exception means
+    some event in the batch is poison; the batch is split in halves until the poison rows are
+    alone, so the good ones are applied and only the bad ones are charged an attempt. A row
+    whose attempts reach ``max_attempts`` is marked ``dead``.
+
+    Raises ``RetryableError`` only when even the failure cannot be recorded (database down):
+    nothing changed then, and the caller should retry the same ids later.
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    report = ApplyReport()
+    todo = sorted(set(ids))
+    if not todo:
+        return report
+    # Halving rather than one transaction per row: one poison event in a batch of 500 costs
+    # about 2 * log2(500) transactions instead of 500. The mirror's result does not depend on
+    # the order or grouping of events (versions decide), so splitting is safe.
+    stack: list[list[int]] = [todo]
+    while stack:
+        part = stack.pop()
+        try:
+            applied, rejected, skipped = _apply_once(factory, part, now_ms=now_ms)
+        except RetryableError as exc:
+            remaining = part + [row_id for rest in stack for row_id in rest]
+            stack.clear()
+            log.warning("applying %d inbox rows failed, will retry: %s", len(remaining), describe_error(exc))
+            report.merge_failure(
+                _record_failure(factory, remaining, exc, now_ms=now_ms, max_attempts=max_attempts)
+            )
+        except Exception as exc:
+            if len(part) > 1:
+                middle = len(part) // 2
+                stack.extend((part[middle:], part[:middle]))
+                continue
+            log.warning("inbox row %d cannot be applied: %s", part[0], describe_error(exc))
+            report.merge_failure(
+                _record_failure(factory, part, exc, now_ms=now_ms, max_attempts=max_attempts)
+            )
+        else:
+            report.applied += applied
+            report.rejected += rejected
+            report.skipped += skipped
+    return report
+
+
+def _apply_once(factory: sessionmaker[Session], ids: list[int], *, now_ms: int) -> tuple[int, int, int]:
+    with session_scope(factory) as session:
+        # The lock comes before the read: a second task holding the same ids waits here and
+        # then sees them applied, instead of applying them twice.
+        lock_mirror_writes(session)
+        rows = session.execute(
+            select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body)
+            .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.PENDING)
+            .order_by(InboxEvent.id)
+            .with_for_update()
+        ).all()
+        events: list[Event] = []
+        applied_ids: list[int] = []
+        rejected: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                events.append(parse_event(row.svix_id, row.body))
+            except PayloadError as exc:
+                reason = _SECRET.sub(r"\1_[redacted]", str(exc))[:MAX_ERROR_CHARS]
+                rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
+            else:
+                applied_ids.append(row.id)
+        if events:
+            apply_events(session, events, now_ms=now_ms)
+        if applied_ids:
+            session.execute(
+                update(InboxEvent)
+                .where(InboxEvent.id.in_(applied_ids))
+                .values(status=InboxStatus.APPLIED, handled_at=now_ms, next_attempt_at=None, last_error=None),
+                execution_options={"synchronize_session": False},
+            )
+        if rejected:
+            session.connection().execute(_MARK_REJECTED, rejected)
+    return len(applied_ids), len(rejected), len(ids) - len(rows)
+
+
+def _record_failure(
+    factory: sessionmaker[Session], ids: list[int], exc: BaseException, *, now_ms: int, max_attempts: int
+) -> ApplyReport:
+    error = describe_error(exc)
+    outcome = ApplyReport()
+    with session_scope(factory) as session:
+        # FOR UPDATE: two tasks failing on the same row must both count their attempt.
+        rows = session.execute(
+            select(InboxEvent.id, InboxEvent.attempts)
+            .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.PENDING)
+            .order_by(InboxEvent.id)
+            .with_for_update()
+        ).all()
+        changes: list[dict[str, Any]] = []
+        for row in rows:
+            attempts = row.attempts + 1
+            if attempts >= max_attempts:
+                changes.append(
+                    {
+                        "row_id": row.id,
+                        "new_status": InboxStatus.DEAD,
+                        "new_attempts": attempts,
+                        "error": error,
+                        "handled": now_ms,
+                        "next_at": None,
+                    }
+                )
+                outcome.dead += 1
+                continue
+            next_at = now_ms + backoff_ms(attempts)
+            changes.append(
+                {
+                    "row_id": row.id,
+                    "new_status": InboxStatus.PENDING,
+                    "new_attempts": attempts,
+                    "error": error,
+                    "handled": None,
+                    "next_at": next_at,
+                }
+            )
+            outcome.failed += 1
+            outcome.retry_ids.append(row.id)
+            outcome.retry_at_ms = (
+                next_at if outcome.retry_at_ms is None else min(outcome.retry_at_ms, next_at)
+            )
+        if changes:
+            session.connection().execute(_MARK_FAILED, changes)
+        outcome.skipped = len(ids) - len(rows)
+    if outcome.dead:
+        log.error("%d inbox rows are dead after %d attempts: %s", outcome.dead, max_attempts, error)
+    return outcome
+
+
+def sweep_inbox(
+    factory: sessionmaker[Session],
+    send: Callable[[list[int]], None],
+    *,
+    now_ms: int,
+    grace_ms: int,
+    lease_ms: int,
+    batch_size: int,
+    limit: int,
+) -> int:
+    """Enqueue pending rows that nobody is working on; returns how many ids were sent.
+
+    This is what makes a lost enqueue (broker down while the web process stored the event) and
+    a crashed worker (a message acknowledged or lost with it) harmless: rows older than the
+    grace that are still pending and due are sent again, in chunks of ``batch_size``.
+
+    Each sent row is leased for ``lease_ms`` (its ``next_attempt_at`` moves ahead) so that the
+    next sweeps do not send it again while its task is still queued; applying ignores the
+    lease, and a failure replaces it with the real backoff. If ``send`` raises, the rows not
+    sent keep their state and the next sweep tries again.
+    """
+    with session_scope(factory) as session:
+        ids = due_pending_ids(session, now_ms=now_ms, grace_ms=grace_ms, limit=limit)
+    sent: list[int] = []
+    try:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            send(chunk)
+            sent.extend(chunk)
+    finally:
+        if sent:
+            _lease(factory, sent, now_ms=now_ms, until_ms=now_ms + lease_ms)
+    return len(sent)
+
+
+def _lease(factory: sessionmaker[Session], ids: list[int], *, now_ms: int, until_ms: int) -> None:
+    with session_scope(factory) as session:
+        session.execute(
+            update(InboxEvent)
+            .where(
+                InboxEvent.id.in_(ids),
+                InboxEvent.status == InboxStatus.PENDING,
+                # A task that already ran and failed set a real backoff: keep it.
+                or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now_ms),
+            )
+            .values(next_attempt_at=until_ms),
+            execution_options={"synchronize_session": False},
+        )

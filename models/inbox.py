@@ -12,20 +12,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.errors import PermanentError, RetryableError
+from models.events import MIRRORED_EVENT_TYPES
 from models.tables import InboxEvent, InboxStatus
 
-KNOWN_EVENT_TYPES: frozenset[str] = frozenset(
-    f"{resource}.{action}"
-    for resource, actions in (
-        ("organization", ("created", "updated", "deleted")),
-        ("organizationMembership", ("created", "updated", "deleted")),
-        ("organizationInvitation", ("created", "accepted", "revoked")),
-        ("role", ("created", "updated", "deleted")),
-        ("permission", ("created", "updated", "deleted")),
-        ("user", ("created", "updated", "deleted")),
-    )
-    for action in actions
-)
+# The inbox and the parser must agree on what is applied: one list, kept beside the parser.
+KNOWN_EVENT_TYPES = MIRRORED_EVENT_TYPES
 
 _TABLE = InboxEvent.__table__
 _TYPE_LENGTH = 128  # inbox_events.event_type is String(128)

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from webhooks.dispatch import Dispatcher, redact
+from models.redact import redact
+from webhooks.dispatch import Dispatcher
 
 
 class Recorder:

@@ -17,6 +17,7 @@ from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import RetryableError
 from models.events import Event
 from models.inbox import store_delivery
+from models.redact import describe_error
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus, Membership
 from worker.app import TASK_APPLY, TASK_SWEEP, ProcessDatabase, check_broker, create_celery
@@ -25,7 +26,6 @@ from worker.apply import (
     ApplyReport,
     apply_inbox,
     backoff_ms,
-    describe_error,
     sweep_inbox,
 )
 

@@ -5,28 +5,21 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 
+from models.redact import redact
+
 logger = logging.getLogger(__name__)
 
 Send = Callable[[list[int]], None]
 
-# Broker errors can quote the broker URL, credentials included.
-_URL_CREDENTIALS = re.compile(r"(?i)([a-z][a-z0-9+.\-]*://)[^/@\s]*@")
-_TOKENS = re.compile(r"\b(whsec|sk|pk)_[A-Za-z0-9+/=_\-]+")
 
 _WARN_EVERY = 10.0
 # Bound on ids waiting for a send that hangs: beyond it new ids are left to the sweeper.
 MAX_PENDING = 100_000
-
-
-def redact(message: str) -> str:
-    """Mask URL credentials and key-shaped tokens in an error message before it is logged."""
-    return _TOKENS.sub(r"\1_***", _URL_CREDENTIALS.sub(r"\1***@", message))
 
 
 class Dispatcher:

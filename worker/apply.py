@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,6 +16,7 @@ from models.errors import PayloadError, RetryableError
 from models.events import Event, parse_event
 from models.inbox import due_pending_ids
 from models.mirror import apply_events
+from models.redact import describe_error, redact
 from models.tables import InboxEvent, InboxStatus
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ BACKOFF_CAP_MS = 600_000
 MAX_ERROR_CHARS = 500
 
 _TABLE = cast(Table, InboxEvent.__table__)
-_SECRET = re.compile(r"\b(whsec|sk_live|sk_test)_[A-Za-z0-9+/=_\-]+")
-_URL_CREDENTIALS = re.compile(r"(://[^/\s:@]*:)[^@\s/]*@")
 
 # Core executemany: one statement, different values per row, no ORM identity map involved.
 _MARK_REJECTED = (
@@ -92,19 +90,6 @@ def backoff_ms(attempts: int, *, rand: Callable[[], float] = random.random) -> i
     ceiling = min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * int(2 ** min(max(attempts, 1) - 1, 20)))
     half = ceiling // 2
     return half + int(rand() * (ceiling - half))
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line error for ``last_error`` and logs, without SQL parameters, bodies or secrets."""
-    # SQLAlchemy's own message appends the statement and its parameters (event data); the
-    # driver's first line names the problem without them.
-    orig = getattr(exc, "orig", None)
-    source = orig if isinstance(orig, BaseException) else exc
-    lines = str(source).strip().splitlines()
-    text = f"{type(source).__name__}: {lines[0]}" if lines else type(source).__name__
-    text = _SECRET.sub(r"\1_[redacted]", text)
-    text = _URL_CREDENTIALS.sub(r"\1[redacted]@", text)
-    return text[:MAX_ERROR_CHARS]
 
 
 def apply_inbox(
@@ -180,7 +165,7 @@ def _apply_once(factory: sessionmaker[Session], ids: list[int], *, now_ms: int) 
             try:
                 events.append(parse_event(row.svix_id, row.body))
             except PayloadError as exc:
-                reason = _SECRET.sub(r"\1_[redacted]", str(exc))[:MAX_ERROR_CHARS]
+                reason = redact(str(exc))[:MAX_ERROR_CHARS]
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
             else:
                 applied_ids.append(row.id)

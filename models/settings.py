@@ -43,6 +43,15 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _bool(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def parse_signing_secrets(raw: str, name: str = "CLERK_WEBHOOK_SIGNING_SECRET") -> tuple[str, ...]:
     """Split and check one or more ``whsec_`` secrets; errors name the entry, never its value."""
     entries = [part for part in re.split(r"[\s,]+", raw.strip()) if part]
@@ -92,6 +101,14 @@ class Settings:
     sweep_interval: float = 15.0
     sweep_grace: float = 30.0
     log_level: str = "INFO"
+    rules_file: Path | None = None
+    dry_run: bool = False
+    rate_limit: int = 100
+    membership_rate_limit: int = 10
+    rate_limit_storage: str = "memory://"
+    clerk_timeout: float = 10.0
+    confirm_timeout: float = 300.0
+    enforce_max_reversals: int = 3
 
     @property
     def embedded(self) -> bool:
@@ -123,6 +140,14 @@ class Settings:
         log_level = env.get("ORGSYNC_LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"ORGSYNC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        # Clerk's budgets per 10 s: 1000 for production instances, 100 for development ones.
+        default_rate = 1000 if (secret_key or "").startswith("sk_live_") else 100
+        storage = env.get("ORGSYNC_RATE_LIMIT_STORAGE", "").strip()
+        if not storage:
+            # Shared by every process through Redis when there is one; the embedded default
+            # runs a single worker process, where process memory is shared enough.
+            storage = broker_url if broker_url.startswith(("redis://", "rediss://")) else "memory://"
+        rules_file = env.get("ORGSYNC_RULES_FILE", "").strip()
         return cls(
             database_url=normalize_database_url(database_url),
             broker_url=broker_url,
@@ -136,4 +161,12 @@ class Settings:
             sweep_interval=_float(env, "ORGSYNC_SWEEP_INTERVAL", 15.0),
             sweep_grace=_float(env, "ORGSYNC_SWEEP_GRACE", 30.0),
             log_level=log_level,
+            rules_file=Path(rules_file) if rules_file else None,
+            dry_run=_bool(env, "ORGSYNC_DRY_RUN"),
+            rate_limit=_int(env, "ORGSYNC_RATE_LIMIT", default_rate),
+            membership_rate_limit=_int(env, "ORGSYNC_MEMBERSHIP_RATE_LIMIT", 10),
+            rate_limit_storage=storage,
+            clerk_timeout=_float(env, "CLERK_API_TIMEOUT", 10.0),
+            confirm_timeout=_float(env, "ORGSYNC_CONFIRM_TIMEOUT", 300.0),
+            enforce_max_reversals=_int(env, "ORGSYNC_ENFORCE_MAX_REVERSALS", 3),
         )

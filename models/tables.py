@@ -171,3 +171,102 @@ class InboxEvent(Base):
     next_attempt_at: Mapped[int | None] = mapped_column(Millis)
 
     __table_args__ = (Index("ix_inbox_events_status_id", "status", "id"),)
+
+
+class CommandKind:
+    SET_ROLE = "set_role"
+    ADD_MEMBER = "add_member"
+    REMOVE_MEMBER = "remove_member"
+    INVITE = "invite"
+    BULK_INVITE = "bulk_invite"
+    REVOKE_INVITATION = "revoke_invitation"
+
+    ALL = (SET_ROLE, ADD_MEMBER, REMOVE_MEMBER, INVITE, BULK_INVITE, REVOKE_INVITATION)
+
+
+class CommandStatus:
+    """pending -> sending -> applied -> confirmed, or -> failed / superseded; planned = dry run."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    APPLIED = "applied"
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    PLANNED = "planned"
+
+    ALL = (PENDING, SENDING, APPLIED, CONFIRMED, FAILED, SUPERSEDED, PLANNED)
+    OPEN = (PENDING, SENDING)
+
+
+class Command(Base):
+    """A change to make in Clerk, recorded before it is sent (an outbox row)."""
+
+    __tablename__ = "commands"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    organization_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    email_address: Mapped[str | None] = mapped_column(String(320))
+    invitation_id: Mapped[str | None] = mapped_column(String(64))
+    role: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[JsonDict | None]
+    requested_by: Mapped[str] = mapped_column(String(256))
+    rule_name: Mapped[str | None] = mapped_column(String(128))
+    idempotency_key: Mapped[str] = mapped_column(String(256), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default=CommandStatus.PENDING)
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(128))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[JsonDict | None]
+    superseded_by: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(Millis)
+    updated_at: Mapped[int] = mapped_column(Millis)
+    sent_at: Mapped[int | None] = mapped_column(Millis)
+    applied_at: Mapped[int | None] = mapped_column(Millis)
+    confirmed_at: Mapped[int | None] = mapped_column(Millis)
+    next_attempt_at: Mapped[int | None] = mapped_column(Millis)
+    flagged_at: Mapped[int | None] = mapped_column(Millis)
+
+    __table_args__ = (
+        Index("ix_commands_target", "organization_id", "user_id", "status"),
+        Index("ix_commands_status_id", "status", "id"),
+    )
+
+
+class ApiCall(Base):
+    """The audit trail: every Backend API call orgsync made, with its outcome."""
+
+    __tablename__ = "api_calls"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    command_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    status_code: Mapped[int | None]
+    error_code: Mapped[str | None] = mapped_column(String(128))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    clerk_trace_id: Mapped[str | None] = mapped_column(String(128))
+    retry_after: Mapped[float | None]
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[int] = mapped_column(Millis, index=True)
+
+
+class RuleState(Base):
+    """Per rule and membership: whether ``on_join`` ran for this generation, and reversals."""
+
+    __tablename__ = "rule_states"
+
+    rule_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    membership_id: Mapped[str | None] = mapped_column(String(64))
+    on_join_done_at: Mapped[int | None] = mapped_column(Millis)
+    reversals: Mapped[int] = mapped_column(Integer, default=0)
+    last_reversal_at: Mapped[int | None] = mapped_column(Millis)
+    stopped_at: Mapped[int | None] = mapped_column(Millis)
+    stopped_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[int] = mapped_column(Millis)

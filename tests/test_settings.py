@@ -1,0 +1,95 @@
+"""Settings come from the environment once; bad values are named, secrets never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TEST_SIGNING_SECRET
+
+from models.errors import ConfigError
+from models.settings import Settings, normalize_database_url, parse_signing_secrets
+
+OTHER = "whsec_YW5vdGhlci1zZWNyZXQtZm9yLXRoZS1yb3RhdGlvbg=="
+
+
+def test_embedded_default_without_servers(tmp_path: Path) -> None:
+    settings = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path / 'orgsync.db'}"
+    assert settings.broker_url == f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    assert settings.embedded
+    assert settings.webhook_secrets == ()
+    assert settings.clerk_api_url == "https://api.clerk.com/v1"
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.rate_limit_storage == "memory://"
+
+
+def test_production_urls() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgres://u:p@db/orgsync",
+            "BROKER_URL": "redis://redis:6379/0",
+            "CLERK_SECRET_KEY": "sk_live_abc",
+            "CLERK_API_URL": "http://127.0.0.1:8765/v1/",
+        }
+    )
+    assert settings.database_url == "postgresql+psycopg://u:p@db/orgsync"
+    assert not settings.embedded
+    assert settings.rate_limit == 1000
+    assert settings.rate_limit_storage == "redis://redis:6379/0"
+    assert settings.clerk_api_url == "http://127.0.0.1:8765/v1"
+    assert normalize_database_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("separator", [" ", ",", ", ", "\n"])
+def test_several_secrets_for_rotation(separator: str) -> None:
+    assert parse_signing_secrets(f"{TEST_SIGNING_SECRET}{separator}{OTHER}") == (TEST_SIGNING_SECRET, OTHER)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("", "is not set"),
+        ("   ", "is not set"),
+        ("sk_test_123", "entry 1 of 1 does not start with 'whsec_'"),
+        (f"{TEST_SIGNING_SECRET} whsec_***notbase64", "entry 2 of 2 is not valid base64"),
+        ("whsec_c2hvcnQ=", "entry 1 of 1 is too short"),
+    ],
+)
+def test_bad_signing_secret_is_a_clear_startup_error(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        Settings.from_env({"CLERK_WEBHOOK_SIGNING_SECRET": raw}, require_webhook_secret=True)
+    for part in raw.split():
+        if len(part) > 8:
+            assert part not in str(caught.value)
+
+
+def test_secret_required_only_where_asked() -> None:
+    assert Settings.from_env({}).webhook_secrets == ()
+    with pytest.raises(ConfigError, match="CLERK_WEBHOOK_SIGNING_SECRET is not set"):
+        Settings.from_env({}, require_webhook_secret=True)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings.from_env(
+        {"CLERK_WEBHOOK_SIGNING_SECRET": TEST_SIGNING_SECRET, "CLERK_SECRET_KEY": "sk_test_hidden"}
+    )
+    assert "whsec_" not in repr(settings)
+    assert "sk_test_hidden" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ORGSYNC_MAX_BODY_BYTES": "big"}, "ORGSYNC_MAX_BODY_BYTES must be a whole number"),
+        ({"ORGSYNC_APPLY_BATCH_SIZE": "0"}, "ORGSYNC_APPLY_BATCH_SIZE must be at least 1"),
+        ({"ORGSYNC_SWEEP_INTERVAL": "-1"}, "ORGSYNC_SWEEP_INTERVAL must be positive"),
+        ({"ORGSYNC_LOG_LEVEL": "LOUD"}, "ORGSYNC_LOG_LEVEL"),
+        ({"CLERK_SECRET_KEY": "pk_test_x"}, "CLERK_SECRET_KEY does not start with 'sk_'"),
+        ({"CLERK_API_URL": "ftp://x"}, "CLERK_API_URL must be an http"),
+        ({"ORGSYNC_DRY_RUN": "maybe"}, "ORGSYNC_DRY_RUN must be true or false"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

@@ -270,3 +270,32 @@ class RuleState(Base):
     stopped_at: Mapped[int | None] = mapped_column(Millis)
     stopped_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[int] = mapped_column(Millis)
+
+
+class SyncStatus:
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    ALL = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
+
+
+class SyncRun(Base):
+    """One reconciliation against the Backend API: its cursor (to resume) and what it repaired."""
+
+    __tablename__ = "sync_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    organization_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[int] = mapped_column(Millis)
+    heartbeat_at: Mapped[int] = mapped_column(Millis)
+    finished_at: Mapped[int | None] = mapped_column(Millis)
+    progress: Mapped[JsonDict | None]
+    drift: Mapped[JsonDict | None]
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    rate_limit_waits: Mapped[int] = mapped_column(Integer, default=0)
+    rows_seen: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -254,6 +254,15 @@ class Delivery:
 
     # --------------------------------------------------------------- workers
     def _run(self) -> None:
+        try:
+            self._deliver_until_closed()
+        finally:
+            # Kept-alive connections belong to this thread: close them as it ends, or their
+            # sockets are left for the garbage collector (a ResourceWarning per endpoint).
+            for index in list(self._local.__dict__.get("connections", {})):
+                self._forget(index)
+
+    def _deliver_until_closed(self) -> None:
         while True:
             with self._lock:
                 while True:

@@ -7,6 +7,7 @@ everything, prints where it listens and serves until interrupted.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,9 +100,18 @@ class Emulator:
         if self._server is not None:
             return self
         handler = WSGIRequestHandler if self.config.log_requests else _QuietHandler
-        self._server = make_server(
-            self.config.host, self.config.port, self.app, threaded=True, request_handler=handler
-        )
+        # Bind here: werkzeug reports its own bind failures by printing and calling sys.exit,
+        # while a caller (a test, `orgsync emulator`) needs an OSError it can handle.
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        with socket.create_server((self.config.host, self.config.port), family=family) as listening:
+            self._server = make_server(
+                self.config.host,
+                self.config.port,
+                self.app,
+                threaded=True,
+                request_handler=handler,
+                fd=listening.fileno(),  # werkzeug duplicates it
+            )
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="emulator-http", daemon=True
         )
@@ -141,7 +151,7 @@ class Emulator:
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("the emulator is not started")
-        return int(self._server.server_port)
+        return int(self._server.socket.getsockname()[1])
 
     @property
     def url(self) -> str:

@@ -669,7 +669,8 @@ def emulator(
     try:
         run_emulator(config, out=click.echo, stop=stop)
     except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_FAILED)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        fail(f"cannot listen on {host}:{port}: {reason}", EXIT_FAILED)
     finally:
         restore()
 

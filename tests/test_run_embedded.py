@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from conftest import TEST_SIGNING_SECRET, free_port
 from helpers import envelope, new_msg_id, signed_headers
+from stack import request
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on waiting for real processes; a test never asserts how fast anything is.
@@ -102,18 +103,6 @@ def running(
         for pid in processes_with(f"ORGSYNC_TEST_MARKER={embedded_env['ORGSYNC_TEST_MARKER']}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def request(
-    port: int, method: str, path: str, body: str | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def post_event(port: int, event_type: str, data: dict[str, Any], *, msg_id: str | None = None) -> int:

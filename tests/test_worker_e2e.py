@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import redis
 from helpers import envelope, new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from stack import log_tail, stop_process
 
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
@@ -110,17 +110,6 @@ def running_worker(
             stop_process(process)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-    # Whatever is left of the worker's own process group (pool children, beat).
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-
-
 def wait_for(
     condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log_path: Path
 ) -> None:
@@ -131,10 +120,6 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting for {what}:\n{log_tail(log_path)}")
         time.sleep(0.1)
-
-
-def log_tail(log_path: Path, lines: int = 60) -> str:
-    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture

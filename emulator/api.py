@@ -2,13 +2,14 @@
 
 Views only parse parameters and translate: every rule lives in ``emulator.state``. The
 ``/_emulator`` endpoints are test and demo helpers that Clerk does not have (snapshot,
-delivery log, settle, accepting an invitation as the invitee, running a scenario).
+delivery log, settle, accepting an invitation as the invitee, running a scenario, faults).
 """
 
 from __future__ import annotations
 
 import hmac
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,83 @@ class WindowLimiter:
             if len(self._windows) > 10_000:
                 self._windows = {k: v for k, v in self._windows.items() if now < v[0] + self.window}
             return None
+
+
+FAULT_MODES = ("error_500", "error_500_after_commit", "timeout_after_commit")
+
+
+@dataclass
+class Fault:
+    """Make the next ``count`` matching requests fail: before the change (``error_500``), or after
+    it, answering 500 or answering only after ``delay`` seconds (beyond the client's timeout)."""
+
+    method: str
+    path_regex: str
+    mode: str
+    count: int
+    delay: float
+
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            self.count > 0 and self.method in ("*", method) and re.search(self.path_regex, path) is not None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path_regex": self.path_regex,
+            "mode": self.mode,
+            "count": self.count,
+            "delay": self.delay,
+        }
+
+
+class Faults:
+    """Armed faults, consumed in the order they were added."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, method: str, path: str, *, after_commit: bool) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.mode.endswith("_after_commit") == after_commit and fault.matches(method, path):
+                    fault.count -= 1
+                    return fault
+            return None
+
+    def armed(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [f.as_dict() for f in self._faults if f.count > 0]
+
+
+def _parse_fault(body: dict[str, Any]) -> Fault:
+    method, path_regex, mode = body.get("method", "*"), body.get("path_regex"), body.get("mode")
+    count, delay = body.get("count", 1), body.get("delay", 3.0)
+    if not isinstance(method, str) or not method:
+        raise param_invalid("method", "must be an HTTP method or *")
+    if not isinstance(path_regex, str) or not path_regex:
+        raise param_invalid("path_regex", "must be a regular expression")
+    try:
+        re.compile(path_regex)
+    except re.error:
+        raise param_invalid("path_regex", "must be a valid regular expression") from None
+    if mode not in FAULT_MODES:
+        raise param_invalid("mode", f"must be one of {', '.join(FAULT_MODES)}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise param_invalid("count", "must be a positive integer")
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60:
+        raise param_invalid("delay", "must be between 0 and 60 seconds")
+    return Fault(method.upper(), path_regex, mode, count, float(delay))
 
 
 def _error_response(error: ClerkError) -> Response:
@@ -124,6 +202,7 @@ def create_app(
     instance_limiter = WindowLimiter(limits.instance, limits.window, monotonic)
     membership_limiter = WindowLimiter(limits.membership, limits.window, monotonic)
     expected = f"Bearer {secret_key}".encode()
+    faults = Faults()
 
     app = Flask("emulator")
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -146,6 +225,23 @@ def create_app(
         retry_after = instance_limiter.hit("instance")
         if retry_after is not None:
             raise too_many_requests(retry_after)
+        if faults.take(request.method, request.path, after_commit=False) is not None:
+            raise ClerkError(500, "internal_clerk_error", "Oops, an error occurred", "Injected fault")
+
+    @v1.after_request
+    def fault_after_commit(response: Response) -> Response:
+        if response.status_code >= 400:
+            return response
+        fault = faults.take(request.method, request.path, after_commit=True)
+        if fault is None:
+            return response
+        if fault.mode == "timeout_after_commit":
+            # The change is made and its webhook emitted; the answer comes after the client gave up.
+            time.sleep(fault.delay)
+            return response
+        return _error_response(
+            ClerkError(500, "internal_clerk_error", "Oops, an error occurred", "Injected fault")
+        )
 
     @test.before_request
     def check_test() -> None:
@@ -448,6 +544,22 @@ def create_app(
             ],
             "total_count": len(messages),
         }
+
+    @test.post("/faults")
+    def add_fault() -> Any:
+        fault = _parse_fault(_body())
+        faults.add(fault)
+        return fault.as_dict()
+
+    @test.get("/faults")
+    def list_faults() -> Any:
+        armed = faults.armed()
+        return {"data": armed, "total_count": len(armed)}
+
+    @test.delete("/faults")
+    def clear_faults() -> Any:
+        faults.clear()
+        return {"data": [], "total_count": 0}
 
     @test.get("/stats")
     def stats() -> Any:

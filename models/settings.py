@@ -43,6 +43,33 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _fraction(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number between 0 and 1, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ConfigError(f"{name} must be more than 0 and at most 1, got {raw!r}")
+    return value
+
+
+def _seconds_or_off(environ: Mapping[str, str], name: str) -> float:
+    """A period in seconds where 0 (the default) switches the feature off."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds (0: off), got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
 def _bool(environ: Mapping[str, str], name: str) -> bool:
     raw = environ.get(name, "").strip().lower()
     if raw in {"", "0", "false", "no", "off"}:
@@ -109,6 +136,8 @@ class Settings:
     clerk_timeout: float = 10.0
     confirm_timeout: float = 300.0
     enforce_max_reversals: int = 3
+    reconcile_share: float = 0.5
+    reconcile_interval: float = 0.0
 
     @property
     def embedded(self) -> bool:
@@ -169,4 +198,7 @@ class Settings:
             clerk_timeout=_float(env, "CLERK_API_TIMEOUT", 10.0),
             confirm_timeout=_float(env, "ORGSYNC_CONFIRM_TIMEOUT", 300.0),
             enforce_max_reversals=_int(env, "ORGSYNC_ENFORCE_MAX_REVERSALS", 3),
+            # Reconciliation's cap on the instance budget: the rest is always left to commands.
+            reconcile_share=_fraction(env, "ORGSYNC_RECONCILE_SHARE", 0.5),
+            reconcile_interval=_seconds_or_off(env, "ORGSYNC_RECONCILE_INTERVAL"),
         )

@@ -783,7 +783,7 @@ def resolve_org(session: Session, ref: str) -> OrganizationView:
 
 @cli.group(epilog=EPILOG)
 def members() -> None:
-    """Memberships in the mirror."""
+    """Memberships: read them from the mirror, change them in Clerk."""
 
 
 @members.command("list", epilog=EPILOG)
@@ -819,7 +819,7 @@ def members_list(
 
 @cli.group(epilog=EPILOG)
 def invitations() -> None:
-    """Invitations in the mirror."""
+    """Invitations: read them from the mirror, create or revoke them in Clerk."""
 
 
 @invitations.command("list", epilog=EPILOG)
@@ -955,3 +955,7 @@ def events_replay(ctx: click.Context, refs: tuple[str, ...]) -> None:
         )
         return
     click.echo(f"enqueued {len(ids)} event(s)")
+
+
+# Importing these modules registers their commands in the groups above.
+from orgsync import cli_commands, cli_rules, cli_sync  # noqa: E402, F401

@@ -93,3 +93,15 @@ def test_secrets_stay_out_of_repr() -> None:
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_reconcile_share_and_interval() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.reconcile_share, defaults.reconcile_interval) == (0.5, 0.0)
+    chosen = Settings.from_env({"ORGSYNC_RECONCILE_SHARE": "0.25", "ORGSYNC_RECONCILE_INTERVAL": "3600"})
+    assert (chosen.reconcile_share, chosen.reconcile_interval) == (0.25, 3600.0)
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(ConfigError, match="ORGSYNC_RECONCILE_SHARE"):
+            Settings.from_env({"ORGSYNC_RECONCILE_SHARE": bad})
+    with pytest.raises(ConfigError, match="ORGSYNC_RECONCILE_INTERVAL"):
+        Settings.from_env({"ORGSYNC_RECONCILE_INTERVAL": "-1"})

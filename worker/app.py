@@ -1,4 +1,4 @@
-"""The Celery app factory: configuration, two thin tasks, the sweeper's schedule, an engine per process."""
+"""The Celery factory: configuration, thin tasks, beat schedule, a database and Clerk client per process."""
 
 from __future__ import annotations
 
@@ -18,15 +18,24 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.db import create_db_engine, make_session_factory
-from models.errors import RetryableError
+from models.db import create_db_engine, make_session_factory, session_scope
+from models.errors import ConfigError, RetryableError
 from models.settings import Settings
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
+from worker.clerk import ClerkClient
+from worker.commands import confirm_commands, due_command_ids, send_command
+from worker.ratelimit import RateLimiter
+from worker.reconcile import ProcessReconcileClient, reconcile_task_body
+from worker.rules import RulesHook
 
 log = logging.getLogger(__name__)
 
 TASK_APPLY = "orgsync.apply_events"
 TASK_SWEEP = "orgsync.sweep_inbox"
+TASK_SEND_COMMAND = "orgsync.send_command"
+TASK_CONFIRM_COMMANDS = "orgsync.confirm_commands"
+TASK_RECONCILE = "orgsync.reconcile"
+TASK_RECONCILE_ORG = "orgsync.reconcile_org"
 # A queue of our own: the application orgsync runs beside may share the Redis server.
 QUEUE = "orgsync"
 # At most this many chunks of apply_batch_size per sweep: a long broker outage leaves a backlog
@@ -84,6 +93,34 @@ class ProcessDatabase:
             self.start()
         assert self._factory is not None
         return self._factory
+
+
+class ProcessClerk:
+    """The rate limiter and Backend API client of one process, built on first use after any fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._client: ClerkClient | None = None
+        self._pid: int | None = None
+
+    def client(self) -> ClerkClient:
+        with self._lock:
+            if self._client is None or self._pid != os.getpid():
+                settings = self._settings
+                limiter = RateLimiter(
+                    settings.rate_limit_storage, settings.rate_limit, settings.membership_rate_limit
+                )
+                self._client = ClerkClient.from_settings(settings, limiter)
+                self._pid = os.getpid()
+            return self._client
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.close()
+            self._client = None
+            self._pid = None
 
 
 class DataDirScheduler(PersistentScheduler):  # type: ignore[misc]
@@ -152,13 +189,22 @@ def create_celery(settings: Settings) -> Celery:
                 "schedule": settings.sweep_interval,
                 # Sweeps that piled up while no worker ran are worthless: only the last one counts.
                 "options": {"expires": settings.sweep_interval},
-            }
+            },
+            "orgsync-confirm-commands": {
+                "task": TASK_CONFIRM_COMMANDS,
+                "schedule": settings.sweep_interval,
+                "options": {"expires": settings.sweep_interval},
+            },
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         beat_scheduler=f"{__name__}:DataDirScheduler",
     )
     database = ProcessDatabase(settings.database_url)
+    clerk = ProcessClerk(settings)
     send = make_sender(app)
+    send_commands = make_command_sender(app)
+    rules_hook = RulesHook.from_settings(settings, send=send_commands)
+    confirm_timeout_ms = int(settings.confirm_timeout * 1000)
     grace_ms = int(settings.sweep_grace * 1000)
     # Longer than a sweep interval and the grace, so a row just sent is not sent again by the
     # next sweep while its task waits in the queue.
@@ -174,6 +220,8 @@ def create_celery(settings: Settings) -> Celery:
                 [int(value) for value in inbox_ids],
                 now_ms=now_ms(),
                 max_attempts=settings.max_attempts,
+                after_batch=rules_hook,
+                on_unseen_organizations=send_reconcile_org,
             )
         except RetryableError as exc:
             # Not even the failure could be recorded (database down): retry the same ids.
@@ -187,6 +235,9 @@ def create_celery(settings: Settings) -> Celery:
             report.failed,
             report.dead,
         )
+        if report.applied:
+            # The batch may carry the webhook echo of commands we sent: confirm them now.
+            _confirm_quietly(database.session_factory(), confirm_timeout_ms)
         if report.retry_ids and report.retry_at_ms is not None:
             _retry(self, report.retry_ids, max(0.0, (report.retry_at_ms - now_ms()) / 1000), None)
 
@@ -205,10 +256,81 @@ def create_celery(settings: Settings) -> Celery:
             log.info("sweeper enqueued %d pending inbox rows", sent)
         return sent
 
+    # max_retries=None: the command's own attempt count (settings.max_attempts) bounds it.
+    @app.task(name=TASK_SEND_COMMAND, bind=True, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
+    def send_command_task(self: Any, command_id: int) -> str:
+        try:
+            client = clerk.client()
+        except ConfigError as exc:
+            # Left pending: once the worker is configured and restarted, the sweep sends it.
+            log.error("command %s not sent: %s", command_id, exc)
+            return "pending"
+        try:
+            result = send_command(
+                database.session_factory(),
+                client,
+                int(command_id),
+                now_ms=now_ms(),
+                max_attempts=settings.max_attempts,
+                clock_ms=now_ms,
+            )
+        except RetryableError as exc:
+            # The database is unreachable: the row is untouched or leased, the sweep recovers it.
+            raise self.retry(countdown=backoff_ms(self.request.retries + 1) / 1000, exc=exc) from exc
+        if result.retry_at_ms is not None:
+            raise self.retry(countdown=max(0.0, (result.retry_at_ms - now_ms()) / 1000))
+        return result.status
+
+    @app.task(name=TASK_CONFIRM_COMMANDS, shared=False)  # type: ignore[untyped-decorator]
+    def confirm_commands_task() -> int:
+        factory = database.session_factory()
+        _confirm_quietly(factory, confirm_timeout_ms)
+        with session_scope(factory) as session:
+            due = due_command_ids(
+                session, now_ms=now_ms(), grace_ms=grace_ms, limit=settings.apply_batch_size
+            )
+        if due:
+            log.info("re-enqueuing %d due commands", len(due))
+            send_commands(due)
+        return len(due)
+
+    reconcile_clients = ProcessReconcileClient(settings)
+    send_reconcile_org = make_reconcile_org_sender(app)
+    if settings.reconcile_interval > 0:
+        app.conf.beat_schedule["orgsync-reconcile"] = {
+            "task": TASK_RECONCILE,
+            "schedule": settings.reconcile_interval,
+            # A run that waited in the queue past the next one's time is redundant.
+            "options": {"expires": settings.reconcile_interval},
+        }
+
+    @app.task(name=TASK_RECONCILE, shared=False)  # type: ignore[untyped-decorator]
+    def reconcile_task() -> dict[str, Any] | None:
+        return reconcile_task_body(database.session_factory(), reconcile_clients, None)
+
+    @app.task(name=TASK_RECONCILE_ORG, shared=False)  # type: ignore[untyped-decorator]
+    def reconcile_org_task(organization_id: str) -> dict[str, Any] | None:
+        return reconcile_task_body(database.session_factory(), reconcile_clients, str(organization_id))
+
     _connect_process_signals(app, database)
     app.orgsync_settings = settings
     app.orgsync_database = database
+    app.orgsync_clerk = clerk
     return app
+
+
+def _confirm_quietly(factory: sessionmaker[Session], confirm_timeout_ms: int) -> None:
+    """Confirm and flag commands; a failure here must never fail the task that applies events."""
+    try:
+        with session_scope(factory) as session:
+            confirmed, flagged = confirm_commands(
+                session, now_ms=now_ms(), confirm_timeout_ms=confirm_timeout_ms
+            )
+    except Exception:
+        log.exception("confirming commands failed; the next run tries again")
+        return
+    if confirmed or flagged:
+        log.info("commands confirmed=%d flagged=%d", confirmed, flagged)
 
 
 def _retry(task: Any, ids: list[int], countdown: float, exc: BaseException | None) -> None:
@@ -255,6 +377,30 @@ def make_sender(celery: Celery) -> Callable[[list[int]], None]:
     def send(ids: list[int]) -> None:
         if ids:
             celery.send_task(TASK_APPLY, args=[[int(value) for value in ids]], retry=False)
+
+    return send
+
+
+def make_command_sender(celery: Celery) -> Callable[[list[int]], None]:
+    """``send(ids)`` enqueues one send task per command id; raises at once if the broker is down.
+
+    The commands are committed first, so a failed send loses nothing: the confirm task's
+    sweep enqueues pending commands later.
+    """
+
+    def send(ids: list[int]) -> None:
+        for command_id in ids:
+            celery.send_task(TASK_SEND_COMMAND, args=[int(command_id)], retry=False)
+
+    return send
+
+
+def make_reconcile_org_sender(celery: Celery) -> Callable[[list[str]], None]:
+    """``send(ids)`` enqueues one reconciliation per organization id; raises at once if the broker is down."""
+
+    def send(organization_ids: list[str]) -> None:
+        for organization_id in organization_ids:
+            celery.send_task(TASK_RECONCILE_ORG, args=[str(organization_id)], retry=False)
 
     return send
 

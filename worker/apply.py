@@ -16,6 +16,7 @@ from models.errors import PayloadError, RetryableError
 from models.events import Event, parse_event
 from models.inbox import due_pending_ids
 from models.mirror import apply_events
+from models.reconcile import unseen_organizations
 from models.redact import describe_error, redact
 from models.tables import InboxEvent, InboxStatus
 
@@ -92,8 +93,21 @@ def backoff_ms(attempts: int, *, rand: Callable[[], float] = random.random) -> i
     return half + int(rand() * (ceiling - half))
 
 
+AfterBatch = Callable[[sessionmaker[Session], Sequence[Event], int], object]
+"""``hook(factory, events, now_ms)`` after each committed batch (the provisioning rules)."""
+
+OnUnseen = Callable[[list[str]], object]
+"""``hook(organization_ids)`` after a committed batch that concerned organizations never seen."""
+
+
 def apply_inbox(
-    factory: sessionmaker[Session], ids: Sequence[int], *, now_ms: int, max_attempts: int
+    factory: sessionmaker[Session],
+    ids: Sequence[int],
+    *,
+    now_ms: int,
+    max_attempts: int,
+    after_batch: AfterBatch | None = None,
+    on_unseen_organizations: OnUnseen | None = None,
 ) -> ApplyReport:
     """Apply the still-pending inbox rows among ``ids`` to the mirror.
 
@@ -109,6 +123,11 @@ def apply_inbox(
 
     Raises ``RetryableError`` only when even the failure cannot be recorded (database down):
     nothing changed then, and the caller should retry the same ids later.
+
+    ``after_batch`` runs after each committed batch with its events (the provisioning rules);
+    whatever it raises is logged and swallowed: the mirror never waits on, or fails for, it.
+    ``on_unseen_organizations`` (reconciliation on demand) is called the same way with the
+    organizations the batch concerned that the mirror had no row for before it.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -122,8 +141,9 @@ def apply_inbox(
     stack: list[list[int]] = [todo]
     while stack:
         part = stack.pop()
+        unseen: list[str] | None = [] if on_unseen_organizations is not None else None
         try:
-            applied, rejected, skipped = _apply_once(factory, part, now_ms=now_ms)
+            applied, rejected, skipped, events = _apply_once(factory, part, now_ms=now_ms, unseen=unseen)
         except RetryableError as exc:
             remaining = part + [row_id for rest in stack for row_id in rest]
             stack.clear()
@@ -144,10 +164,38 @@ def apply_inbox(
             report.applied += applied
             report.rejected += rejected
             report.skipped += skipped
+            if after_batch is not None and events:
+                _run_after_batch(after_batch, factory, events, now_ms)
+            if on_unseen_organizations is not None and unseen:
+                _run_on_unseen(on_unseen_organizations, unseen)
     return report
 
 
-def _apply_once(factory: sessionmaker[Session], ids: list[int], *, now_ms: int) -> tuple[int, int, int]:
+def _run_on_unseen(hook: OnUnseen, organization_ids: list[str]) -> None:
+    try:
+        hook(organization_ids)
+    except Exception as exc:
+        # The batch is committed; the periodic run (or `orgsync sync --org`) lists it later.
+        log.error(
+            "unseen-organization hook failed for %d organizations: %s",
+            len(organization_ids),
+            describe_error(exc),
+        )
+
+
+def _run_after_batch(
+    hook: AfterBatch, factory: sessionmaker[Session], events: list[Event], now_ms: int
+) -> None:
+    try:
+        hook(factory, events, now_ms)
+    except Exception as exc:
+        # The batch is committed: rules failing must neither retry it nor mark it failed.
+        log.error("after-batch hook failed for %d events: %s", len(events), describe_error(exc))
+
+
+def _apply_once(
+    factory: sessionmaker[Session], ids: list[int], *, now_ms: int, unseen: list[str] | None = None
+) -> tuple[int, int, int, list[Event]]:
     with session_scope(factory) as session:
         # The lock comes before the read: a second task holding the same ids waits here and
         # then sees them applied, instead of applying them twice.
@@ -170,6 +218,9 @@ def _apply_once(factory: sessionmaker[Session], ids: list[int], *, now_ms: int) 
             else:
                 applied_ids.append(row.id)
         if events:
+            if unseen is not None:
+                # Under the mirror lock, before the batch writes them: "never seen" is exact.
+                unseen.extend(unseen_organizations(session, events))
             apply_events(session, events, now_ms=now_ms)
         if applied_ids:
             session.execute(
@@ -180,7 +231,7 @@ def _apply_once(factory: sessionmaker[Session], ids: list[int], *, now_ms: int) 
             )
         if rejected:
             session.connection().execute(_MARK_REJECTED, rejected)
-    return len(applied_ids), len(rejected), len(ids) - len(rows)
+    return len(applied_ids), len(rejected), len(ids) - len(rows), events
 
 
 def _record_failure(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, Insert, and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -87,8 +87,11 @@ _SELECT_EXISTING = select(_TABLE.c.id, _TABLE.c.status, _TABLE.c.last_error).whe
 )
 
 
-def store_delivery(session: Session, *, svix_id: str, body: str, received_at: int) -> Stored:
-    """Insert one verified delivery unless its ``svix_id`` is known; flushes, never commits.
+def store_delivery(session: Session | Connection, *, svix_id: str, body: str, received_at: int) -> Stored:
+    """Insert one verified delivery unless its ``svix_id`` is known; never commits.
+
+    Takes a Session or, on the hot intake path, a plain Connection (no ORM unit of work to pay
+    for on every request).
 
     A body that is not a Clerk event envelope is stored as ``rejected`` with the reason, an
     unknown type as ``ignored``, anything else as ``pending``. Both outcomes are acknowledged
@@ -102,7 +105,8 @@ def store_delivery(session: Session, *, svix_id: str, body: str, received_at: in
         # PostgreSQL text cannot hold NUL. Valid JSON never contains a raw NUL, so this body
         # is already rejected; keep a readable copy instead of failing the delivery.
         body = body.replace("\x00", "\ufffd")
-    dialect = session.get_bind().dialect.name
+    bind = session if isinstance(session, Connection) else session.get_bind()
+    dialect = bind.dialect.name
     statement = _INSERTS.get(dialect)
     if statement is None:
         raise PermanentError(f"unsupported database dialect {dialect!r}")

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from models.db import create_db_engine, make_session_factory, ping, session_scope
+from models.db import create_db_engine, make_session_factory, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
 from models.settings import Settings
@@ -148,9 +148,14 @@ def create_app(
             )
             return _error(rejection.status, rejection.code, rejection.message)
         try:
-            with session_scope(state.session_factory) as session:
+            # A plain connection, committed on leaving the block: the ORM unit of work would
+            # cost a tenth of the request's CPU here for nothing.
+            with state.engine.begin() as connection:
                 stored = store_delivery(
-                    session, svix_id=delivery.svix_id, body=delivery.body, received_at=int(time.time() * 1000)
+                    connection,
+                    svix_id=delivery.svix_id,
+                    body=delivery.body,
+                    received_at=int(time.time() * 1000),
                 )
         except (RetryableError, OperationalError) as exc:
             # Not acknowledged: Svix delivers it again later.

@@ -553,3 +553,54 @@ def test_sweep_task_sends_due_rows(sqlite_url: str, tmp_path: Any, monkeypatch: 
         assert sent == [(TASK_APPLY, [ids])]
     finally:
         app.orgsync_database.stop()
+
+
+def test_a_lagging_task_fills_its_batch_with_other_due_rows(session_factory: sessionmaker[Session]) -> None:
+    ids = store_members(session_factory, 12)
+    # Backing off (not yet due): must be left alone by the filling.
+    later = store(session_factory, membership_body("org_b", "user_late"))
+    with session_scope(session_factory) as session:
+        session.execute(update(InboxEvent).where(InboxEvent.id == later).values(next_attempt_at=NOW + 60_000))
+    report = apply_inbox(session_factory, ids[:2], now_ms=NOW, max_attempts=3, fill_to=10)
+    assert report.applied == 10
+    state = rows(session_factory, [*ids, later])
+    assert [state[i].status for i in ids[:10]] == [InboxStatus.APPLIED] * 10
+    assert {state[i].status for i in [*ids[10:], later]} == {InboxStatus.PENDING}
+    # The other tasks of the rows taken find nothing left to do.
+    assert apply_inbox(session_factory, ids[2:10], now_ms=NOW, max_attempts=3).skipped == 8
+
+
+class ProcessKilled(BaseException):
+    """Stands for the worker process dying in the middle of a batch."""
+
+
+def test_an_event_that_kills_its_worker_ends_dead_on_redelivery(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = store_members(session_factory, 5)
+    killer = ids[2]
+    real = worker.apply.apply_events
+    killer_svix = svix_id_of(session_factory, killer)
+
+    def apply(session: Session, events: Sequence[Event], *, now_ms: int) -> None:
+        if any(event.svix_id == killer_svix for event in events):
+            raise ProcessKilled
+        real(session, events, now_ms=now_ms)
+
+    monkeypatch.setattr(worker.apply, "apply_events", apply)
+    # The first delivery dies with its worker: nothing is recorded.
+    with pytest.raises(ProcessKilled):
+        apply_inbox(session_factory, ids, now_ms=NOW, max_attempts=3)
+    assert {row.attempts for row in rows(session_factory, ids).values()} == {0}
+    # Each redelivery charges before trying, one row at a time, so the loop has an end.
+    for n in range(1, 4):
+        try:
+            apply_inbox(session_factory, ids, now_ms=NOW + n, max_attempts=3, one_by_one=True)
+        except ProcessKilled:
+            continue
+        break
+    state = rows(session_factory, ids)
+    assert state[killer].status == InboxStatus.DEAD
+    assert "worker process ended" in (state[killer].last_error or "")
+    assert all(state[i].status == InboxStatus.APPLIED for i in ids if i != killer)
+    assert member_count(session_factory) == 4

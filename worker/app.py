@@ -222,6 +222,9 @@ def create_celery(settings: Settings) -> Celery:
                 max_attempts=settings.max_attempts,
                 after_batch=rules_hook,
                 on_unseen_organizations=send_reconcile_org,
+                fill_to=settings.apply_batch_size,
+                # Redelivered after its worker died (Redis marks it): maybe this batch killed it.
+                one_by_one=bool((self.request.delivery_info or {}).get("redelivered")),
             )
         except RetryableError as exc:
             # Not even the failure could be recorded (database down): retry the same ids.

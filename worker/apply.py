@@ -71,6 +71,11 @@ class ApplyReport:
     retry_ids: list[int] = field(default_factory=list)
     retry_at_ms: int | None = None
 
+    def merge(self, other: ApplyReport) -> None:
+        self.applied += other.applied
+        self.rejected += other.rejected
+        self.merge_failure(other)
+
     def merge_failure(self, other: ApplyReport) -> None:
         self.skipped += other.skipped
         self.failed += other.failed
@@ -108,6 +113,8 @@ def apply_inbox(
     max_attempts: int,
     after_batch: AfterBatch | None = None,
     on_unseen_organizations: OnUnseen | None = None,
+    fill_to: int = 0,
+    one_by_one: bool = False,
 ) -> ApplyReport:
     """Apply the still-pending inbox rows among ``ids`` to the mirror.
 
@@ -128,12 +135,45 @@ def apply_inbox(
     whatever it raises is logged and swallowed: the mirror never waits on, or fails for, it.
     ``on_unseen_organizations`` (reconciliation on demand) is called the same way with the
     organizations the batch concerned that the mirror had no row for before it.
+
+    ``fill_to`` tops the batch up with other due pending rows, oldest first: a worker that
+    falls behind then catches up in large transactions instead of one small one per task
+    (the tasks of the rows it took find them applied and skip them).
+
+    ``one_by_one`` is for a task the broker redelivered because its worker died: an event that
+    kills the process would otherwise kill it again on every redelivery, with no attempt ever
+    recorded. Each row is charged its attempt BEFORE it is tried, alone, so such an event ends
+    ``dead`` after ``max_attempts`` while the rows around it are applied.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     report = ApplyReport()
     todo = sorted(set(ids))
+    if fill_to > len(todo):
+        given = set(todo)
+        extra = [i for i in _due_pending(factory, now_ms=now_ms, limit=fill_to) if i not in given]
+        todo = sorted(given.union(extra[: fill_to - len(todo)]))
     if not todo:
+        return report
+    if one_by_one:
+        for row_id in todo:
+            charged = _record_failure(
+                factory, [row_id], WorkerLostError(), now_ms=now_ms, max_attempts=max_attempts
+            )
+            if charged.dead or charged.skipped:
+                report.dead += charged.dead
+                report.skipped += charged.skipped
+                continue
+            report.merge(
+                apply_inbox(
+                    factory,
+                    [row_id],
+                    now_ms=now_ms,
+                    max_attempts=max_attempts,
+                    after_batch=after_batch,
+                    on_unseen_organizations=on_unseen_organizations,
+                )
+            )
         return report
     # Halving rather than one transaction per row: one poison event in a batch of 500 costs
     # about 2 * log2(500) transactions instead of 500. The mirror's result does not depend on
@@ -169,6 +209,28 @@ def apply_inbox(
             if on_unseen_organizations is not None and unseen:
                 _run_on_unseen(on_unseen_organizations, unseen)
     return report
+
+
+class WorkerLostError(Exception):
+    """Recorded as the error of a row whose earlier attempt ended with its worker process."""
+
+    def __str__(self) -> str:
+        return "a worker process ended while applying this event (redelivered task)"
+
+
+def _due_pending(factory: sessionmaker[Session], *, now_ms: int, limit: int) -> list[int]:
+    with session_scope(factory) as session:
+        return list(
+            session.scalars(
+                select(InboxEvent.id)
+                .where(
+                    InboxEvent.status == InboxStatus.PENDING,
+                    or_(InboxEvent.next_attempt_at.is_(None), InboxEvent.next_attempt_at <= now_ms),
+                )
+                .order_by(InboxEvent.id)
+                .limit(limit)
+            )
+        )
 
 
 def _run_on_unseen(hook: OnUnseen, organization_ids: list[str]) -> None:

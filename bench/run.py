@@ -101,7 +101,9 @@ class Params:
     freshness_rate: float = 300.0
     freshness_seconds: float = 15.0
     freshness_timeout_s: float = 30.0
+    # Pool size of ``orgsync worker`` (its default on two CPUs), then other sizes for freshness.
     worker_concurrency: int = 2
+    freshness_other_concurrency: tuple[int, ...] = (1,)
     apply_events: int = 100_000
     apply_baseline_events: int = 5_000
     apply_celery_events: int = 100_000
@@ -118,6 +120,7 @@ QUICK = Params(
     paced_seconds=0.5,
     freshness_seconds=1.0,
     freshness_timeout_s=20.0,
+    freshness_other_concurrency=(),
     apply_events=2_000,
     apply_baseline_events=200,
     apply_celery_events=1_000,
@@ -142,7 +145,7 @@ ROLES = (
     ),
     ("org:billing", "Billing manager", ["org:sys_memberships:read", "org:sys_billing:manage"]),
 )
-IMAGE = "https://img.clerk.com/eyJ0eXBlIjoicHJveHkiLCJzcmMiOiJodHRwczovL2ltYWdlcy5jbGVyay5kZXYv"
+IMAGE = "https://img.clerk.com/eyJ0eXBlIjoicHJveHkiLCJzcmMiOiJ"
 
 
 def _clerk_id(prefix: str, rng: random.Random) -> str:
@@ -193,7 +196,6 @@ class Workload:
             "first_name": f"First{n}",
             "last_name": f"Last{n}",
             "image_url": IMAGE + "dXNlci1hdmF0YXIifQ",
-            "profile_image_url": IMAGE + "cHJvZmlsZSJ9",
             "has_image": n % 2 == 0,
         }
 
@@ -393,6 +395,7 @@ class LoadResult:
     done_ns: list[int]
     start_ns: int
     reconnects: int = 0
+    client_cpu_s: float = 0.0
 
     @property
     def completed(self) -> list[int]:
@@ -459,7 +462,8 @@ def _client_process(plan: Plan, work: list[list[tuple[int, bytes]]], pipe: Any) 
         thread.join()
     indexes = array.array("q", out.keys())
     columns = [array.array("q", (row[k] for row in out.values())) for k in range(4)]
-    pipe.send_bytes(json.dumps([sum(reconnects), indexes.tobytes().hex()]).encode())
+    header = [sum(reconnects), time.process_time(), indexes.tobytes().hex()]
+    pipe.send_bytes(json.dumps(header).encode())
     for column in columns:
         pipe.send_bytes(column.tobytes())
     pipe.close()
@@ -483,6 +487,7 @@ class Load:
         max_seconds: float,
     ) -> None:
         lanes = processes * threads
+        self.lanes = lanes
         self.count = len(requests)
         parts: list[list[tuple[int, bytes]]] = [[] for _ in range(lanes)]
         for index, request in enumerate(requests):
@@ -512,7 +517,8 @@ class Load:
         result = LoadResult([0] * size, [0] * size, [0] * size, [0] * size, self.start_ns)
         try:
             for pipe in self.pipes:
-                reconnects, hex_indexes = json.loads(pipe.recv_bytes())
+                reconnects, cpu_s, hex_indexes = json.loads(pipe.recv_bytes())
+                result.client_cpu_s += cpu_s
                 indexes = array.array("q", bytes.fromhex(hex_indexes))
                 columns = []
                 for _ in range(4):
@@ -570,17 +576,48 @@ def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name is in parentheses and may contain spaces: fields start after it.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[2]) == pid:
+                found.append(int(entry))
     return found
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: fields start after it.
+    return [stat[stat.find("(") + 1 : stat.rfind(")")], *stat[stat.rfind(")") + 2 :].split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (0 once it is gone)."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else (int(fields[12]) + int(fields[13])) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process, its children and grandchildren (gunicorn and Celery pools)."""
+    total = cpu_seconds(pid)
+    for child in children_of(pid):
+        total += cpu_seconds(child) + sum(cpu_seconds(grandchild) for grandchild in children_of(child))
+    return total
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL process of the machine (others' sessions included)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and fields[0] == "postgres":
+                total += (int(fields[12]) + int(fields[13])) / CLOCK_TICKS
+    return total
 
 
 def rss_mb(pid: int) -> float | None:
@@ -729,22 +766,26 @@ class Env:
         argv += ["--workers", str(p.web_workers), "--threads", str(p.web_threads)]
         return Service("baseline-web", argv, self.process_env(), self.data_dir)
 
-    def worker(self) -> Service:
+    def worker(self, concurrency: int | None = None) -> Service:
         argv = [
             sys.executable,
             "-m",
             "orgsync",
             "worker",
             "--concurrency",
-            str(self.params.worker_concurrency),
+            str(concurrency or self.params.worker_concurrency),
         ]
         argv += ["--hostname", f"bench-{self.ids.tag}@%h"]
         return Service("orgsync-worker", argv, self.process_env(), self.data_dir)
 
-    def pending(self) -> int:
+    def any_pending(self) -> bool:
+        # EXISTS, not count(*): counting a 100,000-row backlog ten times a second would cost
+        # PostgreSQL a noticeable share of the CPUs the drain being measured needs.
         with psycopg.connect(self.pg_dsn, autocommit=True) as connection:
-            row = connection.execute("SELECT count(*) FROM inbox_events WHERE status = 'pending'").fetchone()
-        return int(row[0]) if row else 0
+            row = connection.execute(
+                "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status = 'pending')"
+            ).fetchone()
+        return bool(row and row[0])
 
     def status_counts(self) -> dict[str, int]:
         with psycopg.connect(self.pg_dsn, autocommit=True) as connection:
@@ -780,14 +821,27 @@ def measure_intake(env: Env, service: Service, port: int, label: str) -> dict[st
     progress(
         f"{label}: {len(bodies)} requests, closed loop, {p.client_processes}x{p.client_threads} connections"
     )
-    result = run_load(
-        port,
-        signed_requests(env.secret, env.ids, bodies, port),
-        p,
-        rate=None,
-        max_seconds=p.intake_max_seconds,
-    )
+    requests = signed_requests(env.secret, env.ids, bodies, port)
+    cpu_before = (tree_cpu_seconds(service.pid), postgres_cpu_seconds())
+    result = run_load(port, requests, p, rate=None, max_seconds=p.intake_max_seconds)
     service.check_alive()
+    server_cpu = tree_cpu_seconds(service.pid) - cpu_before[0]
+    postgres_cpu = postgres_cpu_seconds() - cpu_before[1]
+    done = max(1, len(result.completed))
+    wall = (
+        (max(result.done_ns[i] for i in result.completed) - result.start_ns) / 1e9
+        if result.completed
+        else 0.0
+    )
+    closed_cpu = {
+        "wall_s": wall,
+        "server_cpu_s": server_cpu,
+        "postgres_cpu_s": postgres_cpu,
+        "client_cpu_s": result.client_cpu_s,
+        "server_cpu_ms_per_request": 1000 * server_cpu / done,
+        "postgres_cpu_ms_per_request": 1000 * postgres_cpu / done,
+        "client_cpu_ms_per_request": 1000 * result.client_cpu_s / done,
+    }
     closed = {
         "requests": len(bodies),
         "completed": len(result.completed),
@@ -795,22 +849,44 @@ def measure_intake(env: Env, service: Service, port: int, label: str) -> dict[st
         "reconnects": result.reconnects,
         "rate_per_s": result.rate(),
         **latency_summary(result.latencies_ms(from_schedule=False)),
+        "cpu": closed_cpu,
     }
+    progress(
+        f"{label}: CPU per request: server {closed_cpu['server_cpu_ms_per_request']:.2f} ms, "
+        f"PostgreSQL {closed_cpu['postgres_cpu_ms_per_request']:.2f} ms, "
+        f"client {closed_cpu['client_cpu_ms_per_request']:.2f} ms"
+    )
     progress(
         f"{label}: {closed['rate_per_s']:.0f}/s, p50 {closed['p50_ms']:.1f} ms, p99 {closed['p99_ms']:.1f} ms"
     )
     paced_count = max(1, int(p.paced_rate * p.paced_seconds))
     progress(f"{label}: {paced_count} requests paced at {p.paced_rate:.0f}/s")
     paced_requests = signed_requests(env.secret, env.ids, load.bodies(paced_count), port)
-    paced = run_load(port, paced_requests, p, rate=p.paced_rate, max_seconds=p.paced_seconds * 3 + 5)
+    # Bounded in time: a server that cannot keep up is not waited for. Requests still unanswered
+    # at the end count with the time they had waited so far, so p99 is then a lower bound.
+    loader = Load(
+        port,
+        paced_requests,
+        processes=p.client_processes,
+        threads=p.client_threads,
+        rate=p.paced_rate,
+        max_seconds=p.paced_seconds + 5,
+    )
+    paced = loader.wait()
+    ended = time.perf_counter_ns()
+    latencies = paced.latencies_ms(from_schedule=True)
+    unanswered = [i for i, status in enumerate(paced.status) if not status]
+    latencies += [(ended - loader.scheduled_ns(i, loader.lanes)) / 1e6 for i in unanswered]
     service.check_alive()
     paced_figures = {
         "offered_per_s": p.paced_rate,
         "requests": paced_count,
         "completed": len(paced.completed),
         "ok": paced.ok_count(),
+        "unanswered": len(unanswered),
         "achieved_per_s": paced.rate(),
-        **latency_summary(paced.latencies_ms(from_schedule=True)),
+        **latency_summary(sorted(latencies)),
+        "latencies_are_lower_bounds": bool(unanswered),
     }
     achieved, p99 = paced_figures["achieved_per_s"], paced_figures["p99_ms"]
     progress(f"{label}: paced achieved {achieved:.0f}/s, p99 {p99:.1f} ms")
@@ -822,39 +898,30 @@ def measure_freshness(env: Env, port: int, label: str, services: Sequence[Servic
     """Offer new memberships at a fixed rate over HTTP; poll the mirror for each one."""
     p = env.params
     load = workload(env, 2)
-    warm_bodies, warm_users = load.created_for_new_users(50, f"w{env.ids.tag}{label[:1]}")
+    tag = uuid.uuid4().hex[:8]
+    warm_bodies, warm_users = load.created_for_new_users(50, f"w{tag}")
     run_load(port, signed_requests(env.secret, env.ids, warm_bodies, port), p, rate=None, max_seconds=30)
     wait_visible(env, warm_users, timeout=p.freshness_timeout_s, services=services)
     count = max(1, int(p.freshness_rate * p.freshness_seconds))
-    bodies, users = load.created_for_new_users(count, f"f{env.ids.tag}{label[:1]}")
+    bodies, users = load.created_for_new_users(count, f"f{tag}")
     requests = signed_requests(env.secret, env.ids, bodies, port)
     progress(f"{label}: freshness, {count} events at {p.freshness_rate:.0f}/s")
     # One client process: at this rate the client's cost is small, and the poller shares it.
     loader = Load(
         port, requests, processes=1, threads=2, rate=p.freshness_rate, max_seconds=p.freshness_seconds * 3 + 5
     )
-    lanes = 2
-    seen: dict[int, int] = {}
-    polls = 0
-    with psycopg.connect(env.pg_dsn, autocommit=True) as connection:
-        deadline = loader.start_ns + int((p.freshness_seconds + p.freshness_timeout_s) * 1e9)
-        position = {user: index for index, user in enumerate(users)}
-        while len(seen) < count and time.perf_counter_ns() < deadline:
-            now = time.perf_counter_ns()
-            due = [users[i] for i in range(count) if i not in seen and loader.scheduled_ns(i, lanes) <= now]
-            if due:
-                rows = connection.execute(
-                    "SELECT user_id FROM memberships WHERE user_id = ANY(%s)", (due,)
-                ).fetchall()
-                polls += 1
-                stamp = time.perf_counter_ns()
-                for (user_id,) in rows:
-                    seen.setdefault(position[user_id], stamp)
-                if polls % 50 == 0:
-                    for service in services:
-                        service.sample_rss()
-            time.sleep(POLL_INTERVAL_S)
+    cpu_before = {service.name: tree_cpu_seconds(service.pid) for service in services}
+    began = time.perf_counter()
+    seen, polls = poll_mirror(
+        env, loader, users, services, timeout_s=p.freshness_seconds + p.freshness_timeout_s
+    )
     result = loader.wait()
+    elapsed = time.perf_counter() - began
+    # CPUs used by each process tree meanwhile (1.0 = one CPU busy the whole time).
+    cpu_share = {
+        service.name: (tree_cpu_seconds(service.pid) - cpu_before[service.name]) / elapsed
+        for service in services
+    }
     latencies = sorted((seen[i] - result.sent_ns[i]) / 1e6 for i in seen if result.status[i])
     missing = count - len(seen)
     figures = {
@@ -864,7 +931,11 @@ def measure_freshness(env: Env, port: int, label: str, services: Sequence[Servic
         "visible": len(seen),
         "missing": missing,
         "poll_interval_ms": POLL_INTERVAL_S * 1000,
+        "polls": polls,
         **latency_summary(latencies),
+        # Server-side cross-check, no poller involved: when the applying transaction started.
+        "inbox_handled_minus_received": handled_minus_received(env),
+        "cpu_share": cpu_share,
         "ack": latency_summary(result.latencies_ms(from_schedule=False)),
     }
     if missing:
@@ -872,6 +943,67 @@ def measure_freshness(env: Env, port: int, label: str, services: Sequence[Servic
         figures["p99_ms"] = None
     progress(f"{label}: freshness p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
     return figures
+
+
+def poll_mirror(
+    env: Env, loader: Load, users: Sequence[str], services: Sequence[Service], *, timeout_s: float
+) -> tuple[dict[int, int], int]:
+    """First time each user's membership is visible, by index; only scheduled, unseen ones are asked.
+
+    The poller shares the CPUs with what it measures: it waits at least four times as long as
+    its last query took, so that a system falling behind is not pushed further by the poller.
+    """
+    lanes = loader.lanes
+    count = len(users)
+    seen: dict[int, int] = {}
+    due: list[int] = []
+    scheduled = 0
+    polls = 0
+    deadline = loader.start_ns + int(timeout_s * 1e9)
+    with psycopg.connect(env.pg_dsn, autocommit=True) as connection:
+        while len(seen) < count and time.perf_counter_ns() < deadline:
+            now = time.perf_counter_ns()
+            while scheduled < count and loader.scheduled_ns(scheduled, lanes) <= now:
+                due.append(scheduled)
+                scheduled += 1
+            pause = POLL_INTERVAL_S
+            if due:
+                asked = [users[i] for i in due]
+                began = time.perf_counter_ns()
+                rows = connection.execute("SELECT user_id FROM memberships WHERE user_id = ANY(%s)", (asked,))
+                found = {user_id for (user_id,) in rows.fetchall()}
+                stamp = time.perf_counter_ns()
+                polls += 1
+                for i in due:
+                    if users[i] in found:
+                        seen[i] = stamp
+                due = [i for i in due if i not in seen]
+                pause = max(pause, 4 * (stamp - began) / 1e9)
+                if polls % 50 == 0:
+                    for service in services:
+                        service.sample_rss()
+            time.sleep(pause)
+    return seen, polls
+
+
+def handled_minus_received(env: Env) -> dict[str, Any]:
+    """From the inbox alone: received -> start of the applying task, and how many tasks applied them.
+
+    ``handled_at`` is the ``now_ms`` of the task that applied a row, so rows sharing one are
+    (nearly always) one transaction: their count tells the average batch the worker got.
+    """
+    with psycopg.connect(env.pg_dsn, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT handled_at - received_at FROM inbox_events WHERE handled_at IS NOT NULL ORDER BY 1"
+        ).fetchall()
+        batches = connection.execute(
+            "SELECT count(DISTINCT handled_at) FROM inbox_events WHERE handled_at IS NOT NULL"
+        ).fetchone()
+    summary: dict[str, Any] = latency_summary([float(row[0]) for row in rows])
+    transactions = int(batches[0]) if batches else 0
+    summary["apply_transactions"] = transactions
+    summary["events_per_transaction"] = len(rows) / transactions if transactions else None
+    return summary
 
 
 def wait_visible(env: Env, users: Sequence[str], *, timeout: float, services: Sequence[Service]) -> None:
@@ -904,6 +1036,16 @@ def bench_web(env: Env) -> dict[str, Any]:
             out["orgsync_freshness"] = measure_freshness(env, port, "orgsync", [web, worker])
             worker.sample_rss()
             out["orgsync_worker_rss"] = dict(worker.peak_rss)
+        # The same with other pool sizes: mirror writes are serialised, so more processes do
+        # not add throughput, only transactions.
+        out["orgsync_freshness_by_concurrency"] = {}
+        for concurrency in env.params.freshness_other_concurrency:
+            env.reset()
+            with running(env.worker(concurrency)) as worker:
+                label = f"orgsync, worker --concurrency {concurrency}"
+                out["orgsync_freshness_by_concurrency"][str(concurrency)] = measure_freshness(
+                    env, port, label, [web, worker]
+                )
         out["orgsync_web_rss"] = dict(web.peak_rss)
     env.reset()
     port = free_port()
@@ -1011,7 +1153,7 @@ def bench_apply_celery(env: Env, bodies: Sequence[str], settings: Settings) -> d
             # Warm-up: the worker is consuming once this one row is applied.
             warm = copy_inbox(env, bodies[:1])
             send(warm)
-            wait_until(lambda: env.pending() == 0, env.params.apply_timeout_s, worker, "worker warm-up")
+            wait_until(lambda: not env.any_pending(), env.params.apply_timeout_s, worker, "worker warm-up")
             ids = copy_inbox(env, bodies)
             progress(
                 f"apply via Celery: {len(ids)} rows, tasks of {settings.apply_batch_size}, "
@@ -1023,9 +1165,9 @@ def bench_apply_celery(env: Env, bodies: Sequence[str], settings: Settings) -> d
 
             def drained() -> bool:
                 worker.sample_rss()
-                return env.pending() == 0
+                return not env.any_pending()
 
-            wait_until(drained, env.params.apply_timeout_s, worker, "the backlog drained")
+            wait_until(drained, env.params.apply_timeout_s, worker, "the backlog drained", interval=0.25)
             elapsed = time.perf_counter() - started
             statuses = env.status_counts()
             applied = statuses.get("applied", 0) - len(warm)
@@ -1044,13 +1186,15 @@ def bench_apply_celery(env: Env, bodies: Sequence[str], settings: Settings) -> d
     return out
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, service: Service, what: str) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, service: Service, what: str, interval: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         service.check_alive()
         if time.monotonic() > deadline:
             raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s:\n{service.log_tail()}")
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The application-facing Python API: reads, and changes recorded then enqueued after the commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+from test_cli_commands import ORG, seed
+
+from models.commands import CommandError, LastAdminError
+from models.db import make_session_factory, session_scope
+from models.settings import Settings
+from models.tables import Command, CommandKind, CommandStatus
+from orgsync.api import Orgsync
+
+
+class Recorder:
+    def __init__(self, engine: Engine, *, fail: bool = False) -> None:
+        self.engine = engine
+        self.fail = fail
+        self.sent: list[int] = []
+
+    def __call__(self, ids: list[int]) -> None:
+        # Enqueued only after the commit: the row is visible from another session.
+        with session_scope(make_session_factory(self.engine)) as session:
+            assert session.scalars(select(Command.id).where(Command.id.in_(ids))).all() == ids
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        self.sent.extend(ids)
+
+
+@pytest.fixture
+def api(engine: Engine, tmp_path: Path) -> Orgsync:
+    seed(engine)
+    settings = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)})
+    return Orgsync(settings, requested_by="api:billing", engine=engine, send=Recorder(engine))
+
+
+def test_reads_the_mirror(api: Orgsync) -> None:
+    page = api.get_memberships("acme", role="org:admin")
+    assert [m.public_user_data["user_id"] for m in page.data] == ["user_alice"]
+    assert api.get_user_memberships("user_bob").total_count == 1
+    assert [i.email_address for i in api.get_pending_invitations("acme").data] == ["dan@acme.test"]
+
+
+def test_each_change_is_recorded_then_enqueued(api: Orgsync) -> None:
+    commands = [
+        api.set_role("acme", "user_bob", "org:admin"),
+        api.add_member("acme", "user_carol"),
+        api.invite(ORG, "erin@acme.test", idempotency_key="invite-erin"),
+        api.bulk_invite("acme", ["f@acme.test", "g@acme.test"]),
+        api.revoke_invitation("acme", "orginv_dan"),
+        api.remove_member("acme", "user_carol"),
+    ]
+    assert [c.kind for c in commands] == [
+        CommandKind.SET_ROLE,
+        CommandKind.ADD_MEMBER,
+        CommandKind.INVITE,
+        CommandKind.BULK_INVITE,
+        CommandKind.REVOKE_INVITATION,
+        CommandKind.REMOVE_MEMBER,
+    ]
+    assert all(c.requested_by == "api:billing" and c.organization_id == ORG for c in commands)
+    assert commands[3].payload == {"email_addresses": ["f@acme.test", "g@acme.test"]}
+    assert isinstance(api._send, Recorder)
+    assert api._send.sent == [c.id for c in commands]
+    # The same idempotency key returns the recorded command and sends nothing new.
+    again = api.invite(ORG, "erin@acme.test", idempotency_key="invite-erin")
+    assert again.id == commands[2].id
+    assert api._send.sent.count(commands[2].id) == 2
+
+
+def test_refusals_are_raised_and_nothing_is_sent(api: Orgsync) -> None:
+    with pytest.raises(LastAdminError):
+        api.set_role("acme", "user_alice", "org:member")
+    with pytest.raises(CommandError, match="no organization"):
+        api.set_role("nope", "user_bob", "org:admin")
+    with pytest.raises(CommandError, match="requested_by"):
+        Orgsync(api.settings, requested_by=" ", engine=api.engine)
+    assert isinstance(api._send, Recorder)
+    assert api._send.sent == []
+
+
+def test_dry_run_and_broker_down(api: Orgsync, engine: Engine) -> None:
+    planned = api.set_role("acme", "user_bob", "org:admin", dry_run=True)
+    assert planned.status == CommandStatus.PLANNED
+    down = Orgsync(api.settings, requested_by="api:billing", engine=engine, send=Recorder(engine, fail=True))
+    pending = down.set_role("acme", "user_bob", "org:admin")
+    assert pending.status == CommandStatus.PENDING
+    assert isinstance(api._send, Recorder)
+    assert api._send.sent == []

@@ -35,7 +35,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, func, or_, select, tuple_, update
+import psycopg
+from psycopg.types.json import Json
+from sqlalchemy import JSON, Table, func, or_, select, update
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -151,7 +155,13 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def listed_row(kind: str, item: Mapping[str, Any]) -> dict[str, Any]:
     """A listed object as a mirror row (every column but ``synced_at``); ``PayloadError`` if unusable."""
-    event = Event(svix_id=LISTING_ID, type=_LISTED_AS[kind], timestamp_ms=0, data=dict(item))
+    data = dict(item)
+    if kind == MEMBERSHIPS:
+        # The organization is listed (and written) on its own: skip the snapshot's row here.
+        organization = data.pop("organization", None)
+        if isinstance(organization, dict) and not data.get("organization_id"):
+            data["organization_id"] = organization.get("id")
+    event = Event(svix_id=LISTING_ID, type=_LISTED_AS[kind], timestamp_ms=0, data=data)
     writes = [w for w in event_writes(event) if w.table == kind]
     if not writes:
         raise PayloadError(f"listed {kind} object yields no row")
@@ -170,40 +180,86 @@ def row_key(kind: str, row: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(row[c]) for c in _key_columns(kind))
 
 
-def _insert(session: Session, table: Table) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
-def _upsert_newer(session: Session, kind: str, rows: list[dict[str, Any]]) -> None:
-    table = TABLES[kind]
-    keys = list(_key_columns(kind))
-    insert = _insert(session, table)
-    excluded = insert.excluded
+def _assignments(table: Table, kind: str, excluded: Any) -> dict[str, Any]:
+    keys = _key_columns(kind)
     assignments: dict[str, Any] = {c.name: excluded[c.name] for c in table.columns if c.name not in keys}
     if kind in STICKY:
         assignments["deleted"] = or_(table.c.deleted, excluded.deleted)
     if kind == INVITATIONS:
         # The API's invitation has no user_id (the webhook's has): never erase a known one.
         assignments["user_id"] = func.coalesce(excluded.user_id, table.c.user_id)
+    return assignments
+
+
+def _upsert_newer(session: Session, kind: str, rows: list[dict[str, Any]]) -> None:
+    """Insert or overwrite rows whose version is newer than the mirror's (keys unique in ``rows``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        _copy_upsert(session, kind, rows)
+        return
+    table = TABLES[kind]
+    insert = sqlite.insert(table)
     statement = insert.on_conflict_do_update(
-        index_elements=keys, set_=assignments, where=table.c.version < excluded.version
+        index_elements=list(_key_columns(kind)),
+        set_=_assignments(table, kind, insert.excluded),
+        where=table.c.version < insert.excluded.version,
     )
     chunk = max(1, MAX_PARAMS // len(table.columns))
     for start in range(0, len(rows), chunk):
         session.execute(statement, rows[start : start + chunk])
 
 
+def _copy_upsert(session: Session, kind: str, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: COPY the rows into a temporary table, then one INSERT ... SELECT ... ON CONFLICT.
+
+    An executemany runs one statement per row on the server, and a multi-row VALUES statement
+    of thousands of parameters is costly to build and to parse: a listing's pages of 500 rows
+    would make the mirror's writes, not the API, the bound of a large reconciliation.
+    """
+    table = TABLES[kind]
+    names = [c.name for c in table.columns]
+    staging = f"reconcile_staging_{table.name}"
+    connection = session.connection()
+    # Per database session, emptied at every commit: created once per pooled connection.
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {table.name}) ON COMMIT DELETE ROWS"
+    )
+    connection.exec_driver_sql(f"TRUNCATE {staging}")
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    raw = cast(psycopg.Connection[Any], connection.connection.dbapi_connection)
+    with raw.cursor() as cursor, cursor.copy(f"COPY {staging} ({', '.join(names)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                [Json(row[n]) if n in json_columns and row[n] is not None else row[n] for n in names]
+            )
+    source = sa_table(staging, *(sa_column(n) for n in names))
+    insert = postgresql.insert(table).from_select(names, select(*(source.c[n] for n in names)))
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=list(_key_columns(kind)),
+            set_=_assignments(table, kind, insert.excluded),
+            where=table.c.version < insert.excluded.version,
+        )
+    )
+
+
 def _current(session: Session, kind: str, keys: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], Any]:
+    """(version, deleted) of the mirror's rows for ``keys``.
+
+    Memberships are read by organization (the batch holds whole organizations): far fewer
+    bound parameters than a row-value IN list, which is costly to build and to plan.
+    """
     table = TABLES[kind]
     columns = [table.c[c] for c in _key_columns(kind)]
+    lookup = sorted({k[0] for k in keys})
+    wanted = set(keys)
     found: dict[tuple[str, ...], Any] = {}
-    for start in range(0, len(keys), MAX_IN):
-        chunk = keys[start : start + MAX_IN]
-        match = columns[0].in_([k[0] for k in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
-        for row in session.execute(select(*columns, table.c.version, table.c.deleted).where(match)):
-            found[tuple(str(v) for v in row[: len(columns)])] = row
+    for start in range(0, len(lookup), MAX_IN):
+        chunk = lookup[start : start + MAX_IN]
+        query = select(*columns, table.c.version, table.c.deleted).where(columns[0].in_(chunk))
+        for row in session.execute(query):
+            key = tuple(str(v) for v in row[: len(columns)])
+            if key in wanted:
+                found[key] = row
     return found
 
 

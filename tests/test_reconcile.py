@@ -48,9 +48,11 @@ from models.reconcile import (
     tombstone_version,
     write_listing,
 )
+from models.settings import Settings
 from models.tables import ApiCall, Membership, Organization, SyncRun, SyncStatus
 from orgsync.cli import Runtime, cli
 from worker import reconcile as reconcile_module
+from worker.app import TASK_RECONCILE, TASK_RECONCILE_ORG, create_celery
 from worker.apply import apply_inbox
 from worker.clerk import ClerkClient
 from worker.reconcile import CountingLimiter, Progress, SyncResult, run_reconcile
@@ -175,8 +177,10 @@ def test_backfill_equals_the_snapshot_and_a_second_run_repairs_nothing(engine: E
 
 
 def test_missed_changes_creates_and_deletes_are_repaired_and_counted(
-    factory: sessionmaker[Session], emu: Emulator
+    factory: sessionmaker[Session], emu: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Re-checked two users per call, so that the missing members take several calls.
+    monkeypatch.setattr(reconcile_module, "RECHECK_USERS", 2)
     client = make_client(emu)
     state = emu.state
     role = state.create_role(name="Gone", key="org:gone")
@@ -186,7 +190,8 @@ def test_missed_changes_creates_and_deletes_are_repaired_and_counted(
     changed_org, emptied_org, deleted_org = orgs[0], orgs[1], orgs[2]
     members = state.members_of(changed_org)
     state.update_membership_role(changed_org, members[1][0], role="org:admin")
-    state.remove_membership(changed_org, members[2][0])
+    for user_id, _ in members[2:5]:
+        state.remove_membership(changed_org, user_id)
     invitation_id, _ = state.pending_invitations_of(changed_org)[0]
     state.revoke_invitation(changed_org, invitation_id)
     state.update_organization(emptied_org, name="Renamed")
@@ -201,7 +206,7 @@ def test_missed_changes_creates_and_deletes_are_repaired_and_counted(
     assert_mirror_equals_truth(factory, emu)
     assert counts(result) == {
         ORGANIZATIONS: {"created": 1, "updated": 1, "tombstoned": 1},
-        MEMBERSHIPS: {"created": 1, "updated": 1, "tombstoned": 1 + doomed[0]},
+        MEMBERSHIPS: {"created": 1, "updated": 1, "tombstoned": 3 + doomed[0]},
         INVITATIONS: {"updated": 1, "tombstoned": doomed[1]},
         ROLES: {"tombstoned": 1},
     }
@@ -294,8 +299,8 @@ def test_429s_from_a_low_budget_are_waited_out(factory: sessionmaker[Session]) -
 
 
 def test_the_shared_budget_share_caps_reconciliation(emu: Emulator, factory: sessionmaker[Session]) -> None:
-    # 10 calls per second at share 0.5: reconciliation may take 5 of them; 26 calls wait.
-    limiter = CountingLimiter("memory://", 10, 10, window=1, share=0.5, namespace=f"t{uuid.uuid4().hex[:8]}")
+    # 20 calls per second at share 0.5: reconciliation may take 10 of them; its 26 calls wait.
+    limiter = CountingLimiter("memory://", 20, 10, window=1, share=0.5, namespace=f"t{uuid.uuid4().hex[:8]}")
     client = ClerkClient(secret_key=DEFAULT_SECRET_KEY, api_url=emu.api_url, timeout=10.0, limiter=limiter)
     result = run_reconcile(factory, client, workers=2)
     assert result.status == SyncStatus.COMPLETED and result.api_calls == 26
@@ -550,3 +555,32 @@ def test_listings_interleaved_with_webhooks_never_regress_a_row(
             world.recheck(0)
         world.check_no_regression()
     assert world.live_mirror() == world.live_truth()
+
+
+# ------------------------------------------------------------------------ tasks
+
+
+def test_the_celery_tasks_and_the_beat_entry(emu: Emulator, sqlite_url: str, tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": sqlite_url,
+        "ORGSYNC_DATA_DIR": str(tmp_path),
+        "CLERK_SECRET_KEY": DEFAULT_SECRET_KEY,
+        "CLERK_API_URL": emu.api_url,
+        "ORGSYNC_RECONCILE_INTERVAL": "3600",
+    }
+    app = create_celery(Settings.from_env(env))
+    assert app.conf.beat_schedule["orgsync-reconcile"]["schedule"] == 3600.0
+    assert (
+        "orgsync-reconcile"
+        not in create_celery(Settings.from_env({**env, "ORGSYNC_RECONCILE_INTERVAL": "0"})).conf.beat_schedule
+    )
+    org_id = emu.state.organization_ids()[0]
+    one = app.tasks[TASK_RECONCILE_ORG].apply(args=[org_id]).get()
+    assert (one["status"], one["organization_id"], one["drift"]["memberships"]["created"]) == (
+        "completed",
+        org_id,
+        6,
+    )
+    whole = app.tasks[TASK_RECONCILE].apply().get()
+    assert whole["status"] == "completed" and whole["drift"]["memberships"]["created"] == 11 * 6
+    app.orgsync_database.stop()

@@ -204,6 +204,8 @@ def create_celery(settings: Settings) -> Celery:
     send = make_sender(app)
     send_commands = make_command_sender(app)
     rules_hook = RulesHook.from_settings(settings, send=send_commands)
+    reconcile_clients = ProcessReconcileClient(settings)
+    send_reconcile_org = make_reconcile_org_sender(app)
     confirm_timeout_ms = int(settings.confirm_timeout * 1000)
     grace_ms = int(settings.sweep_grace * 1000)
     # Longer than a sweep interval and the grace, so a row just sent is not sent again by the
@@ -297,8 +299,6 @@ def create_celery(settings: Settings) -> Celery:
             send_commands(due)
         return len(due)
 
-    reconcile_clients = ProcessReconcileClient(settings)
-    send_reconcile_org = make_reconcile_org_sender(app)
     if settings.reconcile_interval > 0:
         app.conf.beat_schedule["orgsync-reconcile"] = {
             "task": TASK_RECONCILE,

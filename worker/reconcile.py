@@ -6,7 +6,8 @@ fewer than 500, and accepted or revoked ones are repaired without a GET each) ar
 few threads while this thread writes finished organizations in batches, in listing order.
 Versions (``models.reconcile``) make every write newer-only, so webhooks applied meanwhile are
 never overwritten by an older listing. Rows missing from a complete listing are re-checked
-one by one and tombstoned only on Clerk's word.
+(memberships a hundred users per filtered list, invitations with a GET each) and tombstoned
+only on Clerk's word.
 
 Resumable: after each batch the run saves the ``(created_at, id)`` of the last organization it
 finished. A run that was interrupted (or whose process died: its heartbeat goes stale) is
@@ -76,6 +77,8 @@ FLUSH_ORGS = 200
 FLUSH_AFTER_S = 2.0
 # Transient failures (5xx, timeouts, a 429 storm, no rate-limit slot) of one GET: tried this often.
 CALL_ATTEMPTS = 4
+# Memberships re-checked per call: user ids in one filtered list (the URL stays a few KB).
+RECHECK_USERS = 100
 # Waits shorter than this are the limiter's own bookkeeping, not a wait for the budget.
 WAIT_NOTICED_S = 0.005
 MAX_ERROR_CHARS = 500
@@ -625,6 +628,7 @@ class Reconciler:
             missing = absent_rows(session, ORGANIZATIONS, seen=seen, listed_since_ms=listing_started)
         gone: list[str] = []
         for item in missing:
+            self._keep_alive()
             org = self._get_organization(item.key[0])
             if org is None:
                 gone.append(item.key[0])
@@ -664,12 +668,15 @@ class Reconciler:
         self._rows += sum(listing.rows for listing in present)
         relisted: dict[str, list[Json]] = {MEMBERSHIPS: [], INVITATIONS: []}
         gone_rows: dict[int, tuple[int, list[Absent]]] = {}
+        by_listing: dict[int, tuple[_OrgListing, list[Absent]]] = {}
         for listing, absent in candidates:
-            found = self._recheck(absent)
-            if found is not None:
-                relisted[absent.kind].append(found)
-            else:
-                gone_rows.setdefault(id(listing), (listing.started_ms, []))[1].append(absent)
+            by_listing.setdefault(id(listing), (listing, []))[1].append(absent)
+        for listing, missing in by_listing.values():
+            found, gone = self._recheck(listing.organization_id, missing)
+            for kind, items in found.items():
+                relisted[kind].extend(items)
+            if gone:
+                gone_rows[id(listing)] = (listing.started_ms, gone)
         # An organization whose memberships answered 404 is re-checked like any missing row.
         gone_orgs = [
             listing
@@ -699,20 +706,67 @@ class Reconciler:
             self._checkpoint(session)
         self._report()
 
-    def _recheck(self, absent: Absent) -> Json | None:
-        """Clerk's current object for a row a listing lacked, or None when Clerk says it is gone."""
+    def _recheck(
+        self, organization_id: str, missing: list[Absent]
+    ) -> tuple[dict[str, list[Json]], list[Absent]]:
+        """Ask Clerk about rows a listing lacked: (what it still has, by kind; what it confirms gone).
+
+        Memberships are asked about RECHECK_USERS at a time, as a membership list filtered by
+        user id (the API's way to GET memberships); invitations one GET each. A 404 for the
+        organization means everything in it not yet found is gone.
+        """
         client = self._client
-        org_id = absent.organization_id or ""
-        key = absent.key
+        found: dict[str, list[Json]] = {MEMBERSHIPS: [], INVITATIONS: []}
+        answered: set[int] = set()
+        gone: list[Absent] = []
+        members = [item for item in missing if item.kind == MEMBERSHIPS]
+        invitations = [item for item in missing if item.kind == INVITATIONS]
         try:
-            if absent.kind == MEMBERSHIPS:
-                return self._call(lambda: client.get_membership(org_id, key[1], purpose=PURPOSE))
-            return self._call(lambda: client.get_invitation(org_id, key[0], purpose=PURPOSE))
+            for start in range(0, len(members), RECHECK_USERS):
+                chunk = members[start : start + RECHECK_USERS]
+                page = self._call(
+                    functools.partial(
+                        client.list_memberships,
+                        organization_id,
+                        user_ids=[item.key[1] for item in chunk],
+                        limit=PAGE_LIMIT,
+                        order_by=ORDER_BY,
+                        purpose=PURPOSE,
+                    )
+                )
+                present = {_user_id(obj): obj for obj in page.data}
+                for item in chunk:
+                    answered.add(id(item))
+                    if item.key[1] in present:
+                        found[MEMBERSHIPS].append(present[item.key[1]])
+                    else:
+                        gone.append(item)
+                self._keep_alive()
+            for item in invitations:
+                try:
+                    found[INVITATIONS].append(
+                        self._call(
+                            functools.partial(
+                                client.get_invitation, organization_id, item.key[0], purpose=PURPOSE
+                            )
+                        )
+                    )
+                except ClerkRefusal as exc:
+                    if exc.status != 404:
+                        raise
+                    gone.append(item)
+                answered.add(id(item))
+                self._keep_alive()
         except ClerkRefusal as exc:
-            # The organization itself may be gone: then so is everything in it.
-            if exc.status == 404:
-                return None
-            raise
+            if exc.status != 404:
+                raise
+            gone.extend(item for item in missing if id(item) not in answered)
+        return found, gone
+
+    def _keep_alive(self) -> None:
+        """A heartbeat now and then during long series of calls, so no other run takes over."""
+        if time.monotonic() - self._last_beat >= HEARTBEAT_S:
+            self._heartbeat()
 
 
 def run_reconcile(

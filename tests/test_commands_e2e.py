@@ -38,7 +38,12 @@ BOUND_S = 90.0
 
 @contextmanager
 def orgsync_and_emulator(
-    engine: Engine, redis_url: str, signing_secret: str, tmp_path: Path, **emulator: Any
+    engine: Engine,
+    redis_url: str,
+    signing_secret: str,
+    tmp_path: Path,
+    orgsync_env: dict[str, str] | None = None,
+    **emulator: Any,
 ) -> Iterator[tuple[Stack, Emulator, Callable[[list[int]], None]]]:
     redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
@@ -51,6 +56,7 @@ def orgsync_and_emulator(
         CLERK_API_URL=f"http://127.0.0.1:{port}/v1",
         CLERK_API_TIMEOUT="1",
         **FAST_SWEEPS,
+        **(orgsync_env or {}),
     )
     with running_stack(env, tmp_path / "logs") as stack:
         config = EmulatorConfig(
@@ -253,3 +259,53 @@ def test_a_429_storm_finishes_every_command(
     windows = int(span // window) + 2
     assert len(limited) <= 2 * windows, (len(limited), windows)
     assert {c.attempts for c in commands.values()} == {1}
+
+
+def test_commands_stay_within_a_budget_they_share(
+    database: Engine, redis_url: str, signing_secret: str, tmp_path: Path
+) -> None:
+    """orgsync knows the budget (5 calls per 10 s, the emulator's too): two worker processes
+    share it through Redis, so no 10-second span of the calls they make ever holds more than
+    the budget, and every command is confirmed.
+
+    The emulator counts a call when it arrives, orgsync when it grants it: a call that takes
+    longer on the way than the next one can land in the emulator's previous window. Such a
+    boundary 429 is waited out (Retry-After, shared) and stays rare: at most one a window.
+    """
+    budget, count, window_ms = 5, 9, 10_000
+    factory = make_session_factory(database)
+    with orgsync_and_emulator(
+        database,
+        redis_url,
+        signing_secret,
+        tmp_path,
+        orgsync_env={"ORGSYNC_RATE_LIMIT": str(budget)},
+        rate_limit=budget,
+        rate_window=window_ms / 1000,
+    ) as (stack, emu, send):
+        state = emu.state
+        admin = state.create_user(email_address="admin@example.com")["id"]
+        org = state.create_organization(name="Budget", created_by=admin)["id"]
+        members = [state.create_user(email_address=f"b{i}@example.com")["id"] for i in range(count)]
+        for user in members:
+            state.add_membership(org, user_id=user, role="org:member")
+        wait_for_mirror(stack, factory, org, count + 1)
+        ids = submit_all(
+            factory,
+            [
+                CommandRequest(CommandKind.SET_ROLE, org, "api:e2e", user_id=user, role="org:admin")
+                for user in members
+            ],
+        )
+        send(ids)
+        commands = wait_final(stack, factory, ids)
+    assert {c.status for c in commands.values()} == {CommandStatus.CONFIRMED}
+    with session_scope(factory) as session:
+        calls = list(session.scalars(select(ApiCall).order_by(ApiCall.started_at)))
+    assert len([c for c in calls if c.status_code == 200]) == count
+    starts = [c.started_at for c in calls]
+    for first, at in enumerate(starts):
+        in_span = [s for s in starts[first:] if s < at + window_ms]
+        assert len(in_span) <= budget, (at, in_span)
+    windows = (starts[-1] - starts[0]) // window_ms + 1
+    assert len([c for c in calls if c.status_code == 429]) <= windows

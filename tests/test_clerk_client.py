@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
+from clerk_backend_api import Clerk
 from conftest import free_port
 
 from emulator import Emulator, EmulatorConfig
@@ -255,3 +259,166 @@ def test_connection_refused_is_transient_and_not_ambiguous(records: list[CallRec
 def test_fault_requests_are_validated(emu: Emulator, body: dict[str, Any], field: str) -> None:
     status, answer = post(emu, "/_emulator/faults", body)
     assert status == 422 and answer["errors"][0]["meta"]["param_name"] == field
+
+
+# ------------------------------------------------------------- reads as plain JSON
+
+
+def arm(emu: Emulator, method: str, path_regex: str, mode: str, **extra: Any) -> None:
+    status, _ = post(
+        emu, "/_emulator/faults", {"method": method, "path_regex": path_regex, "mode": mode, **extra}
+    )
+    assert status == 200
+
+
+class Recording(BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``answer`` and keeps what was asked."""
+
+    def do_GET(self) -> None:
+        server: Any = self.server
+        server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+        status, body = server.answer
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recording() -> Iterator[Any]:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    server.seen, server.answer = [], (200, b'{"data": [], "total_count": 0}')
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_reads_send_the_url_and_headers_the_sdk_sends(recording: Any, records: list[CallRecord]) -> None:
+    api_url = f"http://127.0.0.1:{recording.server_address[1]}/v1/"
+    with httpx.Client() as http:
+        sdk = Clerk(bearer_auth=SECRET_KEY, server_url=api_url, client=http)
+        sdk.organization_memberships.list(
+            organization_id="org_1", user_id=["user_a", "user_b"], limit=500, offset=5, order_by="+created_at"
+        )
+        sdk.organizations.list(limit=500, offset=0, order_by="+created_at", include_members_count=True)
+    client = make_client(api_url, records)
+    try:
+        client.list_memberships("org_1", user_ids=["user_a", "user_b"], limit=500, offset=5)
+        client.list_organizations(limit=500)
+    finally:
+        client.close()
+    (sdk_members, sdk_headers), (sdk_orgs, _) = recording.seen[:2]
+    (raw_members, raw_headers), (raw_orgs, _) = recording.seen[2:]
+    assert (raw_members, raw_orgs) == (sdk_members, sdk_orgs)
+    assert raw_members.startswith("/v1/organizations/org_1/memberships?")
+    for name in ("authorization", "accept", "user-agent", "clerk-api-version", "x-clerk-sdk"):
+        assert raw_headers.get(name) == sdk_headers.get(name) is not None, name
+    assert [(r.method, r.path, r.status_code) for r in records] == [
+        ("GET", "/organizations/org_1/memberships", 200),
+        ("GET", "/organizations", 200),
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer", [b"<html>maintenance</html>", b"[]", b'{"data": [], "total_count": "many"}']
+)
+def test_a_read_answer_of_the_wrong_shape_is_transient(
+    recording: Any, records: list[CallRecord], answer: bytes
+) -> None:
+    recording.answer = (200, answer)
+    client = make_client(f"http://127.0.0.1:{recording.server_address[1]}/v1", records)
+    try:
+        with pytest.raises(ClerkTransientError) as invalid:
+            client.list_roles()
+    finally:
+        client.close()
+    assert (invalid.value.status, invalid.value.code) == (200, "response_invalid")
+    assert (records[-1].status_code, records[-1].error_code) == (200, "response_invalid")
+
+
+def test_a_read_of_something_missing_is_a_404_refusal(
+    emu: Emulator, client: ClerkClient, records: list[CallRecord]
+) -> None:
+    org, _, _ = org_with_admin(emu)
+    with pytest.raises(ClerkRefusal) as missing:
+        client.get_organization("org_missing")
+    error = missing.value
+    assert (error.status, error.code, error.retryable, error.ambiguous) == (
+        404,
+        "resource_not_found",
+        False,
+        False,
+    )
+    assert error.trace_id and "org_missing" in error.message
+    with pytest.raises(ClerkRefusal) as no_invitation:
+        client.get_invitation(org, "orginv_missing")
+    with pytest.raises(ClerkRefusal) as no_org:
+        client.list_memberships("org_missing")
+    assert no_invitation.value.status == no_org.value.status == 404
+    assert [(r.purpose, r.path, r.status_code, r.error_code) for r in records] == [
+        ("read", "/organizations/org_missing", 404, "resource_not_found"),
+        ("check", f"/organizations/{org}/invitations/orginv_missing", 404, "resource_not_found"),
+        ("read", "/organizations/org_missing/memberships", 404, "resource_not_found"),
+    ]
+    assert records[0].clerk_trace_id == error.trace_id
+
+
+def test_a_refused_read_carries_retry_after_and_pauses_every_caller(records: list[CallRecord]) -> None:
+    emulator = start(rate_limit=1, rate_window=30.0)
+    try:
+        org, _, _ = org_with_admin(emulator)
+        client = make_client(emulator.api_url, records, max_429_retries=0)
+        client.list_memberships(org)
+        with pytest.raises(ClerkTransientError) as limited:
+            client.list_invitations(org, status="pending")
+    finally:
+        emulator.stop()
+    error = limited.value
+    assert (error.status, error.code, error.retryable, error.ambiguous) == (
+        429,
+        "too_many_requests",
+        True,
+        False,
+    )
+    assert error.retry_after is not None and error.retry_after >= 1 and error.trace_id
+    assert client.limiter.paused_until() > 0
+    refused = records[-1]
+    assert (refused.status_code, refused.error_code, refused.retry_after) == (
+        429,
+        "too_many_requests",
+        error.retry_after,
+    )
+
+
+def test_a_read_answered_500_is_transient(
+    emu: Emulator, client: ClerkClient, records: list[CallRecord]
+) -> None:
+    org, _, _ = org_with_admin(emu)
+    arm(emu, "GET", "/invitations$", "error_500")
+    with pytest.raises(ClerkTransientError) as failed:
+        client.list_invitations(org)
+    assert (failed.value.status, failed.value.code) == (500, "internal_clerk_error")
+    assert failed.value.trace_id
+    # The fault is used up: the same read now succeeds.
+    assert client.list_invitations(org).total_count == 0
+    assert [(r.status_code, r.error_code) for r in records] == [(500, "internal_clerk_error"), (200, None)]
+
+
+def test_a_read_that_times_out_is_transient(emu: Emulator, records: list[CallRecord]) -> None:
+    org, _, _ = org_with_admin(emu)
+    arm(emu, "GET", "/memberships$", "timeout_after_commit", delay=1.5)
+    client = make_client(emu.api_url, records, timeout=0.3)
+    try:
+        with pytest.raises(ClerkTransientError) as timed_out:
+            client.list_memberships(org)
+    finally:
+        client.close()
+    assert (timed_out.value.status, timed_out.value.code) == (None, "timeout")
+    assert (records[-1].status_code, records[-1].error_code) == (None, "timeout")
+    assert len(records) == 1

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ from models.settings import Settings
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
 from worker.clerk import ClerkClient
 from worker.commands import confirm_commands, due_command_ids, send_command
+from worker.process import PerProcess
 from worker.ratelimit import RateLimiter
-from worker.reconcile import ProcessReconcileClient, reconcile_task_body
+from worker.reconcile import reconcile_client, reconcile_task_body
 from worker.rules import RulesHook
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,17 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True)
+class _Database:
+    engine: Engine
+    factory: sessionmaker[Session]
+
+
+def _open_database(url: str) -> _Database:
+    engine = create_db_engine(url)
+    return _Database(engine, make_session_factory(engine))
+
+
 class ProcessDatabase:
     """The engine and session factory of one process, built after any fork, never at import.
 
@@ -62,65 +73,28 @@ class ProcessDatabase:
     """
 
     def __init__(self, url: str) -> None:
-        self._url = url
-        self._lock = threading.Lock()
-        self._engine: Engine | None = None
-        self._factory: sessionmaker[Session] | None = None
-        self._pid: int | None = None
+        self._database = PerProcess(
+            lambda: _open_database(url),
+            close=lambda database: database.engine.dispose(),
+            # Inherited through fork: forget the parent's connections without closing them,
+            # the parent still uses them.
+            forget=lambda database: database.engine.dispose(close=False),
+        )
 
     def start(self) -> None:
-        with self._lock:
-            if self._engine is not None and self._pid == os.getpid():
-                return
-            if self._engine is not None:
-                # Inherited through fork: forget the parent's connections without closing
-                # them, the parent still uses them.
-                self._engine.dispose(close=False)
-            self._engine = create_db_engine(self._url)
-            self._factory = make_session_factory(self._engine)
-            self._pid = os.getpid()
+        self._database.get()
 
     def stop(self) -> None:
-        with self._lock:
-            if self._engine is not None and self._pid == os.getpid():
-                self._engine.dispose()
-            self._engine = None
-            self._factory = None
-            self._pid = None
+        self._database.stop()
 
     def session_factory(self) -> sessionmaker[Session]:
-        if self._factory is None or self._pid != os.getpid():
-            self.start()
-        assert self._factory is not None
-        return self._factory
+        return self._database.get().factory
 
 
-class ProcessClerk:
-    """The rate limiter and Backend API client of one process, built on first use after any fork."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._client: ClerkClient | None = None
-        self._pid: int | None = None
-
-    def client(self) -> ClerkClient:
-        with self._lock:
-            if self._client is None or self._pid != os.getpid():
-                settings = self._settings
-                limiter = RateLimiter(
-                    settings.rate_limit_storage, settings.rate_limit, settings.membership_rate_limit
-                )
-                self._client = ClerkClient.from_settings(settings, limiter)
-                self._pid = os.getpid()
-            return self._client
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._client is not None and self._pid == os.getpid():
-                self._client.close()
-            self._client = None
-            self._pid = None
+def command_client(settings: Settings) -> ClerkClient:
+    """The commands' Backend API client: the whole instance budget, shared through the storage."""
+    limiter = RateLimiter(settings.rate_limit_storage, settings.rate_limit, settings.membership_rate_limit)
+    return ClerkClient.from_settings(settings, limiter)
 
 
 class DataDirScheduler(PersistentScheduler):  # type: ignore[misc]
@@ -200,11 +174,11 @@ def create_celery(settings: Settings) -> Celery:
         beat_scheduler=f"{__name__}:DataDirScheduler",
     )
     database = ProcessDatabase(settings.database_url)
-    clerk = ProcessClerk(settings)
+    clerk = PerProcess(lambda: command_client(settings), close=ClerkClient.close)
     send = make_sender(app)
     send_commands = make_command_sender(app)
     rules_hook = RulesHook.from_settings(settings, send=send_commands)
-    reconcile_clients = ProcessReconcileClient(settings)
+    reconcile_clients = PerProcess(lambda: reconcile_client(settings), close=ClerkClient.close)
     send_reconcile_org = make_reconcile_org_sender(app)
     confirm_timeout_ms = int(settings.confirm_timeout * 1000)
     grace_ms = int(settings.sweep_grace * 1000)
@@ -265,7 +239,7 @@ def create_celery(settings: Settings) -> Celery:
     @app.task(name=TASK_SEND_COMMAND, bind=True, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
     def send_command_task(self: Any, command_id: int) -> str:
         try:
-            client = clerk.client()
+            client = clerk.get()
         except ConfigError as exc:
             # Left pending: once the worker is configured and restarted, the sweep sends it.
             log.error("command %s not sent: %s", command_id, exc)

@@ -6,6 +6,12 @@ tried again (the request was refused, so repeating it is safe); everything else 
 ``ClerkApiError`` for the caller, who knows whether repeating the request is safe. Every HTTP
 attempt is reported to the ``recorder``: purpose, method, path, status, error code, Clerk's
 trace id, duration and Retry-After.
+
+Writes go through the SDK. Reads (lists and GETs) are plain GETs over the SDK's own HTTP client,
+with the URL, headers and timeout it would use, answered as JSON: the SDK's request building
+and response models cost several times the CPU of the call, which bounds a reconciliation
+run by CPU instead of by the rate limit. Both paths share the limiter, the recorder and the
+error translation.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 from clerk_backend_api import Clerk
+from clerk_backend_api._hooks.types import BeforeRequestContext, HookContext
 from clerk_backend_api.models import ClerkBaseError, ListOrganizationInvitationsQueryParamStatus
 from clerk_backend_api.models import ResponseValidationError as SdkValidationError
 from clerk_backend_api.utils.retries import BackoffStrategy, RetryConfig
@@ -27,10 +34,12 @@ from pydantic import BaseModel
 
 from models.errors import ConfigError, OrgsyncError, PermanentError, RetryableError
 from models.settings import Settings
+from models.tables import ApiCall
 from worker.ratelimit import RateLimiter
 
 T = TypeVar("T")
 Json = dict[str, Any]
+Params = dict[str, str | int | list[str]]
 
 NO_RETRIES = RetryConfig("none", BackoffStrategy(1, 1, 1.0, 1), retry_connection_errors=False)
 PAGE_LIMIT = 500
@@ -53,6 +62,22 @@ class CallRecord:
     retry_after: float | None
     duration_ms: int
     started_at: int
+
+    def to_row(self, command_id: int | None = None) -> ApiCall:
+        """The ``api_calls`` row of this attempt (of a command, or of reconciliation when None)."""
+        return ApiCall(
+            command_id=command_id,
+            purpose=self.purpose[:32],
+            method=self.method,
+            path=self.path[:512],
+            status_code=self.status_code,
+            error_code=self.error_code[:128] if self.error_code else None,
+            error_message=self.error_message[:MAX_MESSAGE_CHARS] if self.error_message else None,
+            clerk_trace_id=self.clerk_trace_id,
+            retry_after=self.retry_after,
+            duration_ms=self.duration_ms,
+            started_at=self.started_at,
+        )
 
 
 Recorder = Callable[[CallRecord], None]
@@ -162,12 +187,13 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def translate_sdk_error(exc: ClerkBaseError) -> ClerkApiError:
-    """Clerk's error body, read from the raw text: many errors arrive as the SDK's fallback class."""
-    status = exc.status_code
+def translate_http_error(
+    status: int, text: str | None, headers: Mapping[str, str] | None, fallback: str = ""
+) -> ClerkApiError:
+    """An error answer as Clerk sends it: code and message from ``errors[0]``, its trace id, Retry-After."""
     code, message, trace_id = f"http_{status}", "", None
     try:
-        body = json.loads(exc.body or "")
+        body = json.loads(text or "")
     except ValueError:
         body = None
     if isinstance(body, dict):
@@ -178,23 +204,28 @@ def translate_sdk_error(exc: ClerkBaseError) -> ClerkApiError:
             message = str(first.get("long_message") or first.get("message") or "")
         trace = body.get("clerk_trace_id")
         trace_id = str(trace)[:128] if trace else None
-    if isinstance(exc, SdkValidationError) and 200 <= status < 300:
+    return ClerkApiError.create(
+        status,
+        code,
+        _short(message or fallback or "no message"),
+        trace_id=trace_id or _trace_from_headers(headers),
+        retry_after=_retry_after(headers) if headers is not None else None,
+        ambiguous=status >= 500,
+    )
+
+
+def translate_sdk_error(exc: ClerkBaseError) -> ClerkApiError:
+    """Clerk's error body, read from the raw text: many errors arrive as the SDK's fallback class."""
+    if isinstance(exc, SdkValidationError) and 200 <= exc.status_code < 300:
         # The call succeeded but its answer did not fit the SDK's model: the change happened.
         return ClerkTransientError(
-            status,
+            exc.status_code,
             "response_invalid",
             _short(str(exc)),
             trace_id=_trace_from_headers(exc.headers),
             ambiguous=True,
         )
-    return ClerkApiError.create(
-        status,
-        code,
-        _short(message or exc.message or "no message"),
-        trace_id=trace_id or _trace_from_headers(exc.headers),
-        retry_after=_retry_after(exc.headers),
-        ambiguous=status >= 500,
-    )
+    return translate_http_error(exc.status_code, exc.body, exc.headers, exc.message)
 
 
 def translate_transport_error(exc: httpx.TransportError) -> ClerkApiError:
@@ -203,6 +234,40 @@ def translate_transport_error(exc: httpx.TransportError) -> ClerkApiError:
     not_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     code = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_error"
     return ClerkTransientError(None, code, f"{type(exc).__name__}: {exc}"[:200], ambiguous=not not_sent)
+
+
+def _sdk_headers(sdk: Clerk, base_url: str, secret_key: str) -> dict[str, str]:
+    """The headers the SDK puts on its requests (auth, Accept, User-Agent, and what its hooks add,
+    such as Clerk-API-Version), taken once from its own configuration so that reads match writes."""
+    config = sdk.sdk_configuration
+    request = httpx.Request(
+        "GET",
+        base_url,
+        headers={
+            "Accept": "application/json",
+            "user-agent": config.user_agent,
+            "Authorization": f"Bearer {secret_key}",
+        },
+    )
+    hooks = config.__dict__.get("_hooks")
+    if hooks is not None:
+        context = HookContext(config, base_url, "orgsync_read", None, None, None, None)
+        request = hooks.before_request(BeforeRequestContext(context), request)
+    return {name: value for name, value in request.headers.items() if name.lower() != "host"}
+
+
+def _page(body: Json) -> Page:
+    return Page(body["data"], body["total_count"])
+
+
+def _is_page(body: Json) -> bool:
+    data, total = body.get("data"), body.get("total_count")
+    return (
+        isinstance(data, list)
+        and all(isinstance(item, dict) for item in data)
+        and isinstance(total, int)
+        and not isinstance(total, bool)
+    )
 
 
 def _dump(model: BaseModel) -> Json:
@@ -235,6 +300,9 @@ class ClerkClient:
             retry_config=NO_RETRIES,
             timeout_ms=max(1, int(timeout * 1000)),
         )
+        self._base_url = self._sdk.sdk_configuration.get_server_details()[0]
+        self._read_headers = _sdk_headers(self._sdk, self._base_url, secret_key)
+        self._timeout = max(0.001, timeout)
         self._limiter = limiter
         self._recorder = recorder
         self._limit_wait = limit_wait
@@ -290,10 +358,10 @@ class ClerkClient:
             record = CallRecord(purpose, method, path, None, None, None, None, None, 0, started_at)
             try:
                 result = operation()
+            except ClerkApiError as exc:
+                error = exc
             except ClerkBaseError as exc:
                 error = translate_sdk_error(exc)
-                if error.code == "response_invalid":
-                    record = replace(record, status_code=exc.status_code)
             except httpx.TransportError as exc:
                 error = translate_transport_error(exc)
             else:
@@ -310,7 +378,7 @@ class ClerkClient:
             self._record(
                 replace(
                     record,
-                    status_code=error.status if record.status_code is None else record.status_code,
+                    status_code=error.status,
                     error_code=error.code,
                     error_message=error.message,
                     clerk_trace_id=error.trace_id,
@@ -327,6 +395,53 @@ class ClerkClient:
                     continue
             raise error
 
+    def _get_json(
+        self,
+        path: str,
+        params: Params | None,
+        purpose: str,
+        *,
+        page: bool = False,
+    ) -> Json:
+        """A GET read as plain JSON over the SDK's HTTP client, with the SDK's URL, headers and timeout.
+
+        Reads skip the SDK's models: building the request and validating and dumping the answer
+        cost several times the CPU of the call itself, and reconciliation makes a call per
+        organization. Writes stay on the SDK. ``page``: the answer must be ``{data, total_count}``.
+        """
+        url = self._base_url + path
+
+        def fetch() -> Json:
+            response = self._http.get(url, params=params, headers=self._read_headers, timeout=self._timeout)
+            if response.status_code >= 400:
+                raise translate_http_error(response.status_code, response.text, response.headers)
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or (page and not _is_page(body)):
+                raise ClerkTransientError(
+                    response.status_code,
+                    "response_invalid",
+                    "the answer is not the JSON object expected",
+                    trace_id=_trace_from_headers(response.headers),
+                )
+            return body
+
+        return self._call(purpose, "GET", path, fetch)
+
+    def _send(
+        self,
+        purpose: str,
+        method: str,
+        path: str,
+        operation: Callable[[], BaseModel],
+        *,
+        membership_key: str | None = None,
+    ) -> Json:
+        """A write through the SDK, its answer as plain JSON."""
+        return _dump(self._call(purpose, method, path, operation, membership_key=membership_key))
+
     def _pages(self, fetch: Callable[[int, int], Page], limit: int) -> Iterator[Json]:
         offset = 0
         while True:
@@ -338,25 +453,18 @@ class ClerkClient:
 
     # ------------------------------------------------------------ organizations
     def get_organization(self, organization_id: str, *, purpose: str = "read") -> Json:
-        path = f"/organizations/{_segment(organization_id)}"
-        return _dump(
-            self._call(
-                purpose, "GET", path, lambda: self._sdk.organizations.get(organization_id=organization_id)
-            )
-        )
+        return self._get_json(f"/organizations/{_segment(organization_id)}", None, purpose)
 
     def list_organizations(
         self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
     ) -> Page:
-        result = self._call(
-            purpose,
-            "GET",
-            "/organizations",
-            lambda: self._sdk.organizations.list(
-                limit=limit, offset=offset, order_by=order_by, include_members_count=True
-            ),
-        )
-        return Page([_dump(item) for item in result.data], result.total_count)
+        params: Params = {
+            "include_members_count": "true",
+            "order_by": order_by,
+            "limit": limit,
+            "offset": offset,
+        }
+        return _page(self._get_json("/organizations", params, purpose, page=True))
 
     # -------------------------------------------------------------- memberships
     def list_memberships(
@@ -370,19 +478,12 @@ class ClerkClient:
         purpose: str = "read",
     ) -> Page:
         path = f"/organizations/{_segment(organization_id)}/memberships"
-        result = self._call(
-            purpose,
-            "GET",
-            path,
-            lambda: self._sdk.organization_memberships.list(
-                organization_id=organization_id,
-                user_id=list(user_ids) if user_ids else None,
-                limit=limit,
-                offset=offset,
-                order_by=order_by,
-            ),
-        )
-        return Page([_dump(item) for item in result.data], result.total_count)
+        # In the SDK's order, so that the URL is the one it would send.
+        params: Params = {"order_by": order_by}
+        if user_ids:
+            params["user_id"] = list(user_ids)
+        params.update(limit=limit, offset=offset)
+        return _page(self._get_json(path, params, purpose, page=True))
 
     def get_membership(self, organization_id: str, user_id: str, *, purpose: str = "check") -> Json | None:
         """The membership of ``user_id``, or None if the user is not a member."""
@@ -403,46 +504,40 @@ class ClerkClient:
         purpose: str = "send",
     ) -> Json:
         path = f"/organizations/{_segment(organization_id)}/memberships"
-        return _dump(
-            self._call(
-                purpose,
-                "POST",
-                path,
-                lambda: self._sdk.organization_memberships.create(
-                    organization_id=organization_id,
-                    user_id=user_id,
-                    role=role,
-                    public_metadata=public_metadata,
-                    private_metadata=private_metadata,
-                ),
-            )
+        return self._send(
+            purpose,
+            "POST",
+            path,
+            lambda: self._sdk.organization_memberships.create(
+                organization_id=organization_id,
+                user_id=user_id,
+                role=role,
+                public_metadata=public_metadata,
+                private_metadata=private_metadata,
+            ),
         )
 
     def set_role(self, organization_id: str, user_id: str, role: str, *, purpose: str = "send") -> Json:
         path = f"/organizations/{_segment(organization_id)}/memberships/{_segment(user_id)}"
-        return _dump(
-            self._call(
-                purpose,
-                "PATCH",
-                path,
-                lambda: self._sdk.organization_memberships.update(
-                    organization_id=organization_id, user_id=user_id, role=role
-                ),
-                membership_key=f"{organization_id}/{user_id}",
-            )
+        return self._send(
+            purpose,
+            "PATCH",
+            path,
+            lambda: self._sdk.organization_memberships.update(
+                organization_id=organization_id, user_id=user_id, role=role
+            ),
+            membership_key=f"{organization_id}/{user_id}",
         )
 
     def remove_member(self, organization_id: str, user_id: str, *, purpose: str = "send") -> Json:
         path = f"/organizations/{_segment(organization_id)}/memberships/{_segment(user_id)}"
-        return _dump(
-            self._call(
-                purpose,
-                "DELETE",
-                path,
-                lambda: self._sdk.organization_memberships.delete(
-                    organization_id=organization_id, user_id=user_id
-                ),
-            )
+        return self._send(
+            purpose,
+            "DELETE",
+            path,
+            lambda: self._sdk.organization_memberships.delete(
+                organization_id=organization_id, user_id=user_id
+            ),
         )
 
     # -------------------------------------------------------------- invitations
@@ -457,16 +552,12 @@ class ClerkClient:
         purpose: str = "read",
     ) -> Page:
         path = f"/organizations/{_segment(organization_id)}/invitations"
-        wanted = ListOrganizationInvitationsQueryParamStatus(status) if status else None
-        result = self._call(
-            purpose,
-            "GET",
-            path,
-            lambda: self._sdk.organization_invitations.list(
-                organization_id=organization_id, status=wanted, limit=limit, offset=offset, order_by=order_by
-            ),
-        )
-        return Page([_dump(item) for item in result.data], result.total_count)
+        params: Params = {}
+        if status:
+            # An unknown status is a defect here, not a question for Clerk.
+            params["status"] = ListOrganizationInvitationsQueryParamStatus(status).value
+        params.update(order_by=order_by, limit=limit, offset=offset)
+        return _page(self._get_json(path, params, purpose, page=True))
 
     def find_invitations(
         self,
@@ -492,16 +583,7 @@ class ClerkClient:
 
     def get_invitation(self, organization_id: str, invitation_id: str, *, purpose: str = "check") -> Json:
         path = f"/organizations/{_segment(organization_id)}/invitations/{_segment(invitation_id)}"
-        return _dump(
-            self._call(
-                purpose,
-                "GET",
-                path,
-                lambda: self._sdk.organization_invitations.get(
-                    organization_id=organization_id, invitation_id=invitation_id
-                ),
-            )
-        )
+        return self._get_json(path, None, purpose)
 
     def invite(
         self,
@@ -517,22 +599,20 @@ class ClerkClient:
         purpose: str = "send",
     ) -> Json:
         path = f"/organizations/{_segment(organization_id)}/invitations"
-        return _dump(
-            self._call(
-                purpose,
-                "POST",
-                path,
-                lambda: self._sdk.organization_invitations.create(
-                    organization_id=organization_id,
-                    email_address=email_address,
-                    role=role,
-                    inviter_user_id=inviter_user_id,
-                    redirect_url=redirect_url,
-                    expires_in_days=expires_in_days,
-                    public_metadata=public_metadata,
-                    private_metadata=private_metadata,
-                ),
-            )
+        return self._send(
+            purpose,
+            "POST",
+            path,
+            lambda: self._sdk.organization_invitations.create(
+                organization_id=organization_id,
+                email_address=email_address,
+                role=role,
+                inviter_user_id=inviter_user_id,
+                redirect_url=redirect_url,
+                expires_in_days=expires_in_days,
+                public_metadata=public_metadata,
+                private_metadata=private_metadata,
+            ),
         )
 
     def bulk_invite(
@@ -560,27 +640,20 @@ class ClerkClient:
         purpose: str = "send",
     ) -> Json:
         path = f"/organizations/{_segment(organization_id)}/invitations/{_segment(invitation_id)}/revoke"
-        return _dump(
-            self._call(
-                purpose,
-                "POST",
-                path,
-                lambda: self._sdk.organization_invitations.revoke(
-                    organization_id=organization_id,
-                    invitation_id=invitation_id,
-                    requesting_user_id=requesting_user_id,
-                ),
-            )
+        return self._send(
+            purpose,
+            "POST",
+            path,
+            lambda: self._sdk.organization_invitations.revoke(
+                organization_id=organization_id,
+                invitation_id=invitation_id,
+                requesting_user_id=requesting_user_id,
+            ),
         )
 
     # -------------------------------------------------------------------- roles
     def list_roles(
         self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
     ) -> Page:
-        result = self._call(
-            purpose,
-            "GET",
-            "/organization_roles",
-            lambda: self._sdk.organization_roles.list(limit=limit, offset=offset, order_by=order_by),
-        )
-        return Page([_dump(item) for item in result.data], result.total_count)
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
+        return _page(self._get_json("/organization_roles", params, purpose, page=True))

@@ -39,7 +39,7 @@ from models.commands import (
 )
 from models.db import session_scope
 from models.errors import PermanentError
-from models.tables import ApiCall, Command, CommandKind, CommandStatus
+from models.tables import Command, CommandKind, CommandStatus
 from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusal
 from worker.ratelimit import RateLimitTimeout
 
@@ -141,21 +141,26 @@ def _role_of(data: dict[str, Any] | None) -> str | None:
 
 
 # -------------------------------------------------------------------- sending
+def _member_with_role(client: ClerkClient, spec: _Spec) -> _Outcome | None:
+    """The outcome "already done" if Clerk shows the user a member with the wanted role, else None."""
+    assert spec.user_id is not None
+    current = client.get_membership(spec.organization_id, spec.user_id)
+    if current is None or _role_of(current) != spec.role:
+        return None
+    return _Outcome(_membership_result(current, already=True))
+
+
 def _set_role(client: ClerkClient, spec: _Spec) -> _Outcome:
     assert spec.user_id is not None and spec.role is not None
-    if spec.check_first:
-        current = client.get_membership(spec.organization_id, spec.user_id)
-        if current is not None and _role_of(current) == spec.role:
-            return _Outcome(_membership_result(current, already=True))
+    if spec.check_first and (done := _member_with_role(client, spec)) is not None:
+        return done
     return _Outcome(_membership_result(client.set_role(spec.organization_id, spec.user_id, spec.role)))
 
 
 def _add_member(client: ClerkClient, spec: _Spec) -> _Outcome:
     assert spec.user_id is not None and spec.role is not None
-    if spec.check_first:
-        current = client.get_membership(spec.organization_id, spec.user_id)
-        if current is not None and _role_of(current) == spec.role:
-            return _Outcome(_membership_result(current, already=True))
+    if spec.check_first and (done := _member_with_role(client, spec)) is not None:
+        return done
     try:
         created = client.add_member(
             spec.organization_id,
@@ -167,10 +172,10 @@ def _add_member(client: ClerkClient, spec: _Spec) -> _Outcome:
     except ClerkRefusal as exc:
         if exc.code != ALREADY_MEMBER:
             raise
-        current = client.get_membership(spec.organization_id, spec.user_id)
-        if current is None or _role_of(current) != spec.role:
+        done = _member_with_role(client, spec)
+        if done is None:
             raise
-        return _Outcome(_membership_result(current, already=True))
+        return done
     return _Outcome(_membership_result(created))
 
 
@@ -350,25 +355,6 @@ def _claim(
         return spec
 
 
-def _record_calls(session: Session, command_id: int, records: list[CallRecord]) -> None:
-    for record in records:
-        session.add(
-            ApiCall(
-                command_id=command_id,
-                purpose=record.purpose[:32],
-                method=record.method,
-                path=record.path[:512],
-                status_code=record.status_code,
-                error_code=record.error_code[:128] if record.error_code else None,
-                error_message=record.error_message[:MAX_ERROR_CHARS] if record.error_message else None,
-                clerk_trace_id=record.clerk_trace_id,
-                retry_after=record.retry_after,
-                duration_ms=record.duration_ms,
-                started_at=record.started_at,
-            )
-        )
-
-
 def send_command(
     factory: sessionmaker[Session],
     client: ClerkClient,
@@ -402,7 +388,7 @@ def send_command(
         error = exc
     finished = clock_ms() if clock_ms is not None else now_ms
     with session_scope(factory) as session:
-        _record_calls(session, spec.id, records)
+        session.add_all(record.to_row(spec.id) for record in records)
         command = session.get(Command, spec.id, with_for_update=True)
         if command is None:
             return SendResult("missing")

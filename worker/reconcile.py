@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -55,8 +54,9 @@ from models.reconcile import (
     write_listing,
 )
 from models.settings import Settings
-from models.tables import ApiCall, Organization, SyncStatus
+from models.tables import Organization, SyncStatus
 from worker.clerk import PAGE_LIMIT, CallRecord, ClerkClient, ClerkRefusal, ClerkTransientError, Page
+from worker.process import PerProcess
 from worker.ratelimit import RateLimiter, RateLimitTimeout
 
 log = logging.getLogger(__name__)
@@ -126,23 +126,6 @@ def reconcile_limiter(settings: Settings) -> CountingLimiter:
 
 def reconcile_client(settings: Settings) -> ClerkClient:
     return ClerkClient.from_settings(settings, reconcile_limiter(settings))
-
-
-class ProcessReconcileClient:
-    """The reconciliation client of one process, built on first use after any fork."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._client: ClerkClient | None = None
-        self._pid: int | None = None
-
-    def client(self) -> ClerkClient:
-        with self._lock:
-            if self._client is None or self._pid != os.getpid():
-                self._client = reconcile_client(self._settings)
-                self._pid = os.getpid()
-            return self._client
 
 
 @dataclass(frozen=True)
@@ -329,22 +312,7 @@ class Reconciler:
     def _store_failed_calls(self, session: Session) -> None:
         with self._lock:
             records, self._failed_calls = self._failed_calls, []
-        for record in records:
-            session.add(
-                ApiCall(
-                    command_id=None,
-                    purpose=record.purpose[:32],
-                    method=record.method,
-                    path=record.path[:512],
-                    status_code=record.status_code,
-                    error_code=record.error_code[:128] if record.error_code else None,
-                    error_message=record.error_message[:MAX_ERROR_CHARS] if record.error_message else None,
-                    clerk_trace_id=record.clerk_trace_id,
-                    retry_after=record.retry_after,
-                    duration_ms=record.duration_ms,
-                    started_at=record.started_at,
-                )
-            )
+        session.add_all(record.to_row() for record in records)
 
     def _checkpoint(self, session: Session) -> None:
         """Save counters, drift and cursor in the caller's transaction (a heartbeat too)."""
@@ -798,11 +766,11 @@ def run_reconcile(
 
 
 def reconcile_task_body(
-    factory: sessionmaker[Session], clients: ProcessReconcileClient, organization: str | None
+    factory: sessionmaker[Session], clients: PerProcess[ClerkClient], organization: str | None
 ) -> dict[str, Any] | None:
     """What the Celery tasks run: a run, or None when it cannot or need not run now."""
     try:
-        client = clients.client()
+        client = clients.get()
     except ConfigError as exc:
         log.error("reconciliation skipped: %s", exc)
         return None

@@ -547,7 +547,9 @@ class Reconciler:
                     self._drift.merge(write_listing(session, ORGANIZATIONS, page.data, now_ms=self._clock()))
                     self._checkpoint(session)
                 self._rows += len(page.data)
-                for org in page.data:
+                # Clerk orders by created_at only; ordering ties by id as well makes "everything
+                # up to the cursor is done" true for equal created_at within a page.
+                for org in sorted(page.data, key=_cursor):
                     seen.add((str(org["id"]),))
                     cursor = _cursor(org)
                     if after is not None and cursor <= after:

@@ -306,8 +306,15 @@ def _confirm_quietly(factory: sessionmaker[Session], confirm_timeout_ms: int) ->
     except Exception:
         log.exception("confirming commands failed; the next run tries again")
         return
-    if confirmed or flagged:
-        log.info("commands confirmed=%d flagged=%d", confirmed, flagged)
+    if confirmed:
+        log.info("commands confirmed: %d", confirmed)
+    if flagged:
+        # Applied in Clerk but no webhook showed it: a lost webhook, or a change undone since.
+        log.warning(
+            "%d applied command(s) not confirmed within %d s: see `orgsync commands list --status applied`",
+            flagged,
+            confirm_timeout_ms // 1000,
+        )
 
 
 def _retry(task: Any, ids: list[int], countdown: float, exc: BaseException | None) -> None:

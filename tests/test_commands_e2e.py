@@ -217,6 +217,34 @@ def test_every_kind_end_to_end_through_faults_and_the_last_admin_guard(
         assert {u for u, _ in state.members_of(solo)} == {users["o"]}
 
 
+def promote_everyone(
+    stack: Stack,
+    emu: Emulator,
+    send: Callable[[list[int]], None],
+    factory: sessionmaker[Session],
+    *,
+    name: str,
+    count: int,
+) -> dict[int, Command]:
+    """An organization of ``count`` members (and its admin), then one set-role command each."""
+    state = emu.state
+    admin = state.create_user(email_address=f"admin@{name.lower()}.example")["id"]
+    org = state.create_organization(name=name, created_by=admin)["id"]
+    members = [state.create_user(email_address=f"u{i}@{name.lower()}.example")["id"] for i in range(count)]
+    for user in members:
+        state.add_membership(org, user_id=user, role="org:member")
+    wait_for_mirror(stack, factory, org, count + 1)
+    ids = submit_all(
+        factory,
+        [
+            CommandRequest(CommandKind.SET_ROLE, org, "api:e2e", user_id=user, role="org:admin")
+            for user in members
+        ],
+    )
+    send(ids)
+    return wait_final(stack, factory, ids)
+
+
 def test_a_429_storm_finishes_every_command(
     database: Engine, redis_url: str, signing_secret: str, tmp_path: Path
 ) -> None:
@@ -228,22 +256,7 @@ def test_a_429_storm_finishes_every_command(
     with orgsync_and_emulator(
         database, redis_url, signing_secret, tmp_path, rate_limit=budget, rate_window=window
     ) as (stack, emu, send):
-        state = emu.state
-        admin = state.create_user(email_address="admin@example.com")["id"]
-        org = state.create_organization(name="Busy", created_by=admin)["id"]
-        members = [state.create_user(email_address=f"u{i}@example.com")["id"] for i in range(count)]
-        for user in members:
-            state.add_membership(org, user_id=user, role="org:member")
-        wait_for_mirror(stack, factory, org, count + 1)
-        ids = submit_all(
-            factory,
-            [
-                CommandRequest(CommandKind.SET_ROLE, org, "api:e2e", user_id=user, role="org:admin")
-                for user in members
-            ],
-        )
-        send(ids)
-        commands = wait_final(stack, factory, ids)
+        commands = promote_everyone(stack, emu, send, factory, name="Busy", count=count)
     assert {c.status for c in commands.values()} == {CommandStatus.CONFIRMED}
     with session_scope(factory) as session:
         calls = list(session.scalars(select(ApiCall).order_by(ApiCall.started_at)))
@@ -283,22 +296,7 @@ def test_commands_stay_within_a_budget_they_share(
         rate_limit=budget,
         rate_window=window_ms / 1000,
     ) as (stack, emu, send):
-        state = emu.state
-        admin = state.create_user(email_address="admin@example.com")["id"]
-        org = state.create_organization(name="Budget", created_by=admin)["id"]
-        members = [state.create_user(email_address=f"b{i}@example.com")["id"] for i in range(count)]
-        for user in members:
-            state.add_membership(org, user_id=user, role="org:member")
-        wait_for_mirror(stack, factory, org, count + 1)
-        ids = submit_all(
-            factory,
-            [
-                CommandRequest(CommandKind.SET_ROLE, org, "api:e2e", user_id=user, role="org:admin")
-                for user in members
-            ],
-        )
-        send(ids)
-        commands = wait_final(stack, factory, ids)
+        commands = promote_everyone(stack, emu, send, factory, name="Budget", count=count)
     assert {c.status for c in commands.values()} == {CommandStatus.CONFIRMED}
     with session_scope(factory) as session:
         calls = list(session.scalars(select(ApiCall).order_by(ApiCall.started_at)))

@@ -12,10 +12,9 @@ from typing import IO, Any
 from flask import Flask, Response, request
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from models.db import create_db_engine, make_session_factory, ping
+from models.db import create_db_engine, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
 from models.settings import Settings
@@ -37,7 +36,6 @@ class WebhookState:
 
     settings: Settings
     engine: Engine
-    session_factory: sessionmaker[Session]
     verifier: SignatureVerifier
     dispatcher: Dispatcher | None
     broker_check: Callable[[], None] | None
@@ -120,7 +118,6 @@ def create_app(
     state = WebhookState(
         settings=settings,
         engine=engine,
-        session_factory=make_session_factory(engine),
         verifier=verifier,
         dispatcher=Dispatcher(send, max_batch=settings.apply_batch_size) if send is not None else None,
         broker_check=broker_check,

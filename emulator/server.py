@@ -18,7 +18,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from emulator.api import RateLimits, create_app
 from emulator.chaos import ChaosConfig
-from emulator.delivery import Delivery
+from emulator.delivery import WebhookDelivery
 from emulator.records import Clock, Json
 from emulator.scenario import Scenario, ScenarioReport, seed_state
 from emulator.state import State
@@ -76,7 +76,7 @@ class Emulator:
         self.state = State(
             clock=clock, seed=config.seed, default_max_memberships=config.max_allowed_memberships
         )
-        self.delivery = Delivery(
+        self.delivery = WebhookDelivery(
             config.webhook_urls,
             config.signing_secret,
             instance_id=config.instance_id,

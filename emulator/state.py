@@ -67,7 +67,7 @@ EventSink = Callable[[str, Json, int], None]
 
 
 @dataclass(frozen=True)
-class Page:
+class ListedPage:
     data: list[Json]
     total_count: int
 
@@ -431,7 +431,7 @@ class State:
         order_by: str | None = None,
         query: str | None = None,
         include_members_count: bool = False,
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "members_count"), "-created_at")
         with self.lock:
@@ -446,7 +446,7 @@ class State:
 
             orgs.sort(key=key, reverse=descending)
             page = orgs[offset : offset + limit]
-            return Page([self._org_json(o, counts=include_members_count) for o in page], len(orgs))
+            return ListedPage([self._org_json(o, counts=include_members_count) for o in page], len(orgs))
 
     def update_organization(
         self,
@@ -641,7 +641,7 @@ class State:
         order_by: str | None = None,
         roles: Sequence[str] = (),
         user_ids: Sequence[str] = (),
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(
             order_by,
@@ -675,9 +675,9 @@ class State:
 
             members.sort(key=key, reverse=descending)
             page = members[offset : offset + limit]
-            return Page([self._membership_json(m) for m in page], len(members))
+            return ListedPage([self._membership_json(m) for m in page], len(members))
 
-    def list_user_memberships(self, user_id: str, *, limit: int = 10, offset: int = 0) -> Page:
+    def list_user_memberships(self, user_id: str, *, limit: int = 10, offset: int = 0) -> ListedPage:
         check_page(limit, offset)
         with self.lock:
             user = self._user(user_id)
@@ -687,7 +687,7 @@ class State:
                 reverse=True,
             )
             page = members[offset : offset + limit]
-            return Page([self._membership_json(m) for m in page], len(members))
+            return ListedPage([self._membership_json(m) for m in page], len(members))
 
     # ------------------------------------------------------------ invitations
     def _validate_invitation(self, item: Mapping[str, Any], org: Organization) -> tuple[str, Role]:
@@ -791,14 +791,14 @@ class State:
         with self.lock:
             return self._create_invitations(self._org(org_id), [item])[0]
 
-    def bulk_create_invitations(self, org_id: str, items: Sequence[Mapping[str, Any]]) -> Page:
+    def bulk_create_invitations(self, org_id: str, items: Sequence[Mapping[str, Any]]) -> ListedPage:
         if not isinstance(items, list) or not 1 <= len(items) <= 10:
             raise param_invalid("invitations", "must be a list of 1 to 10 invitations")
         if not all(isinstance(item, Mapping) for item in items):
             raise param_format("invitations", "must be objects")
         with self.lock:
             created = self._create_invitations(self._org(org_id), items)
-            return Page(created, len(created))
+            return ListedPage(created, len(created))
 
     def _invitation(self, org_id: str, invitation_id: str) -> Invitation:
         org = self._org(org_id)
@@ -819,7 +819,7 @@ class State:
         limit: int = 10,
         offset: int = 0,
         order_by: str | None = None,
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         if status is not None and status not in INVITATION_STATUSES:
             raise param_invalid("status", f"must be one of {', '.join(INVITATION_STATUSES)}")
@@ -832,7 +832,7 @@ class State:
                 invs = [i for i in invs if _effective_status(i, now) == status]
             invs.sort(key=lambda i: (getattr(i, field), i.created_at, i.id), reverse=descending)
             page = invs[offset : offset + limit]
-            return Page([self._invitation_json(i) for i in page], len(invs))
+            return ListedPage([self._invitation_json(i) for i in page], len(invs))
 
     def _not_pending(self, inv: Invitation) -> ClerkError:
         return ClerkError(
@@ -928,7 +928,7 @@ class State:
     # ------------------------------------------------------------------ roles
     def list_roles(
         self, *, limit: int = 10, offset: int = 0, order_by: str | None = None, query: str | None = None
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "key"), "-created_at")
         with self.lock:
@@ -938,7 +938,7 @@ class State:
                 roles = [r for r in roles if r.id == query or q in r.name.lower() or q in r.key]
             roles.sort(key=lambda r: (getattr(r, field), r.created_at, r.id), reverse=descending)
             page = roles[offset : offset + limit]
-            return Page([self._role_json(r) for r in page], len(roles))
+            return ListedPage([self._role_json(r) for r in page], len(roles))
 
     def get_role(self, role_id: str) -> Json:
         with self.lock:

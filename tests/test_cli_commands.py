@@ -20,8 +20,8 @@ from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import ApiCall, Command, CommandKind, CommandStatus
-from orgsync.cli import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, cli
-from orgsync.cli_commands import CommandRuntime
+from orgsync.cli import cli
+from orgsync.cli.base import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Runtime
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
@@ -190,7 +190,7 @@ Invoke = Callable[..., Result]
 
 def make_invoke(env: dict[str, str], recorder: Recorder | None) -> Invoke:
     def invoke(*args: str, stdin: str | None = None) -> Result:
-        obj = CommandRuntime(environ=env, make_command_sender=recorder.make if recorder else None)
+        obj = Runtime(environ=env, make_command_sender=recorder.make if recorder else None)
         return CliRunner().invoke(cli, list(args), obj=obj, input=stdin, catch_exceptions=False)
 
     return invoke

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
 from models.settings import Settings
@@ -46,10 +46,6 @@ SWEEP_MAX_CHUNKS = 20
 # worker that died holding a message is covered much sooner by the sweeper anyway.
 REDIS_VISIBILITY_TIMEOUT_S = 3600
 BROKER_CONNECT_TIMEOUT_S = 3.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

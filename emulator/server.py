@@ -63,7 +63,9 @@ class EmulatorConfig:
             raise ValueError("seed_orgs and seed_members must not be negative")
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietRequestHandler(WSGIRequestHandler):
+    """Serves without an access log line per request."""
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
@@ -99,7 +101,7 @@ class Emulator:
     def start(self) -> Emulator:
         if self._server is not None:
             return self
-        handler = WSGIRequestHandler if self.config.log_requests else _QuietHandler
+        handler = WSGIRequestHandler if self.config.log_requests else QuietRequestHandler
         # Bind here: werkzeug reports its own bind failures by printing and calling sys.exit,
         # while a caller (a test, `orgsync emulator`) needs an OSError it can handle.
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET

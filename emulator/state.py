@@ -28,13 +28,13 @@ from emulator.errors import (
 from emulator.records import (
     Clock,
     IdGenerator,
-    Invitation,
+    InvitationRecord,
     Json,
-    Membership,
-    Organization,
-    Permission,
-    Role,
-    User,
+    MembershipRecord,
+    OrganizationRecord,
+    PermissionRecord,
+    RoleRecord,
+    UserRecord,
 )
 
 ADMIN_LEVEL_PERMISSION = "org:sys_memberships:manage"
@@ -152,18 +152,18 @@ class State:
         self.default_max_memberships = default_max_memberships
         self._accept_url = accept_url
         self._sinks: list[EventSink] = []
-        self._permissions: dict[str, Permission] = {}
+        self._permissions: dict[str, PermissionRecord] = {}
         self._permission_keys: dict[str, str] = {}
-        self._roles: dict[str, Role] = {}
+        self._roles: dict[str, RoleRecord] = {}
         self._role_keys: dict[str, str] = {}
-        self._users: dict[str, User] = {}
+        self._users: dict[str, UserRecord] = {}
         self._emails: dict[str, str] = {}
-        self._orgs: dict[str, Organization] = {}
+        self._orgs: dict[str, OrganizationRecord] = {}
         self._slugs: dict[str, str] = {}
-        self._members: dict[str, dict[str, Membership]] = {}
+        self._members: dict[str, dict[str, MembershipRecord]] = {}
         self._user_orgs: dict[str, set[str]] = {}
-        self._invitations: dict[str, Invitation] = {}
-        self._org_invitations: dict[str, dict[str, Invitation]] = {}
+        self._invitations: dict[str, InvitationRecord] = {}
+        self._org_invitations: dict[str, dict[str, InvitationRecord]] = {}
         self._install_defaults()
 
     # ----------------------------------------------------------------- events
@@ -192,7 +192,7 @@ class State:
     def _install_defaults(self) -> None:
         for key, name, description in SYSTEM_PERMISSIONS:
             now = self.clock.tick()
-            perm = Permission(self.ids.new("perm"), key, name, description, "system", now, now)
+            perm = PermissionRecord(self.ids.new("perm"), key, name, description, "system", now, now)
             self._permissions[perm.id] = perm
             self._permission_keys[key] = perm.id
         all_ids = [self._permission_keys[key] for key, _, _ in SYSTEM_PERMISSIONS]
@@ -202,18 +202,18 @@ class State:
             (MEMBER_ROLE, "Member", "Can read the members of the organization.", member_ids, False),
         ):
             now = self.clock.tick()
-            role = Role(self.ids.new("role"), key, name, description, list(perms), creator, now, now)
+            role = RoleRecord(self.ids.new("role"), key, name, description, list(perms), creator, now, now)
             self._roles[role.id] = role
             self._role_keys[key] = role.id
 
     # ---------------------------------------------------------------- lookups
-    def _role_by_key(self, key: str) -> Role:
+    def _role_by_key(self, key: str) -> RoleRecord:
         role_id = self._role_keys.get(key)
         if role_id is None:
             raise not_found("role", key)
         return self._roles[role_id]
 
-    def _role_permission_keys(self, role: Role) -> list[str]:
+    def _role_permission_keys(self, role: RoleRecord) -> list[str]:
         return [self._permissions[pid].key for pid in role.permission_ids if pid in self._permissions]
 
     def _is_admin_level(self, role_key: str) -> bool:
@@ -222,7 +222,7 @@ class State:
             return False
         return ADMIN_LEVEL_PERMISSION in self._role_permission_keys(self._roles[role_id])
 
-    def _org(self, id_or_slug: str) -> Organization:
+    def _org(self, id_or_slug: str) -> OrganizationRecord:
         org = self._orgs.get(id_or_slug)
         if org is None and id_or_slug in self._slugs:
             org = self._orgs[self._slugs[id_or_slug]]
@@ -230,13 +230,13 @@ class State:
             raise not_found("organization", id_or_slug)
         return org
 
-    def _user(self, user_id: str) -> User:
+    def _user(self, user_id: str) -> UserRecord:
         user = self._users.get(user_id)
         if user is None:
             raise not_found("user", user_id)
         return user
 
-    def _membership(self, org_id: str, user_id: str) -> Membership:
+    def _membership(self, org_id: str, user_id: str) -> MembershipRecord:
         org = self._org(org_id)
         mem = self._members[org.id].get(user_id)
         if mem is None:
@@ -251,7 +251,7 @@ class State:
             if inv.status == "pending" and (inv.expires_at is None or inv.expires_at > now)
         )
 
-    def _check_quota(self, org: Organization, adding: int = 1) -> None:
+    def _check_quota(self, org: OrganizationRecord, adding: int = 1) -> None:
         limit = org.max_allowed_memberships
         if limit <= 0:
             return
@@ -266,7 +266,7 @@ class State:
             )
 
     # ------------------------------------------------------------ JSON views
-    def _org_json(self, org: Organization, *, counts: bool = True) -> Json:
+    def _org_json(self, org: OrganizationRecord, *, counts: bool = True) -> Json:
         if not counts:
             return payloads.organization(org)
         return payloads.organization(
@@ -275,11 +275,11 @@ class State:
             pending_invitations_count=self._pending_count(org.id),
         )
 
-    def _role_json(self, role: Role) -> Json:
+    def _role_json(self, role: RoleRecord) -> Json:
         perms = [self._permissions[pid] for pid in role.permission_ids if pid in self._permissions]
         return payloads.role(role, perms)
 
-    def _membership_json(self, mem: Membership) -> Json:
+    def _membership_json(self, mem: MembershipRecord) -> Json:
         role = self._roles[self._role_keys[mem.role]]
         return payloads.membership(
             mem,
@@ -289,7 +289,7 @@ class State:
             permission_keys=self._role_permission_keys(role),
         )
 
-    def _invitation_json(self, inv: Invitation) -> Json:
+    def _invitation_json(self, inv: InvitationRecord) -> Json:
         role_id = self._role_keys.get(inv.role)
         role_name = self._roles[role_id].name if role_id else inv.role
         inviter = self._users.get(inv.inviter_id) if inv.inviter_id else None
@@ -315,7 +315,7 @@ class State:
             if email.lower() in self._emails:
                 raise identifier_exists("email_address", email)
             now = self.clock.tick()
-            user = User(
+            user = UserRecord(
                 id=self.ids.new("user"),
                 email_id=self.ids.new("idn"),
                 email_address=email,
@@ -393,7 +393,7 @@ class State:
                     n += 1
                     slug = f"{base}-{n}"
             now = self.clock.tick()
-            org = Organization(
+            org = OrganizationRecord(
                 id=self.ids.new("org"),
                 name=name.strip(),
                 slug=slug,
@@ -440,7 +440,7 @@ class State:
                 q = query.lower()
                 orgs = [o for o in orgs if o.id == query or q in o.name.lower() or q in o.slug]
 
-            def key(org: Organization) -> tuple[Any, ...]:
+            def key(org: OrganizationRecord) -> tuple[Any, ...]:
                 value: Any = len(self._members[org.id]) if field == "members_count" else getattr(org, field)
                 return (_sort_key(value), org.created_at, org.id)
 
@@ -507,14 +507,14 @@ class State:
     # ------------------------------------------------------------ memberships
     def _add_membership(
         self,
-        org: Organization,
-        user: User,
+        org: OrganizationRecord,
+        user: UserRecord,
         role_key: str,
         public_metadata: dict[str, Any],
         private_metadata: dict[str, Any],
-    ) -> Membership:
+    ) -> MembershipRecord:
         now = self.clock.tick()
-        mem = Membership(
+        mem = MembershipRecord(
             id=self.ids.new("orgmem"),
             organization_id=org.id,
             user_id=user.id,
@@ -529,7 +529,7 @@ class State:
         self._emit("organizationMembership.created", self._membership_json(mem), now)
         return mem
 
-    def _already_member(self, org: Organization, user_id: str) -> ClerkError:
+    def _already_member(self, org: OrganizationRecord, user_id: str) -> ClerkError:
         return ClerkError(
             400,
             "already_a_member_in_organization",
@@ -567,7 +567,7 @@ class State:
             )
             return self._membership_json(mem)
 
-    def _guard_last_admin(self, org_id: str, leaving: Membership) -> None:
+    def _guard_last_admin(self, org_id: str, leaving: MembershipRecord) -> None:
         if not self._is_admin_level(leaving.role):
             return
         others = [
@@ -661,7 +661,7 @@ class State:
             if exclude:
                 members = [m for m in members if m.user_id not in exclude]
 
-            def key(mem: Membership) -> tuple[Any, ...]:
+            def key(mem: MembershipRecord) -> tuple[Any, ...]:
                 user = self._users[mem.user_id]
                 value: Any = {
                     "created_at": mem.created_at,
@@ -690,7 +690,9 @@ class State:
             return ListedPage([self._membership_json(m) for m in page], len(members))
 
     # ------------------------------------------------------------ invitations
-    def _validate_invitation(self, item: Mapping[str, Any], org: Organization) -> tuple[str, Role]:
+    def _validate_invitation(
+        self, item: Mapping[str, Any], org: OrganizationRecord
+    ) -> tuple[str, RoleRecord]:
         email = item.get("email_address")
         if not email or not isinstance(email, str):
             raise param_missing("email_address")
@@ -729,7 +731,7 @@ class State:
             meta={"email_address": email},
         )
 
-    def _create_invitations(self, org: Organization, items: Sequence[Mapping[str, Any]]) -> list[Json]:
+    def _create_invitations(self, org: OrganizationRecord, items: Sequence[Mapping[str, Any]]) -> list[Json]:
         validated = [self._validate_invitation(item, org) for item in items]
         pending = {
             inv.email_address.lower()
@@ -747,7 +749,7 @@ class State:
             now = self.clock.tick()
             days = item.get("expires_in_days") or 30
             inv_id = self.ids.new("orginv")
-            inv = Invitation(
+            inv = InvitationRecord(
                 id=inv_id,
                 organization_id=org.id,
                 email_address=email,
@@ -800,7 +802,7 @@ class State:
             created = self._create_invitations(self._org(org_id), items)
             return ListedPage(created, len(created))
 
-    def _invitation(self, org_id: str, invitation_id: str) -> Invitation:
+    def _invitation(self, org_id: str, invitation_id: str) -> InvitationRecord:
         org = self._org(org_id)
         inv = self._org_invitations[org.id].get(invitation_id)
         if inv is None:
@@ -834,7 +836,7 @@ class State:
             page = invs[offset : offset + limit]
             return ListedPage([self._invitation_json(i) for i in page], len(invs))
 
-    def _not_pending(self, inv: Invitation) -> ClerkError:
+    def _not_pending(self, inv: InvitationRecord) -> ClerkError:
         return ClerkError(
             404,
             "organization_invitation_not_pending",
@@ -902,7 +904,7 @@ class State:
             inv.updated_at = self.clock.tick()
             inv_data = self._invitation_json(inv)
             now = self.clock.tick()
-            mem = Membership(
+            mem = MembershipRecord(
                 id=self.ids.new("orgmem"),
                 organization_id=org.id,
                 user_id=user.id,
@@ -975,7 +977,7 @@ class State:
                 if perm_id not in perm_ids:
                     perm_ids.append(perm_id)
             now = self.clock.tick()
-            role = Role(self.ids.new("role"), key, name, description, perm_ids, False, now, now)
+            role = RoleRecord(self.ids.new("role"), key, name, description, perm_ids, False, now, now)
             self._roles[role.id] = role
             self._role_keys[key] = role.id
             data = self._role_json(role)
@@ -1156,7 +1158,7 @@ class State:
             }
 
 
-def _effective_status(inv: Invitation, now_ms: int) -> str:
+def _effective_status(inv: InvitationRecord, now_ms: int) -> str:
     if inv.status == "pending" and inv.expires_at is not None and inv.expires_at <= now_ms:
         return "expired"
     return inv.status

@@ -270,7 +270,7 @@ def report(service: CommandService, submitted: Submitted, *, wait: float | None,
         emit_commands(rows, as_json)
         code, message = EXIT_UNAVAILABLE, "not waiting: the commands could not be enqueued"
     else:
-        waited = service.wait(open_ids, wait, on_poll=Progress(wait))
+        waited = service.wait(open_ids, wait, on_poll=WaitProgress(wait))
         final = {row["id"]: row for row in rows} | {c.id: command_dict(c) for c in waited}
         rows = [final[row["id"]] for row in rows]
         emit_commands(rows, as_json)
@@ -287,7 +287,7 @@ def report(service: CommandService, submitted: Submitted, *, wait: float | None,
         fail(message, code)
 
 
-class Progress:
+class WaitProgress:
     """Prints a line on stderr whenever the commands' statuses change while waiting."""
 
     def __init__(self, timeout: float) -> None:

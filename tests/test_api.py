@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
-from test_cli_commands import ORG, seed
+from test_cli_commands import ORG, environment, make_invoke, seed
+from test_cli_commands import Recorder as CliRecorder
 
 from models.commands import InvalidCommandError, LastAdminError
 from models.db import make_session_factory, session_scope
@@ -117,3 +118,23 @@ def test_dry_run_and_broker_down(api: Orgsync, engine: Engine, recorder: Recorde
     # Retrying the pending command enqueues it again, now through the working broker.
     assert api.retry(pending.id).id == pending.id
     assert recorder.sent == [pending.id]
+
+
+@pytest.mark.parametrize("status", CommandStatus.ALL)
+def test_the_api_and_the_cli_enqueue_the_same_states(
+    api: Orgsync, recorder: Recorder, engine: Engine, tmp_path: Path, status: str
+) -> None:
+    """A re-run with the same key returns the command as it is: open ones go to the workers again."""
+    first = api.add_member("acme", "user_new", idempotency_key="same-key")
+    with session_scope(make_session_factory(engine)) as session:
+        session.get_one(Command, first.id).status = status
+    recorder.sent.clear()
+    cli_recorder = CliRecorder(engine)
+    invoke = make_invoke(environment(engine, tmp_path), cli_recorder)
+    again = api.add_member("acme", "user_new", idempotency_key="same-key")
+    result = invoke("members", "add", "--org", "acme", "--user", "user_new", "--idempotency-key", "same-key")
+    assert result.exit_code == 0, result.output
+    assert again.id == first.id
+    expected = [first.id] if status in CommandStatus.OPEN else []
+    assert recorder.sent == expected
+    assert [i for ids in cli_recorder.sent for i in ids] == expected

@@ -179,7 +179,7 @@ class Recorder:
     def send(self, ids: list[int]) -> None:
         # A fresh connection sees only committed rows: the CLI must have committed already.
         committed = {row.id: row.status for row in commands_in(self.engine)}
-        assert all(committed.get(command_id) == CommandStatus.PENDING for command_id in ids), committed
+        assert all(committed.get(command_id) in CommandStatus.OPEN for command_id in ids), committed
         self.sent.append(list(ids))
         if self.then is not None:
             self.then(self.engine, ids)
@@ -401,6 +401,17 @@ def test_invitations_revoke(invoke: Invoke, db: Engine, recorder: Recorder) -> N
         (CommandKind.REVOKE_INVITATION, "orginv_dan", "orginv_dan")
     ]
     assert recorder.sent == [[rows[0]["id"]]]
+
+
+def test_invitations_revoke_as_a_requesting_user(invoke: Invoke, db: Engine, recorder: Recorder) -> None:
+    args = ("invitations", "revoke", "--org", "acme", "orginv_dan", "--json")
+    [item] = json_array(invoke(*args, "--requesting-user", "user_alice"))
+    assert item["payload"] == {"requesting_user_id": "user_alice"}
+    assert recorder.sent == [[item["id"]]]
+    blank = invoke(*args, "--requesting-user", " ")
+    assert blank.exit_code == EXIT_USAGE, blank.output
+    assert "payload.requesting_user_id: is required" in blank.stderr
+    assert len(commands_in(db)) == 1
 
 
 # -- the broker, and waiting ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
 from models.settings import Settings
+from models.submission import enqueue_commands
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
 from worker.clerk import ClerkClient
 from worker.commands import confirm_commands, due_command_ids, send_command
@@ -266,7 +267,8 @@ def create_celery(settings: Settings) -> Celery:
             )
         if due:
             log.info("re-enqueuing %d due commands", len(due))
-            send_commands(due)
+            # A broker failure is logged there; the next sweep finds the same commands again.
+            enqueue_commands(send_commands, due)
         return len(due)
 
     if settings.reconcile_interval > 0:

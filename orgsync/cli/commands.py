@@ -1,8 +1,9 @@
 """Changes made in Clerk from the command line: members, invitations and the commands outbox.
 
-Every change is a row in ``commands`` first: the CLI records it, commits, and only then hands
-its id to the workers, which send it through the Backend API. A broker that is down loses
-nothing: the row stays pending and the sweeper (or ``orgsync commands retry``) sends it later.
+Every change goes through the one submission service (``models.submission``), as from the
+Python API and the rules: a row in ``commands`` first, committed, and only then its id handed
+to the workers, which send it through the Backend API. A broker that is down loses nothing:
+the row stays pending and the sweeper (or ``orgsync commands retry``) sends it later.
 """
 
 from __future__ import annotations

@@ -124,11 +124,15 @@ def record_commands(
     *,
     now_ms: int,
     dry_run_default: bool = False,
+    resolved: dict[str, str] | None = None,
 ) -> list[Command]:
     """Resolve, split and record ``requests`` (``organization_id`` may be a slug); flushes,
     never commits. Raises ``InvalidCommandError``, ``LastAdminError`` or
-    ``OrganizationNotFoundError`` and records nothing the caller then commits."""
-    resolved: dict[str, str] = {}
+    ``OrganizationNotFoundError`` and records nothing the caller then commits.
+
+    ``resolved`` caches organization references across calls within one transaction.
+    """
+    resolved = {} if resolved is None else resolved
     commands: list[Command] = []
     for request in requests:
         ref = request.organization_id

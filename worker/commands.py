@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import (
     LAST_ADMIN_CODE,
+    CommandNotFoundError,
     CommandRequest,
     CommandStateError,
     InvalidCommandError,
@@ -44,6 +45,7 @@ from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusalErr
 from worker.ratelimit import RateLimitTimeoutError
 
 __all__ = [
+    "CommandNotFoundError",
     "CommandRequest",
     "CommandStateError",
     "InvalidCommandError",

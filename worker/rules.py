@@ -555,8 +555,13 @@ Submit = Callable[[Session, CommandRequest], Command]
 def default_submit(*, now_ms: int, dry_run_default: bool) -> Submit:
     """Record through the one submission path, inside the caller's transaction."""
 
+    # One lookup per organization and run, not per command: a run may decide thousands.
+    resolved: dict[str, str] = {}
+
     def submit(session: Session, request: CommandRequest) -> Command:
-        (command,) = record_commands(session, [request], now_ms=now_ms, dry_run_default=dry_run_default)
+        (command,) = record_commands(
+            session, [request], now_ms=now_ms, dry_run_default=dry_run_default, resolved=resolved
+        )
         return command
 
     return submit

@@ -50,13 +50,13 @@ Exit status:
   {EXIT_FAILED}  failure
   {EXIT_USAGE}  bad usage or input
   {EXIT_CONFIG}  configuration error (a setting, or a database that needs `orgsync db upgrade`)
-  {EXIT_NOT_FOUND}  not found (organization, inbox event)
+  {EXIT_NOT_FOUND}  not found (organization, inbox event, command)
   {EXIT_UNAVAILABLE}  a service is unavailable (database, broker): try again later
 """
 
 
 class CliError(OrgsyncError):
-    """An error reported by the command line itself, with its exit status."""
+    """An error reported by the command line itself, with its exit status (subclasses are permanent)."""
 
     exit_code = EXIT_FAILED
 
@@ -71,10 +71,6 @@ class NotFoundError(CliError, PermanentError):
 
 class BadOptionError(CliError, PermanentError):
     exit_code = EXIT_USAGE
-
-
-class UnavailableError(CliError, RetryableError):
-    exit_code = EXIT_UNAVAILABLE
 
 
 def exit_code_for(exc: OrgsyncError) -> int:

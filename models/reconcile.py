@@ -470,7 +470,11 @@ def unseen_organizations(session: Session, events: Sequence[Event]) -> list[str]
                     skip.add(org_id)
             continue
         if event.resource == "organizationMembership":
-            org_id = (data.get("organization") or {}).get("id") or data.get("organization_id")
+            # As the parser reads it: a drifted ``organization`` that is not an object is ignored.
+            organization = data.get("organization")
+            org_id = (organization.get("id") if isinstance(organization, dict) else None) or data.get(
+                "organization_id"
+            )
         elif event.resource == "organizationInvitation":
             org_id = data.get("organization_id")
         else:

@@ -52,6 +52,7 @@ from models.events import (
     ROLES,
     Event,
     event_writes,
+    storable_text,
 )
 from models.mirror import TABLES, apply_events
 from models.tables import Organization, SyncRun, SyncStatus
@@ -354,6 +355,10 @@ def absent_rows(
 ) -> list[Absent]:
     """Live rows of ``kind`` (of one organization for memberships and invitations) that the listing
     did not show and that nothing wrote since it began."""
+    if organization_id is not None and not storable_text(organization_id):
+        # No mirror row can have this id (write_listing skipped its listing), and PostgreSQL
+        # would refuse it as a parameter: nothing of it is live.
+        return []
     table = TABLES[kind]
     keys = [table.c[c] for c in _key_columns(kind)]
     query = select(*keys, table.c.created_at, table.c.updated_at).where(

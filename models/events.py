@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import JSON, BigInteger, Boolean, Integer, String
 
@@ -531,12 +532,11 @@ def _user_event(event: Event) -> tuple[Write, ...]:
 # --- what the database can hold: every row is checked against its table before it is written ---
 
 
-@dataclass(frozen=True)
-class _Column:
+class _Column(NamedTuple):
     name: str
     kind: str  # text, int, json or bool
     low: int = 0
-    high: int | None = None  # the most characters of a text, the largest value of an integer
+    high: int = sys.maxsize  # the most characters of a text, the largest value of an integer
 
 
 def _schema(table_name: str) -> tuple[_Column, ...]:
@@ -544,7 +544,7 @@ def _schema(table_name: str) -> tuple[_Column, ...]:
     for column in Base.metadata.tables[table_name].columns:
         kind = column.type
         if isinstance(kind, String):  # Text included: unbounded, still no NUL
-            columns.append(_Column(column.name, "text", high=kind.length))
+            columns.append(_Column(column.name, "text", high=kind.length or sys.maxsize))
         elif isinstance(kind, BigInteger):
             if column.name.endswith("_at"):
                 columns.append(_Column(column.name, "int", 0, MAX_TIMESTAMP_MS))
@@ -566,7 +566,7 @@ _NOT_UNICODE = "is not valid Unicode (it holds an unpaired surrogate)"
 _NUL = "contains a NUL character (PostgreSQL text cannot hold it)"
 
 
-def _text_problem(value: str, limit: int | None) -> str | None:
+def _text_problem(value: str, limit: int = sys.maxsize) -> str | None:
     if "\x00" in value:
         return _NUL
     if not value.isascii():
@@ -574,48 +574,53 @@ def _text_problem(value: str, limit: int | None) -> str | None:
             value.encode("utf-8")
         except UnicodeEncodeError:
             return _NOT_UNICODE
-    if limit is not None and len(value) > limit:
+    if len(value) > limit:
         return f"is longer than {limit} characters"
     return None
 
 
 def storable_text(value: str) -> bool:
     """Whether every database orgsync supports can hold ``value`` as text (length aside)."""
-    return _text_problem(value, None) is None
+    return _text_problem(value) is None
 
 
 def _json_problem(value: Any) -> str | None:
     """What keeps ``value`` out of a JSON column (PostgreSQL's jsonb in particular), if anything.
 
     Iterative, not recursive: a body nested close to the JSON parser's limit must not hit
-    Python's recursion limit here.
+    Python's recursion limit here. Only containers go on the stack; scalars are checked inline.
     """
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    stack: list[tuple[Any, int]] = [((value,), -1)]
     while stack:
-        item, depth = stack.pop()
-        if item is None or isinstance(item, bool | int):
-            continue
-        if isinstance(item, str):
-            problem = _text_problem(item, None)
-            if problem is not None:
-                return f"holds a string that {problem}"
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return "holds NaN or an infinity, which JSON cannot represent"
-        elif isinstance(item, dict | list):
-            if depth >= MAX_JSON_DEPTH:
-                return f"is nested deeper than {MAX_JSON_DEPTH} levels"
-            if isinstance(item, dict):
-                for key in item:
-                    problem = _text_problem(key, None) if isinstance(key, str) else "is not a string"
+        container, depth = stack.pop()
+        if depth >= MAX_JSON_DEPTH:
+            return f"is nested deeper than {MAX_JSON_DEPTH} levels"
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return "holds a key that is not a string"
+                if "\x00" in key or not key.isascii():
+                    problem = _text_problem(key)
                     if problem is not None:
                         return f"holds a key that {problem}"
-                children = list(item.values())
-            else:
-                children = item
-            stack.extend((child, depth + 1) for child in children)
+            children: Any = container.values()
         else:
-            return f"holds a {type(item).__name__}, which is not a JSON value"
+            children = container
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                if "\x00" in child or not child.isascii():
+                    problem = _text_problem(child)
+                    if problem is not None:
+                        return f"holds a string that {problem}"
+            elif kind is dict or kind is list:
+                if child:
+                    stack.append((child, depth + 1))
+            elif kind is float:
+                if not math.isfinite(child):
+                    return "holds NaN or an infinity, which JSON cannot represent"
+            elif child is not None and kind is not bool and kind is not int:
+                return f"holds a {kind.__name__}, which is not a JSON value"
     return None
 
 
@@ -627,7 +632,7 @@ def _column_problem(column: _Column, value: Any) -> str | None:
     if column.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             return "is not an integer"
-        if not column.low <= value <= (column.high or 0):
+        if not column.low <= value <= column.high:
             if column.name.endswith("_at"):
                 return "is not a time in milliseconds between 1970 and 9999"
             bits = 32 if column.high == INT32_MAX else 64
@@ -640,12 +645,26 @@ def _column_problem(column: _Column, value: Any) -> str | None:
 
 def _check_storable(table: str, values: Mapping[str, Any]) -> None:
     """Raise ``_Unstorable`` naming the first column whose value the database cannot hold."""
+    # On every applied event, twice (parse, then apply): the common case is decided inline.
     for column in _SCHEMAS[table]:
-        value = values.get(column.name)
-        if value is not None:
-            problem = _column_problem(column, value)
-            if problem is not None:
-                raise _Unstorable(f"{table}.{column.name}", problem)
+        name, kind, low, high = column
+        value = values.get(name)
+        if value is None:
+            continue
+        if kind == "text":
+            if type(value) is str and value.isascii() and "\x00" not in value and len(value) <= high:
+                continue
+        elif kind == "int":
+            if type(value) is int and low <= value <= high:
+                continue
+        elif kind == "bool":
+            if type(value) is bool:
+                continue
+        elif not value and type(value) in (dict, list):
+            continue
+        problem = _column_problem(column, value)
+        if problem is not None:
+            raise _Unstorable(f"{table}.{name}", problem)
 
 
 _SCHEMAS: dict[str, tuple[_Column, ...]] = {

@@ -205,7 +205,8 @@ def object_version(*, updated_at: int, rank: int, timestamp_ms: int, svix_id: st
     return _stamp(updated_at) + str(rank) + _stamp(timestamp_ms) + delivery_hash(svix_id)
 
 
-# --- lenient field readers: a drifted field becomes None rather than a rejected event ---
+# --- lenient field readers: a field drifted to another type becomes None rather than a rejected
+# event; a value of the right type that no column could hold (NaN, 2**64, a NUL) rejects it ---
 
 
 def _str(data: Mapping[str, Any], name: str) -> str | None:
@@ -301,7 +302,11 @@ def _updated_at(data: Mapping[str, Any], event: Event, prefix: str = "data") -> 
 
 
 def event_writes(event: Event) -> tuple[Write, ...]:
-    """The rows ``event`` writes, with their versions; raises ``PayloadError`` if uninterpretable."""
+    """The rows ``event`` writes, with their versions.
+
+    Raises ``PayloadError`` if the event is uninterpretable or holds a value its column cannot
+    (checked against ``models.tables``), so that content no retry could store is rejected here.
+    """
     builder = _BUILDERS.get(event.resource)
     if builder is None or event.type not in MIRRORED_EVENT_TYPES:
         raise PayloadError(f"event type {event.type!r} is not mirrored")

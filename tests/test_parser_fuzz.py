@@ -135,6 +135,8 @@ def test_any_field_any_value_is_accepted_and_stored_or_rejected_with_a_reason(
         except PayloadError as exc:
             assert str(exc)
         else:
+            # The intake's quick classification never turns away what the worker would apply.
+            assert stored.status == InboxStatus.PENDING
             # What the parser accepts, the database holds: the worker's whole apply path.
             unseen_organizations(session, [event])
             apply_events(session, [event], now_ms=T0)

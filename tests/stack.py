@@ -86,11 +86,26 @@ def request(
     *,
     timeout: float = 10.0,
 ) -> tuple[int, bytes]:
+    status, _, content = exchange(port, method, path, body, headers, timeout=timeout)
+    return status, content
+
+
+def exchange(
+    port: int,
+    method: str,
+    path: str,
+    body: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; the status, the response headers (names in lower case) and the body."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=dict(headers or {}))
         response = connection.getresponse()
-        return response.status, response.read()
+        content = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, content
     finally:
         connection.close()
 
@@ -130,8 +145,11 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_web(self, *, threads: int = 8) -> None:
-        """``orgsync serve`` (gunicorn, one gthread worker) on the loopback port; waits for /healthz."""
+    def start_web(self, *, threads: int = 8, env: Mapping[str, str] | None = None) -> None:
+        """``orgsync serve`` (gunicorn, one gthread worker) on the loopback port; waits for /healthz.
+
+        On ``env`` if given (another database URL, say), else the stack's.
+        """
         self.spawn(
             "web",
             "serve",
@@ -143,6 +161,7 @@ class Stack:
             "1",
             "--threads",
             str(threads),
+            env=env,
         )
 
         def healthy() -> bool | None:
@@ -162,6 +181,14 @@ class Stack:
         self.spawn("worker", "worker", "--concurrency", str(concurrency), "--hostname", hostname, env=env)
         if beat:
             self.spawn("beat", "beat", env=env)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of the running process ``name``: it and every child at once,
+        with no chance to clean up. It is forgotten (its log stays), so that it can be started again."""
+        proc = next(p for p in self.procs if p.name == name and p.process.poll() is None)
+        os.killpg(proc.process.pid, signal.SIGKILL)
+        proc.process.wait(timeout=STOP_BOUND_S)
+        self.procs.remove(proc)
 
     def check_alive(self) -> None:
         for proc in self.procs:

@@ -183,10 +183,11 @@ class Stack:
             self.spawn("beat", "beat", env=env)
 
     def kill(self, name: str) -> None:
-        """SIGKILL the process group of the running process ``name``: it and every child at once,
-        with no chance to clean up. It is forgotten (its log stays), so that it can be started again."""
-        proc = next(p for p in self.procs if p.name == name and p.process.poll() is None)
-        os.killpg(proc.process.pid, signal.SIGKILL)
+        """SIGKILL the process group of process ``name``: it and every child at once, with no
+        chance to clean up. It is forgotten (its log stays), so that it can be started again."""
+        proc = next(p for p in reversed(self.procs) if p.name == name)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.process.pid, signal.SIGKILL)
         proc.process.wait(timeout=STOP_BOUND_S)
         self.procs.remove(proc)
 
@@ -195,7 +196,9 @@ class Stack:
             if proc.process.poll() is not None:
                 pytest.fail(f"{proc.name} exited with {proc.process.returncode}:\n{self.output()}")
 
-    def wait_for(self, what: str, probe: Callable[[], T | None], bound: float = SETTLE_BOUND_S) -> T:
+    def wait_for(
+        self, what: str, probe: Callable[[], T | None], bound: float = SETTLE_BOUND_S, *, every: float = 0.2
+    ) -> T:
         """Poll ``probe`` until it returns a value; fail with every process's output if a process
         dies or ``bound`` seconds pass."""
         deadline = time.monotonic() + bound
@@ -206,7 +209,7 @@ class Stack:
                 return value
             if time.monotonic() > deadline:
                 pytest.fail(f"gave up waiting for {what} after {bound:.0f} s:\n{self.output()}")
-            time.sleep(0.2)
+            time.sleep(every)
 
     def output(self, lines: int = 40) -> str:
         return "\n".join(f"--- {p.name} ({p.log_path})\n{log_tail(p.log_path, lines)}" for p in self.procs)

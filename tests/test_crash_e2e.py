@@ -261,11 +261,13 @@ def test_a_web_server_killed_under_load_keeps_every_acknowledged_delivery(
         try:
             stack.wait_for("some deliveries acknowledged", lambda: len(acknowledged()) >= 300 or None)
             stack.kill("web")
+
             # The senders meet the dead server before they stop.
-            stack.wait_for(
-                "refused deliveries",
-                lambda: sum(1 for _, status in list(outcomes.values()) if status is None) >= 4 or None,
-            )
+            def refused() -> bool | None:
+                with lock:
+                    return sum(1 for _, status in outcomes.values() if status is None) >= 4 or None
+
+            stack.wait_for("refused deliveries", refused)
         finally:
             stop.set()
             for thread in senders:

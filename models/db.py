@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +32,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # Data the server never acknowledges, and an idle connection whose keepalive probes go
 # unanswered (30 s idle, then 3 probes 10 s apart), end the connection instead of a hang.
 DEFAULT_TCP_USER_TIMEOUT_S = 30.0
+_CUT = "orgsync_cut"
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
@@ -112,13 +113,17 @@ def _hold_at_most(engine: Engine, seconds: float) -> None:
 
     @event.listens_for(engine, "checkout")
     def _arm(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop(_CUT, False):
+            # Cut while held, by a holder that then saw no error (it had nothing left to send):
+            # the pool discards it and checks out another.
+            raise DisconnectionError("connection was cut after outliving its deadline")
         held[id(record)] = watchdog.arm(dbapi_connection)
 
     @event.listens_for(engine, "checkin")
     def _disarm(_dbapi_connection: Any, record: Any) -> None:
         token = held.pop(id(record), None)
-        if token is not None:
-            watchdog.disarm(token)
+        if token is not None and not watchdog.disarm(token):
+            record.info[_CUT] = True
 
 
 class _Watchdog:
@@ -148,9 +153,10 @@ class _Watchdog:
             self._armed[token] = (time.monotonic() + self.seconds, dbapi_connection)
             return token
 
-    def disarm(self, token: int) -> None:
+    def disarm(self, token: int) -> bool:
+        """False when it is too late: the connection was cut."""
         with self._condition:
-            self._armed.pop(token, None)
+            return self._armed.pop(token, None) is not None
 
     def _run(self) -> None:
         with self._condition:

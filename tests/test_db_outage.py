@@ -114,33 +114,50 @@ def test_a_commit_whose_answer_is_lost_gets_503_and_its_redelivery_is_applied_on
         **FAST_SWEEPS,
     )
     deliveries = {new_msg_id(): membership_body(f"org_{n % 3}", f"user_{n}") for n in range(12)}
-    acknowledged, lost = list(deliveries)[:6], list(deliveries)[6:]
+    acknowledged, lost, refused = list(deliveries)[:6], list(deliveries)[6:11], list(deliveries)[11]
     with running_stack(env, tmp_path / "logs") as stack:
         start(stack, proxied_url(database, proxy))
         for msg_id in acknowledged:
             assert post(stack, deliveries[msg_id], signing_secret, msg_id)[0] == 200
 
-        # The web server's pooled connection is open: the inserts reach PostgreSQL, which
-        # commits them, and the connection dies before the client hears so.
-        proxy.mode = Mode.CUT_ON_REPLY
         for msg_id in lost:
+            # A pooled connection that works (the probe leaves it in the pool) ...
+            proxy.mode = Mode.FORWARD
+            assert exchange(stack.port, "GET", "/readyz")[0] == 200
+            # ... carries the insert to PostgreSQL, which commits it, and dies before the
+            # client hears so.
+            proxy.mode = Mode.CUT_ON_REPLY
             status, headers, _ = post(stack, deliveries[msg_id], signing_secret, msg_id)
             assert status == 503, stack.output()
             assert int(headers["retry-after"]) > 0
-        assert proxy.cuts >= len(lost)
+        # No connection left in the pool: this one fails while connecting.
+        status, headers, _ = post(stack, deliveries[refused], signing_secret, refused)
+        assert status == 503, stack.output()
+        assert int(headers["retry-after"]) > 0
+        assert proxy.cuts >= len(lost) + 1
 
-        # A delivery is stored whole (pending, its exact body) or not at all; never twice.
+        # PostgreSQL answers an autocommitted insert only once it is committed, so the ones
+        # refused after the insert are stored nonetheless: whole (their exact body), once.
+        # The one refused while connecting is not stored at all.
         rows = inbox_rows(database)
-        assert set(rows) <= set(deliveries)
+        assert set(rows) == set(acknowledged) | set(lost)
         for msg_id, row in rows.items():
             assert row.body == deliveries[msg_id]
             assert row.status in {InboxStatus.PENDING, InboxStatus.APPLIED}
 
-        # Svix delivers the unacknowledged ones again once the database answers.
+        # Svix delivers the unacknowledged ones again once the database answers: the stored
+        # ones are found ("duplicate"), the other is stored now.
         proxy.mode = Mode.FORWARD
-        for msg_id in lost:
-            status, _, _ = post(stack, deliveries[msg_id], signing_secret, msg_id)
+        for msg_id in [*lost, refused]:
+            status, _, content = exchange(
+                stack.port,
+                "POST",
+                "/webhooks/clerk",
+                deliveries[msg_id],
+                signed_headers(signing_secret, deliveries[msg_id], msg_id=msg_id),
+            )
             assert status == 200, stack.output()
+            assert json.loads(content)["status"] == ("accepted" if msg_id == refused else "duplicate")
 
         rows = stack.wait_for("every delivery applied", lambda: applied_once(database, deliveries))
         assert {msg_id: row.body for msg_id, row in rows.items()} == deliveries

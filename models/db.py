@@ -172,7 +172,7 @@ class _Watchdog:
                 del self._armed[token]
                 # Under the lock: the connection cannot be checked in (and reused) meanwhile.
                 if _cut(dbapi_connection):
-                    log.warning("database did not answer within %.1f s; connection dropped", self.seconds)
+                    log.warning("a database connection was held over %.1f s: cut", self.seconds)
 
 
 def _cut(dbapi_connection: Any) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -13,6 +12,7 @@ from flask import Flask, Response, request
 from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 
+from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
@@ -159,7 +159,7 @@ def create_app(
                     connection,
                     svix_id=delivery.svix_id,
                     body=delivery.body,
-                    received_at=int(time.time() * 1000),
+                    received_at=now_ms(),
                 )
         except Exception as exc:
             if not (isinstance(exc, RetryableError) or is_connection_error(exc)):

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from conftest import truncate_all
+from conftest import examples, truncate_all
 from histories import generate_history
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,7 +87,7 @@ def live_invitations(engine: Engine) -> dict[str, str]:
 
 
 @settings(
-    max_examples=30,
+    max_examples=examples(30),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -121,7 +121,9 @@ def test_any_delivery_converges_to_in_order_application(
     assert snapshot(engine) == reference
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(history_seed=st.integers(0, 2**32 - 1), delivery_seed=st.integers(0, 2**32 - 1))
 def test_reversed_single_batch_converges(engine: Engine, history_seed: int, delivery_seed: int) -> None:
     events = generate_history(history_seed, 40).events

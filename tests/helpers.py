@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from svix.webhooks import Webhook
+
+T = TypeVar("T")
+
+
+def wait_until(what: str, probe: Callable[[], T | None], bound: float = 60.0) -> T:
+    """Poll ``probe`` until it returns a value; ``bound`` only turns a hang into a failure."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {bound:.0f} s")
+        time.sleep(0.05)
 
 
 def new_msg_id() -> str:

@@ -62,3 +62,13 @@ def envelope(event_type: str, data: dict[str, Any], timestamp_ms: int) -> str:
             "instance_id": "ins_test",
         }
     )
+
+
+def assert_no_secrets(text: str, *secrets: str) -> None:
+    """None of ``secrets`` in ``text``, nor a ``whsec_`` secret's base64 body; names the line, masked."""
+    for secret in secrets:
+        for form in {secret, secret.removeprefix("whsec_")}:
+            for number, line in enumerate(text.splitlines(), 1):
+                if form in line:
+                    shown = line.replace(form, "<SECRET>")
+                    raise AssertionError(f"a secret ({secret[:8]}...) leaked, line {number}: {shown[:300]}")

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import redis
 from conftest import free_port, truncate_all
+from helpers import assert_no_secrets
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
-from stack import FAST_SWEEPS, Stack, hermetic_env, running_stack
+from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, running_stack
 
 from emulator import Emulator, EmulatorConfig
 from models.db import make_session_factory, session_scope
@@ -30,7 +31,7 @@ from models.tables import ApiCall, Command, CommandKind, CommandStatus, Invitati
 from worker.app import create_celery, make_command_sender
 from worker.commands import CommandRequest, LastAdminError, list_api_calls, submit_command
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 SECRET_KEY = "sk_test_commands_e2e"
 BOUND_S = 90.0
@@ -73,6 +74,8 @@ def orgsync_and_emulator(
         stack.start_worker(concurrency=2)
         with Emulator(config) as emu:
             yield stack, emu, make_command_sender(create_celery(Settings.from_env(env)))
+    # Every request, retry and refusal the processes logged: never the key or the signing secret.
+    assert_no_secrets(stack.output(lines=1_000_000), SECRET_KEY, signing_secret)
 
 
 @pytest.fixture

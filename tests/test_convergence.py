@@ -6,11 +6,11 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from conftest import examples, truncate_all
+from conftest import examples
 from histories import generate_history
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 
 from models.db import make_session_factory, session_scope
 from models.events import Event
@@ -30,11 +30,25 @@ def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
     return state
 
 
+def clear_mirror(engine: Engine) -> None:
+    """Empty the mirror tables (all these tests write); far cheaper than TRUNCATE per example."""
+    with engine.begin() as connection:
+        for table in TABLES.values():
+            connection.execute(delete(table))
+
+
 def apply_in_batches(engine: Engine, batches: Sequence[Sequence[Event]]) -> None:
     factory = make_session_factory(engine)
     for batch in batches:
         with session_scope(factory) as session:
             apply_events(session, batch, now_ms=NOW)
+
+
+def apply_in_order(engine: Engine, events: Sequence[Event]) -> None:
+    """Each event applied on its own, in order; one transaction, as commits change nothing here."""
+    with session_scope(make_session_factory(engine)) as session:
+        for event in events:
+            apply_events(session, [event], now_ms=NOW)
 
 
 def deliver(events: Sequence[Event], rng: random.Random) -> list[list[Event]]:
@@ -118,8 +132,8 @@ def test_any_delivery_converges_to_in_order_application(
     if not events:
         return
 
-    truncate_all(engine)
-    apply_in_batches(engine, [[event] for event in events])
+    clear_mirror(engine)
+    apply_in_order(engine, events)
     reference = snapshot(engine)
     # The mirror's live state is Clerk's state, whatever Clerk announced about cascades.
     assert live(reference, engine) == simulator.live_memberships()
@@ -132,7 +146,7 @@ def test_any_delivery_converges_to_in_order_application(
         "roles": simulator.roles,
     }
 
-    truncate_all(engine)
+    clear_mirror(engine)
     apply_in_batches(engine, deliver(events, random.Random(delivery_seed)))
     assert snapshot(engine) == reference
 
@@ -143,10 +157,10 @@ def test_any_delivery_converges_to_in_order_application(
 @given(history_seed=st.integers(0, 2**32 - 1), delivery_seed=st.integers(0, 2**32 - 1))
 def test_reversed_single_batch_converges(engine: Engine, history_seed: int, delivery_seed: int) -> None:
     events = generate_history(history_seed, 40).events
-    truncate_all(engine)
+    clear_mirror(engine)
     apply_in_batches(engine, [events])
     reference = snapshot(engine)
-    truncate_all(engine)
+    clear_mirror(engine)
     shuffled = list(reversed(events)) + events[: len(events) // 2]
     random.Random(delivery_seed).shuffle(shuffled)
     apply_in_batches(engine, [shuffled])

@@ -179,6 +179,13 @@ def test_on_join_enforce_with_reversal_stop_and_dry_run(
 
     [promotion] = stack.wait_for("the on_join command confirmed", lambda: confirmed("acme-admins", 1))
     assert (promotion.user_id, promotion.role, promotion.requested_by) == (alice, ADMIN, "rule:acme-admins")
+    # Only once bob's join is applied (the rules run right after its batch) does "not promoted" mean anything.
+    stack.wait_for(
+        "bob's membership mirrored",
+        lambda: (
+            rows(database, Membership, Membership.organization_id == acme, Membership.user_id == bob) or None
+        ),
+    )
     assert role_in_clerk(emu, acme, bob) == MEMBER
 
     # enforce: the lead must stay admin; a human keeps demoting them.
@@ -230,5 +237,8 @@ def test_on_join_enforce_with_reversal_stop_and_dry_run(
         ),
     )
     assert log.touching(f"/memberships/{carol}") == []
+    # Long after bob's join was applied, still nothing was planned or sent for him.
+    assert rows(database, Command, Command.user_id == bob) == []
+    assert role_in_clerk(emu, acme, bob) == MEMBER
     assert role_in_clerk(emu, sandbox, carol) == MEMBER
     assert rows(database, Command, Command.rule_name == "sandbox-admins")[0].status == CommandStatus.PLANNED

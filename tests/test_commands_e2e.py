@@ -71,7 +71,9 @@ def orgsync_and_emulator(
             **{"rate_limit": 0, "membership_rate_limit": 0, **emulator},
         )
         stack.start_web()
-        stack.start_worker(concurrency=2)
+        # Beat's confirm sweep, as in production: a command whose webhook was applied while its send
+        # was still committing is confirmed by the next sweep, not only by a later webhook.
+        stack.start_worker(beat=True, concurrency=2)
         with Emulator(config) as emu:
             yield stack, emu, make_command_sender(create_celery(Settings.from_env(env)))
     # Every request, retry and refusal the processes logged: never the key or the signing secret.

@@ -38,6 +38,8 @@ class _Omit:
 
 
 OMIT: Final[Any] = _Omit()
+# The default of a field derived from other fields (None is a value Clerk sends, not "unset").
+_DERIVED: Final[Any] = object()
 
 
 def _meta(value: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def membership_data(
     user_id: str,
     *,
     role: str = "org:member",
-    role_name: Any = None,
+    role_name: Any = _DERIVED,
     permissions: Any = None,
     public_metadata: Any = None,
     private_metadata: Any = None,
@@ -154,7 +156,9 @@ def membership_data(
         "object": "organization_membership",
         "id": membership_id,
         "role": role,
-        "role_name": role.removeprefix("org:").replace("_", " ").title() if role_name is None else role_name,
+        "role_name": (
+            role.removeprefix("org:").replace("_", " ").title() if role_name is _DERIVED else role_name
+        ),
         "permissions": ["org:sys_memberships:read"] if permissions is None else permissions,
         "public_metadata": public_metadata if public_metadata is OMIT else _meta(public_metadata),
         "private_metadata": private_metadata if private_metadata is OMIT else _meta(private_metadata),
@@ -182,7 +186,7 @@ def invitation_data(
     url: Any = DEFAULT_INVITATION_URL,
     created_at: int = T0,
     updated_at: int | None = None,
-    expires_at: Any = None,
+    expires_at: Any = _DERIVED,
     user_id: Any = OMIT,
     **extra: Any,
 ) -> Json:
@@ -200,7 +204,7 @@ def invitation_data(
         "public_metadata": public_metadata if public_metadata is OMIT else _meta(public_metadata),
         "private_metadata": private_metadata if private_metadata is OMIT else _meta(private_metadata),
         "url": url,
-        "expires_at": created_at + 7 * 86_400_000 if expires_at is None else expires_at,
+        "expires_at": created_at + 7 * 86_400_000 if expires_at is _DERIVED else expires_at,
         "created_at": created_at,
         "updated_at": created_at if updated_at is None else updated_at,
     }
@@ -214,8 +218,8 @@ def permission_data(
     perm_id: str,
     key: str,
     *,
-    name: str | None = None,
-    description: Any = None,
+    name: Any = _DERIVED,
+    description: Any = _DERIVED,
     type: str = "custom",
     created_at: int = T0,
     updated_at: int | None = None,
@@ -224,9 +228,9 @@ def permission_data(
     return {
         "object": "permission",
         "id": perm_id,
-        "name": key.rpartition(":")[2].title() if name is None else name,
+        "name": key.rpartition(":")[2].title() if name is _DERIVED else name,
         "key": key,
-        "description": f"Ability to {key}" if description is None else description,
+        "description": f"Ability to {key}" if description is _DERIVED else description,
         "type": type,
         "created_at": created_at,
         "updated_at": created_at if updated_at is None else updated_at,
@@ -238,7 +242,7 @@ def role_data(
     key: str,
     *,
     name: str = "Editor",
-    description: Any = None,
+    description: Any = _DERIVED,
     is_creator_eligible: bool = False,
     permissions: Sequence[str | Json] | None = None,
     created_at: int = T0,
@@ -250,7 +254,7 @@ def role_data(
         "id": role_id,
         "name": name,
         "key": key,
-        "description": f"The {name} role" if description is None else description,
+        "description": f"The {name} role" if description is _DERIVED else description,
         "is_creator_eligible": is_creator_eligible,
         "permissions": [
             permission_data(f"perm_{item}", item) if isinstance(item, str) else item
@@ -318,13 +322,9 @@ def user_data(
     return _present(data)
 
 
-def deleted(object_name: str, ident: str, *, slug: str | None = None, **extra: Any) -> Json:
-    """The stub Clerk sends for a deletion (an organization's also carries its slug)."""
-    data: Json = {"object": object_name, "id": ident, "deleted": True}
-    if slug is not None:
-        data["slug"] = slug
-    data.update(extra)
-    return data
+def deleted(object_name: str, ident: str, **extra: Any) -> Json:
+    """The stub Clerk sends for a deletion, with ``extra`` fields (an organization's carries its slug)."""
+    return {"object": object_name, "id": ident, "deleted": True, **extra}
 
 
 def event_envelope(

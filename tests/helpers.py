@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from svix.webhooks import Webhook
 
@@ -33,16 +31,3 @@ def signed_headers(
         f"{prefix}-signature": signature,
         "content-type": "application/json",
     }
-
-
-def envelope(event_type: str, data: dict[str, Any], timestamp_ms: int) -> str:
-    """A Clerk webhook body."""
-    return json.dumps(
-        {
-            "type": event_type,
-            "object": "event",
-            "data": data,
-            "timestamp": timestamp_ms,
-            "instance_id": "ins_test",
-        }
-    )

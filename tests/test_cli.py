@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from conftest import TEST_SIGNING_SECRET, free_port
-from helpers import envelope
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 import orgsync.wsgi
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.inbox import store_delivery
@@ -146,7 +146,7 @@ def history() -> list[tuple[str, dict[str, Any]]]:
 
 def seed(engine: Engine) -> None:
     events = [
-        parse_event(f"msg_seed_{index}", envelope(kind, data, NOW_MS - DAY_MS + index))
+        parse_event(f"msg_seed_{index}", webhook_body(kind, data, NOW_MS - DAY_MS + index))
         for index, (kind, data) in enumerate(history())
     ]
     with session_scope(make_session_factory(engine)) as session:
@@ -423,7 +423,7 @@ def store(engine: Engine, count: int) -> list[str]:
     svix_ids = [f"msg_inbox_{index}" for index in range(count)]
     with session_scope(make_session_factory(engine)) as session:
         for index, svix_id in enumerate(svix_ids):
-            body = envelope(
+            body = webhook_body(
                 "organization.created", organization(f"org_inbox_{index}", f"s{index}", "X", NOW_MS), NOW_MS
             )
             store_delivery(session, svix_id=svix_id, body=body, received_at=NOW_MS + index)

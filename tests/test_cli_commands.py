@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from conftest import free_port
-from helpers import envelope
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.mirror import apply_events
@@ -137,7 +137,7 @@ def history() -> list[tuple[str, dict[str, Any]]]:
 
 def seed(engine: Engine) -> None:
     events = [
-        parse_event(f"msg_cmd_{index}", envelope(kind, data, NOW_MS - DAY_MS + index))
+        parse_event(f"msg_cmd_{index}", webhook_body(kind, data, NOW_MS - DAY_MS + index))
         for index, (kind, data) in enumerate(history())
     ]
     with session_scope(make_session_factory(engine)) as session:

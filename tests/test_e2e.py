@@ -17,11 +17,12 @@ from typing import Any, cast
 import pytest
 import redis
 from conftest import free_port, truncate_all
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, Table, func, select
 from sqlalchemy.orm import Session
 from stack import FAST_SWEEPS, Stack, hermetic_env, request, running_stack
 
+from emulator.payloads import webhook_body
 from models import queries, tables
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
@@ -123,7 +124,7 @@ def lifecycle() -> list[tuple[str, dict[str, Any]]]:
 
 
 def bodies(history: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    return [envelope(kind, data, T + 100 * n) for n, (kind, data) in enumerate(history)]
+    return [webhook_body(kind, data, T + 100 * n) for n, (kind, data) in enumerate(history)]
 
 
 # -- fixtures and probes ---------------------------------------------------------------------

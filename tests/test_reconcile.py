@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import truncate_all
-from helpers import envelope
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mirror_compare import describe, differences, mirror_snapshot
@@ -20,6 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator import DEFAULT_SECRET_KEY, Emulator, EmulatorConfig
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.events import (
     INVITATION_RANK,
@@ -357,7 +357,7 @@ def test_events_for_an_unseen_organization_ask_for_its_reconciliation(factory: s
     with session_scope(factory) as session:
         ids = [
             store_delivery(
-                session, svix_id=f"msg_{n}", body=envelope(kind, data, 1_000 + n), received_at=1
+                session, svix_id=f"msg_{n}", body=webhook_body(kind, data, 1_000 + n), received_at=1
             ).inbox_id
             for n, (kind, data) in enumerate(bodies)
         ]
@@ -369,7 +369,7 @@ def test_events_for_an_unseen_organization_ask_for_its_reconciliation(factory: s
     with session_scope(factory) as session:
         kind, data = bodies[1]
         more = store_delivery(
-            session, svix_id="msg_9", body=envelope(kind, data, 5_000), received_at=1
+            session, svix_id="msg_9", body=webhook_body(kind, data, 5_000), received_at=1
         ).inbox_id
     apply_inbox(factory, [more], now_ms=6_000, max_attempts=3, on_unseen_organizations=asked.append)
     assert asked == [["org_old"]]

@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import TEST_SIGNING_SECRET, free_port
-from helpers import envelope, new_msg_id, signed_headers
+from helpers import new_msg_id, signed_headers
 from stack import request
+
+from emulator.payloads import webhook_body
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on waiting for real processes; a test never asserts how fast anything is.
@@ -106,7 +108,7 @@ def running(
 
 
 def post_event(port: int, event_type: str, data: dict[str, Any], *, msg_id: str | None = None) -> int:
-    body = envelope(event_type, data, int(time.time() * 1000))
+    body = webhook_body(event_type, data, int(time.time() * 1000))
     status, _ = request(
         port,
         "POST",

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import log_tail, stop_process
 
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
 from models.settings import Settings
@@ -38,7 +39,7 @@ def membership_body(
     event_type = (
         "organizationMembership.created" if updated_at == created_at else "organizationMembership.updated"
     )
-    return envelope(
+    return webhook_body(
         event_type,
         {
             "object": "organization_membership",
@@ -141,7 +142,7 @@ def test_worker_applies_events_sent_through_the_broker(
     )
     unparseable = store(
         factory,
-        [envelope("organizationMembership.created", {"id": "orgmem_bad", "role": "org:member"}, T0)],
+        [webhook_body("organizationMembership.created", {"id": "orgmem_bad", "role": "org:member"}, T0)],
         received_at=now,
     )
 

@@ -220,12 +220,13 @@ def permission_data(
     *,
     name: Any = _DERIVED,
     description: Any = _DERIVED,
-    type: str = "custom",
-    created_at: int = T0,
-    updated_at: int | None = None,
+    type: Any = "custom",
+    created_at: Any = T0,
+    updated_at: Any = None,
+    **extra: Any,
 ) -> Json:
     """A ``permission`` (``name`` defaults to the key's last part, titled; ``description`` to a sentence)."""
-    return {
+    data: Json = {
         "object": "permission",
         "id": perm_id,
         "name": key.rpartition(":")[2].title() if name is _DERIVED else name,
@@ -235,6 +236,8 @@ def permission_data(
         "created_at": created_at,
         "updated_at": created_at if updated_at is None else updated_at,
     }
+    data.update(extra)
+    return _present(data)
 
 
 def role_data(
@@ -243,13 +246,14 @@ def role_data(
     *,
     name: str = "Editor",
     description: Any = _DERIVED,
-    is_creator_eligible: bool = False,
+    is_creator_eligible: Any = False,
     permissions: Sequence[str | Json] | None = None,
     created_at: int = T0,
     updated_at: int | None = None,
+    **extra: Any,
 ) -> Json:
     """A ``role``; each permission given as a key becomes ``permission_data("perm_<key>", key)``."""
-    return {
+    data: Json = {
         "object": "role",
         "id": role_id,
         "name": name,
@@ -263,6 +267,8 @@ def role_data(
         "created_at": created_at,
         "updated_at": created_at if updated_at is None else updated_at,
     }
+    data.update(extra)
+    return _present(data)
 
 
 def user_data(

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import free_port, unavailable
+from helpers import BARE_MEMBERSHIP
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from test_worker_e2e import T0, membership_body, running_worker, statuses, store, wait_for, worker_env
 
-from emulator.payloads import webhook_body
+from emulator.payloads import OMIT, membership_data, webhook_body
 from models.db import make_session_factory, session_scope
 from models.errors import RetryableError
 from models.settings import Settings
@@ -40,14 +41,15 @@ def outage_events() -> list[str]:
     bodies.append(
         webhook_body(
             "organizationMembership.deleted",
-            {
-                "id": "orgmem_org_1_user_1",
-                "role": "org:member",
-                "organization": {"id": "org_1"},
-                "public_user_data": {"user_id": "user_1"},
-                "created_at": T0,
-                "updated_at": T0,
-            },
+            membership_data(
+                "orgmem_org_1_user_1",
+                {"id": "org_1"},
+                "user_1",
+                public_user_data={"user_id": "user_1"},
+                created_at=T0,
+                object=OMIT,
+                **BARE_MEMBERSHIP,
+            ),
             T0 + 2_000,
         )
     )

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import new_msg_id
+from helpers import BARE_MEMBERSHIP, BARE_ORGANIZATION, new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import log_tail, stop_process
 
-from emulator.payloads import webhook_body
+from emulator.payloads import OMIT, membership_data, organization_data, webhook_body
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
 from models.settings import Settings
@@ -39,17 +39,19 @@ def membership_body(
     event_type = (
         "organizationMembership.created" if updated_at == created_at else "organizationMembership.updated"
     )
+    organization = organization_data(org, name=org, slug=org, created_at=T0, object=OMIT, **BARE_ORGANIZATION)
     return webhook_body(
         event_type,
-        {
-            "object": "organization_membership",
-            "id": f"orgmem_{org}_{user}",
-            "role": role,
-            "organization": {"id": org, "name": org, "slug": org, "created_at": T0, "updated_at": T0},
-            "public_user_data": {"user_id": user, "identifier": f"{user}@example.com"},
-            "created_at": created_at,
-            "updated_at": updated_at,
-        },
+        membership_data(
+            f"orgmem_{org}_{user}",
+            organization,
+            user,
+            role=role,
+            public_user_data={"user_id": user, "identifier": f"{user}@example.com"},
+            created_at=created_at,
+            updated_at=updated_at,
+            **BARE_MEMBERSHIP,
+        ),
         updated_at,
     )
 

@@ -10,7 +10,14 @@ from typing import Any
 
 from svix.webhooks import Webhook
 
-from emulator.payloads import OMIT, membership_data, organization_data, user_public_data, webhook_body
+from emulator.payloads import (
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    user_public_data,
+    webhook_body,
+)
 
 WEBHOOK_PATH = "/webhooks/clerk"
 ROLES = (
@@ -195,7 +202,7 @@ def synthetic_memberships(orgs: int, members: int, *, updated_at: int) -> list[d
     return [
         membership_data(
             f"orgmem_{n}_{m}",
-            {"object": "organization", "id": f"org_{n}"},
+            organization_data(f"org_{n}", name=OMIT, slug=OMIT, created_at=OMIT, **BARE_ORGANIZATION),
             f"user_{n}_{m}",
             role_name="Member",
             public_metadata={"n": m},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final
 
 from emulator.records import Invitation, Json, Membership, Organization, Permission, Role, User
@@ -40,6 +41,30 @@ class _Omit:
 OMIT: Final[Any] = _Omit()
 # The default of a field derived from other fields (None is a value Clerk sends, not "unset").
 _DERIVED: Final[Any] = object()
+
+
+# Spread into organization_data / membership_data for a payload with only identity, role and
+# timestamps (what many tests and the benchmark need): a mirror stores the fields left out as null.
+BARE_ORGANIZATION: Final[Mapping[str, Any]] = MappingProxyType(
+    {
+        name: OMIT
+        for name in (
+            "image_url",
+            "has_image",
+            "members_count",
+            "missing_member_with_elevated_permissions",
+            "pending_invitations_count",
+            "max_allowed_memberships",
+            "admin_delete_enabled",
+            "public_metadata",
+            "private_metadata",
+            "created_by",
+        )
+    }
+)
+BARE_MEMBERSHIP: Final[Mapping[str, Any]] = MappingProxyType(
+    {name: OMIT for name in ("role_name", "permissions", "public_metadata", "private_metadata")}
+)
 
 
 def _meta(value: Mapping[str, Any] | None) -> dict[str, Any]:

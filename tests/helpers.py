@@ -4,32 +4,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from svix.webhooks import Webhook
-
-from emulator.payloads import OMIT
-
-# For payloads with only what a test reads (identity, role, timestamps): spread into
-# organization_data / membership_data. A field left out is stored as null by the mirror.
-BARE_ORGANIZATION: dict[str, Any] = {
-    name: OMIT
-    for name in (
-        "image_url",
-        "has_image",
-        "members_count",
-        "missing_member_with_elevated_permissions",
-        "pending_invitations_count",
-        "max_allowed_memberships",
-        "admin_delete_enabled",
-        "public_metadata",
-        "private_metadata",
-        "created_by",
-    )
-}
-BARE_MEMBERSHIP: dict[str, Any] = {
-    name: OMIT for name in ("role_name", "permissions", "public_metadata", "private_metadata")
-}
 
 
 def new_msg_id() -> str:

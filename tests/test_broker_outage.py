@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import free_port, unavailable
-from helpers import BARE_MEMBERSHIP
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from test_worker_e2e import T0, membership_body, running_worker, statuses, store, wait_for, worker_env
 
-from emulator.payloads import OMIT, membership_data, webhook_body
+from emulator.payloads import BARE_MEMBERSHIP, OMIT, membership_data, webhook_body
 from models.db import make_session_factory, session_scope
 from models.errors import RetryableError
 from models.settings import Settings

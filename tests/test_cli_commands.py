@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from emulator.payloads import (
     OMIT,
+    invitation_data,
     membership_data,
     organization_data,
     permission_data,
@@ -120,20 +121,15 @@ def history() -> list[tuple[str, dict[str, Any]]]:
         ),
         (
             "organizationInvitation.created",
-            {
-                "object": "organization_invitation",
-                "id": "orginv_dan",
-                "email_address": "dan@acme.test",
-                "role": "org:member",
-                "role_name": "Member",
-                "organization_id": ORG,
-                "status": "pending",
-                "public_metadata": {},
-                "url": None,
-                "expires_at": NOW_MS + DAY_MS,
-                "created_at": t + 40,
-                "updated_at": t + 40,
-            },
+            invitation_data(
+                "orginv_dan",
+                ORG,
+                email="dan@acme.test",
+                private_metadata=OMIT,
+                url=None,
+                expires_at=NOW_MS + DAY_MS,
+                created_at=t + 40,
+            ),
         ),
     ]
 

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import truncate_all
-from helpers import BARE_MEMBERSHIP, BARE_ORGANIZATION
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mirror_compare import describe, differences, mirror_snapshot
@@ -20,7 +19,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator import DEFAULT_SECRET_KEY, Emulator, EmulatorConfig
-from emulator.payloads import OMIT, membership_data, organization_data, webhook_body
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.events import (
     INVITATION_RANK,

@@ -18,10 +18,16 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import TEST_SIGNING_SECRET, free_port
-from helpers import BARE_MEMBERSHIP, BARE_ORGANIZATION, new_msg_id, signed_headers
+from helpers import new_msg_id, signed_headers
 from stack import request
 
-from emulator.payloads import membership_data, organization_data, webhook_body
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on waiting for real processes; a test never asserts how fast anything is.

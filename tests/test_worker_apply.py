@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from helpers import BARE_MEMBERSHIP, BARE_ORGANIZATION, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.apply
-from emulator.payloads import OMIT, membership_data, organization_data, webhook_body
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import RetryableError
 from models.events import Event

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import BARE_MEMBERSHIP, BARE_ORGANIZATION, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import log_tail, stop_process
 
-from emulator.payloads import OMIT, membership_data, organization_data, webhook_body
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
 from models.settings import Settings

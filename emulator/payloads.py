@@ -3,7 +3,9 @@
 The keyword builders (``organization_data``, ``membership_data``, ...) take every field as a
 keyword argument with a plausible default, so that a test names only what it varies; a field
 given as ``OMIT`` is left out of the payload (Clerk leaves out, for instance, ``members_count``
-unless asked). The record builders (``organization``, ``membership``, ...) are the emulator's:
+unless asked; ``BARE_ORGANIZATION`` and ``BARE_MEMBERSHIP`` leave out every optional field).
+``event_envelope`` wraps an object in a webhook event, ``webhook_body`` as its JSON text. The
+record builders (``organization``, ``membership``, ...) are the emulator's:
 they fill every field from its records, with every field that the Backend API spec marks
 required (the official SDK rejects a response missing one) and the optional ones a mirror reads.
 Metadata dicts are copied so that a payload is a snapshot, never a live view of the state.
@@ -570,6 +572,5 @@ def user(rec: User) -> Json:
 
 def envelope(event_type: str, data: Json, *, timestamp: int, instance_id: str) -> Json:
     """The envelope of an emulator delivery, with the request attributes Clerk adds."""
-    return event_envelope(
-        event_type, data, timestamp, instance_id=instance_id, event_attributes=EMULATOR_EVENT_ATTRIBUTES
-    )
+    attributes = copy.deepcopy(EMULATOR_EVENT_ATTRIBUTES)
+    return event_envelope(event_type, data, timestamp, instance_id=instance_id, event_attributes=attributes)

@@ -527,6 +527,22 @@ def create_app(
             private_metadata=body.get("private_metadata"),
         )
 
+    @v1.get("/users")
+    def list_users() -> Any:
+        limit, offset = _page_args()
+        return state.list_users(
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+            user_ids=_list_arg("user_id"),
+            email_addresses=_list_arg("email_address"),
+            usernames=_list_arg("username"),
+            organization_ids=_list_arg("organization_id"),
+            query=request.args.get("query") or None,
+            created_at_before=_optional_int_arg("created_at_before"),
+            created_at_after=_optional_int_arg("created_at_after"),
+        )
+
     @v1.get("/users/<user_id>")
     def get_user(user_id: str) -> Any:
         return state.get_user(user_id)

@@ -306,7 +306,10 @@ class State:
         role_id = self._role_keys.get(inv.role)
         role_name = self._roles[role_id].name if role_id else inv.role
         inviter = self._users.get(inv.inviter_id) if inv.inviter_id else None
-        return payloads.invitation(inv, role_name=role_name, inviter=inviter)
+        data = payloads.invitation(inv, role_name=role_name, inviter=inviter)
+        # No event marks an expiry, but Clerk's reads show it, as its ``status=expired`` filter.
+        data["status"] = _effective_status(inv, self.clock.peek())
+        return data
 
     # ------------------------------------------------------------------ users
     def create_user(
@@ -350,6 +353,64 @@ class State:
     def get_user(self, user_id: str) -> Json:
         with self.lock:
             return payloads.user(self._user(user_id))
+
+    def list_users(
+        self,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        order_by: str | None = None,
+        user_ids: Sequence[str] = (),
+        email_addresses: Sequence[str] = (),
+        usernames: Sequence[str] = (),
+        organization_ids: Sequence[str] = (),
+        query: str | None = None,
+        created_at_before: int | None = None,
+        created_at_after: int | None = None,
+    ) -> list[Json]:
+        """Clerk's user list (a bare array) with the filters about what the emulator holds."""
+        check_page(limit, offset)
+        field, descending = parse_order(
+            order_by,
+            ("created_at", "updated_at", "email_address", "first_name", "last_name", "username"),
+            "-created_at",
+        )
+        include, exclude = _signed(user_ids)
+        include_orgs, exclude_orgs = _signed(organization_ids)
+        with self.lock:
+            users = list(self._users.values())
+            if include:
+                users = [u for u in users if u.id in include]
+            if exclude:
+                users = [u for u in users if u.id not in exclude]
+            if email_addresses:
+                emails = {e.lower() for e in email_addresses}
+                users = [u for u in users if u.email_address.lower() in emails]
+            if usernames:
+                names = set(usernames)
+                users = [u for u in users if u.username in names]
+            if include_orgs:
+                users = [u for u in users if include_orgs & self._user_orgs[u.id]]
+            if exclude_orgs:
+                users = [u for u in users if not exclude_orgs & self._user_orgs[u.id]]
+            if query:
+                users = [
+                    u
+                    for u in users
+                    if u.id == query
+                    or _partial(query, u.email_address, u.username, u.first_name, u.last_name)
+                ]
+            if created_at_before is not None:
+                users = [u for u in users if u.created_at < created_at_before]
+            if created_at_after is not None:
+                users = [u for u in users if u.created_at > created_at_after]
+
+            def key(user: User) -> tuple[Any, ...]:
+                value = user.email_address if field == "email_address" else getattr(user, field)
+                return (_sort_key(value), user.created_at, user.id)
+
+            users.sort(key=key, reverse=descending)
+            return [payloads.user(u) for u in users[offset : offset + limit]]
 
     def find_user_id(self, email_address: str) -> str | None:
         with self.lock:

@@ -169,7 +169,7 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
                 limit=limit,
                 offset=offset,
                 order_by=params.text("order_by"),
-                status=status or params.text("status"),
+                status=status or params.values("status"),
                 email_address=params.text("email_address"),
                 query=params.text("query"),
             )

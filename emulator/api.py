@@ -401,7 +401,7 @@ def create_app(
         limit, offset = _page_args()
         return state.list_invitations(
             org_id,
-            status=request.args.get("status") or None,
+            status=_list_arg("status"),
             limit=limit,
             offset=offset,
             order_by=request.args.get("order_by"),
@@ -413,7 +413,7 @@ def create_app(
         limit, offset = _page_args()
         return state.list_invitations(
             None,
-            status=request.args.get("status") or None,
+            status=_list_arg("status"),
             limit=limit,
             offset=offset,
             order_by=request.args.get("order_by"),
@@ -424,7 +424,7 @@ def create_app(
     def list_user_invitations(user_id: str) -> Any:
         limit, offset = _page_args()
         return state.list_invitations(
-            None, user_id=user_id, status=request.args.get("status") or None, limit=limit, offset=offset
+            None, user_id=user_id, status=_list_arg("status"), limit=limit, offset=offset
         ).body()
 
     @v1.get("/organizations/<org_id>/invitations/pending")

@@ -950,7 +950,7 @@ class State:
         self,
         org_id: str | None,
         *,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         limit: int = 10,
         offset: int = 0,
         order_by: str | None = None,
@@ -961,7 +961,8 @@ class State:
         """Invitations of one organization, of one user (sent to their email or accepted by them),
         or of the whole instance; the last two carry ``public_organization_data`` as Clerk's."""
         check_page(limit, offset)
-        if status is not None and status not in INVITATION_STATUSES:
+        statuses = {status} if isinstance(status, str) else set(status or ())
+        if not statuses <= set(INVITATION_STATUSES):
             raise param_invalid("status", f"must be one of {', '.join(INVITATION_STATUSES)}")
         field, descending = parse_order(order_by, ("created_at", "email_address"), "-created_at")
         with self.lock:
@@ -973,8 +974,8 @@ class State:
                 email = self._user(user_id).email_address.lower()
                 invs = [i for i in invs if i.user_id == user_id or i.email_address.lower() == email]
             now = self.clock.peek()
-            if status is not None:
-                invs = [i for i in invs if _effective_status(i, now) == status]
+            if statuses:
+                invs = [i for i in invs if _effective_status(i, now) in statuses]
             if email_address:
                 invs = [i for i in invs if i.email_address.lower() == email_address.lower()]
             if query:

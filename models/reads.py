@@ -521,7 +521,7 @@ def list_invitations(
     limit: int = 10,
     offset: int = 0,
     order_by: str | None = None,
-    status: str | None = None,
+    status: str | Sequence[str] | None = None,
     email_address: str | None = None,
     query: str | None = None,
     now_ms: int | None = None,
@@ -529,11 +529,13 @@ def list_invitations(
     """Invitations of one organization (id or slug), of one user, or of the whole instance.
 
     A user's invitations are those sent to the user's email or accepted by the user. None when
-    the organization or user named is unknown. Status ``expired`` is derived from ``expires_at``.
+    the organization or user named is unknown. ``status`` is one or several statuses (any
+    matches); ``expired`` is derived from ``expires_at``.
     """
     check_window(limit, offset)
     order = parse_order(order_by, INVITATION_ORDER)
-    if status is not None and status not in INVITATION_STATUSES:
+    statuses = _values("status", [status] if isinstance(status, str) else status or ())
+    if any(item not in INVITATION_STATUSES for item in statuses):
         raise InvalidParameterError("status", f"must be one of {', '.join(INVITATION_STATUSES)}")
     now = _now(now_ms)
     conditions: list[ColumnElement[bool]] = [Invitation.deleted.is_(False)]
@@ -548,8 +550,8 @@ def list_invitations(
         emails = _user_emails(session, user)
         mine = Invitation.user_id == user
         conditions.append(or_(mine, func.lower(Invitation.email_address).in_(emails)) if emails else mine)
-    if status is not None:
-        conditions.append(_status_condition(status, now))
+    if statuses:
+        conditions.append(or_(*(_status_condition(item, now) for item in statuses)))
     if email_address:
         conditions.append(func.lower(Invitation.email_address) == email_address.lower())
     if query:

@@ -3,20 +3,25 @@
 The emulator serves the world over HTTP; ``orgsync serve`` (a real gunicorn server) serves
 the mirror filled from the world's events. Every read endpoint is called through
 ``clerk_backend_api.Clerk`` on both, with paging and filters, and the parsed responses must
-be equal, except for the fields listed in ``NOT_MIRRORED`` (each with the reason).
+be equal, except for the fields listed in ``NOT_MIRRORED`` (each with the reason). The
+common calls are made through Clerk's JavaScript SDK too (tests/js), when node is present.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
+import subprocess
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from clerk_backend_api import Clerk, models
+from conftest import unavailable
 from read_world import TOKEN, World, build_world, mirror
 from stack import hermetic_env, running_stack
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -54,10 +59,16 @@ USER_PUBLIC_FIELDS = (
 
 
 class Servers:
-    def __init__(self, world: World, emulator_url: str, orgsync_url: str) -> None:
+    """Both servers by base URL (without ``/v1``), and an SDK client for each."""
+
+    def __init__(self, world: World, emulator_base: str, orgsync_base: str) -> None:
         self.world = world
-        self.emulator = Clerk(bearer_auth=EMULATOR_KEY, server_url=emulator_url, retry_config=NO_RETRIES)
-        self.orgsync = Clerk(bearer_auth=TOKEN, server_url=orgsync_url, retry_config=NO_RETRIES)
+        self.emulator_base = emulator_base
+        self.orgsync_base = orgsync_base
+        self.emulator = Clerk(
+            bearer_auth=EMULATOR_KEY, server_url=f"{emulator_base}/v1", retry_config=NO_RETRIES
+        )
+        self.orgsync = Clerk(bearer_auth=TOKEN, server_url=f"{orgsync_base}/v1", retry_config=NO_RETRIES)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +97,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             stack.start_web(threads=4)
             yield Servers(
                 world,
-                f"http://127.0.0.1:{server.server_port}/v1",
-                f"http://127.0.0.1:{stack.port}/v1",
+                f"http://127.0.0.1:{server.server_port}",
+                f"http://127.0.0.1:{stack.port}",
             )
             stack.check_alive()
     finally:
@@ -330,3 +341,66 @@ def test_a_wrong_key_gets_the_same_401(servers: Servers) -> None:
             wrong.organizations.list()
         answers.append((raised.value.status_code, error_code(raised.value)))
     assert answers == [(401, "authentication_invalid")] * 2
+
+
+# ---------------------------------------------------------------- JavaScript SDK
+JS_DIR = Path(__file__).resolve().parent / "js"
+JS_SDK = "@clerk/backend"
+NPM_BOUND_S = 300
+
+
+def js_sdk_ready() -> str:
+    """``node``, once the JavaScript SDK is in tests/js (skip, or fail under CI, if it cannot be)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        unavailable("node and npm are not installed: the JavaScript SDK check needs them")
+    wanted = json.loads((JS_DIR / "package.json").read_text())["dependencies"][JS_SDK]
+    installed = JS_DIR / "node_modules" / JS_SDK / "package.json"
+    if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
+        # From the lock file, into tests/js/node_modules, kept for the next run.
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS_DIR,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=NPM_BOUND_S,
+        )
+        if done.returncode != 0:
+            unavailable(f"npm ci could not install {JS_SDK} {wanted}: {done.stderr.strip()[-500:]}")
+    return node
+
+
+def test_the_javascript_sdk_reads_the_same_from_orgsync_as_from_the_emulator(servers: Servers) -> None:
+    node = js_sdk_ready()
+    world = servers.world
+    config = {
+        "sides": {
+            "emulator": {"apiUrl": servers.emulator_base, "secretKey": EMULATOR_KEY},
+            "orgsync": {"apiUrl": servers.orgsync_base, "secretKey": TOKEN},
+        },
+        "orgId": world.orgs["acme"],
+        "orgSlug": "gamma",
+        "userId": world.users["dan"],
+        "inviteeId": world.users["dan"],
+    }
+    done = subprocess.run(
+        [node, "read_parity.mjs", json.dumps(config)],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert len(results) == 15
+    for name, sides in results.items():
+        emulator, orgsync = sides["emulator"], sides["orgsync"]
+        assert orgsync == emulator, f"{name}:\n" + "\n".join(differences(orgsync, emulator)[:20])
+        if name.startswith("unknown"):
+            assert emulator == {"error": 404, "codes": ["resource_not_found"]}
+        else:
+            assert "ok" in emulator, f"{name}: {emulator}"
+            found = emulator["ok"]
+            assert found.get("totalCount", 1) > 0 and found.get("data", [found]), f"{name} reads nothing"

@@ -7,6 +7,7 @@ settings (several during rotation), are compared in constant time and never logg
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -27,8 +28,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _listing(listing: reads.Listing[T], item: Callable[[T], dict[str, Any]]) -> dict[str, Any]:
-    return {"data": [item(x) for x in listing.data], "total_count": listing.total_count}
+def _json(payload: Any) -> Response:
+    # Compact and in Clerk's field order: Flask's jsonify sorts every key of every nested
+    # object, a large share of a page's time for a hundred memberships.
+    return Response(json.dumps(payload, separators=(",", ":")), mimetype="application/json")
+
+
+def _listing(listing: reads.Listing[T], item: Callable[[T], dict[str, Any]]) -> Response:
+    return _json({"data": [item(x) for x in listing.data], "total_count": listing.total_count})
 
 
 def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
@@ -102,10 +109,10 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
         org = read(lambda s: reads.get_organization(s, org_id))
         if org is None:
             raise not_found("organization", org_id)
-        return render.organization(org, counts=counts)
+        return _json(render.organization(org, counts=counts))
 
     # ------------------------------------------------------------ memberships
-    def memberships(organization: str | None = None, user: str | None = None) -> dict[str, Any]:
+    def memberships(organization: str | None = None, user: str | None = None) -> Response:
         limit, offset = params.window()
         params.refuse_unmirrored(
             "phone_number",
@@ -159,7 +166,7 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
         *,
         status: str | None = None,
         with_organization: bool = False,
-    ) -> dict[str, Any]:
+    ) -> Response:
         limit, offset = params.window()
         listing = read(
             lambda s: reads.list_invitations(
@@ -238,14 +245,14 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
             )
         )
         # Clerk's user list is a bare array, without a total.
-        return [render.user(u) for u in listing.data]
+        return _json([render.user(u) for u in listing.data])
 
     @v1.get("/users/<user_id>")
     def get_user(user_id: str) -> Any:
         found = read(lambda s: reads.get_user(s, user_id))
         if found is None:
             raise not_found("user", user_id)
-        return render.user(found)
+        return _json(render.user(found))
 
     @v1.route("/<path:rest>", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
     def unknown(rest: str) -> Any:

@@ -308,11 +308,16 @@ def _user_data_field(name: str) -> Any:
     return Membership.public_user_data[name].as_string()
 
 
-def _membership_views(session: Session, rows: Sequence[Membership], now_ms: int) -> list[MembershipView]:
+def _membership_views(
+    session: Session, rows: Sequence[Membership], now_ms: int, org: Organization | None = None
+) -> list[MembershipView]:
     org_ids = sorted({row.organization_id for row in rows})
-    org_rows = (
-        list(session.scalars(select(Organization).where(Organization.id.in_(org_ids)))) if org_ids else []
-    )
+    if org is not None and org_ids == [org.id]:
+        org_rows = [org]  # one organization's page: already read, no second query
+    elif org_ids:
+        org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(org_ids))))
+    else:
+        org_rows = []
     orgs = _organization_records(session, org_rows, now_ms)
     views = []
     for row in rows:
@@ -378,6 +383,7 @@ def list_memberships(
     emails = [email.lower() for email in _values("email_address", email_addresses)]
     names = _values("username", usernames)
     conditions: list[ColumnElement[bool]] = [Membership.deleted.is_(False)]
+    org: Organization | None = None
     if organization is not None:
         org = _live_org_row(session, organization)
         if org is None:
@@ -431,7 +437,7 @@ def list_memberships(
     }[order.field]
     statement = _ordered(statement.where(*conditions), order, key, Membership.created_at, Membership.id)
     rows, total = _window(session, statement, limit, offset)
-    return Listing(_membership_views(session, rows, _now(now_ms)), total)
+    return Listing(_membership_views(session, rows, _now(now_ms), org), total)
 
 
 # ---------------------------------------------------------------- invitations

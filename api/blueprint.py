@@ -195,6 +195,13 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
     def list_pending_invitations(org_id: str) -> Any:
         return invitations(organization=org_id, status="pending")
 
+    @v1.get("/organizations/<org_id>/invitations/<invitation_id>")
+    def get_invitation(org_id: str, invitation_id: str) -> Any:
+        found = read(lambda s: reads.get_invitation(s, org_id, invitation_id))
+        if found is None:
+            raise not_found("organization invitation", invitation_id)
+        return _json(render.invitation(found))
+
     @v1.get("/organization_invitations")
     def list_instance_invitations() -> Any:
         return invitations(with_organization=True)
@@ -213,6 +220,20 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
             )
         )
         return _listing(listing, render.role)
+
+    @v1.get("/organization_roles/<role_id>")
+    def get_role(role_id: str) -> Any:
+        found = read(lambda s: reads.get_role(s, role_id))
+        if found is None:
+            raise not_found("role", role_id)
+        return _json(render.role(found))
+
+    @v1.get("/organization_permissions/<permission_id>")
+    def get_permission(permission_id: str) -> Any:
+        found = read(lambda s: reads.get_permission(s, permission_id))
+        if found is None:
+            raise not_found("permission", permission_id)
+        return _json(render.permission(found))
 
     @v1.get("/organization_permissions")
     def list_permissions() -> Any:

@@ -493,6 +493,10 @@ def create_app(
             limit=limit, offset=offset, order_by=request.args.get("order_by"), query=request.args.get("query")
         ).body()
 
+    @v1.get("/organization_permissions/<permission_id>")
+    def get_permission(permission_id: str) -> Any:
+        return state.get_permission(permission_id)
+
     @v1.get("/organization_roles/<role_id>")
     def get_role(role_id: str) -> Any:
         return state.get_role(role_id)

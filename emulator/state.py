@@ -1114,6 +1114,13 @@ class State:
             page = perms[offset : offset + limit]
             return Page([payloads.permission(p) for p in page], len(perms))
 
+    def get_permission(self, permission_id: str) -> Json:
+        with self.lock:
+            perm = self._permissions.get(permission_id)
+            if perm is None:
+                raise not_found("permission", permission_id)
+            return payloads.permission(perm)
+
     def get_role(self, role_id: str) -> Json:
         with self.lock:
             role = self._roles.get(role_id)

@@ -570,6 +570,23 @@ def list_invitations(
     return Listing(_invitation_records(session, rows, now), total)
 
 
+def get_invitation(
+    session: Session, organization: str, invitation_id: str, *, now_ms: int | None = None
+) -> InvitationRecord | None:
+    """One invitation of the live organization (id or slug), or None."""
+    org = _live_org_row(session, organization)
+    if org is None:
+        return None
+    row = session.scalars(
+        select(Invitation).where(
+            Invitation.id == invitation_id,
+            Invitation.organization_id == org.id,
+            Invitation.deleted.is_(False),
+        )
+    ).first()
+    return None if row is None else _invitation_records(session, [row], _now(now_ms))[0]
+
+
 # ------------------------------------------------------- roles and permissions
 def _permission_record(row: Permission) -> PermissionRecord:
     return PermissionRecord(
@@ -591,18 +608,7 @@ def _catalogue_query(table: type[Role] | type[Permission], order: Order, query: 
     return _ordered(select(table).where(*conditions), order, column, table.created_at, table.id)
 
 
-def list_roles(
-    session: Session,
-    *,
-    limit: int = 10,
-    offset: int = 0,
-    order_by: str | None = None,
-    query: str | None = None,
-) -> Listing[RoleView]:
-    """Live roles, each with its permissions as full Permission objects where the mirror knows them."""
-    check_window(limit, offset)
-    order = parse_order(order_by, ROLE_ORDER)
-    rows, total = _window(session, _catalogue_query(Role, order, query), limit, offset)
+def _role_views(session: Session, rows: Sequence[Role]) -> list[RoleView]:
     keys = sorted({key for row in rows for key in row.permissions or []})
     known = {
         row.key: _permission_record(row)
@@ -613,7 +619,7 @@ def list_roles(
         )
         if row.key is not None
     }
-    views = [
+    return [
         RoleView(
             id=row.id,
             key=row.key,
@@ -626,7 +632,35 @@ def list_roles(
         )
         for row in rows
     ]
-    return Listing(views, total)
+
+
+def get_role(session: Session, role_id: str) -> RoleView | None:
+    """The live role with this id, or None."""
+    row = session.scalars(select(Role).where(Role.id == role_id, Role.deleted.is_(False))).first()
+    return None if row is None else _role_views(session, [row])[0]
+
+
+def get_permission(session: Session, permission_id: str) -> PermissionRecord | None:
+    """The live permission with this id, or None."""
+    row = session.scalars(
+        select(Permission).where(Permission.id == permission_id, Permission.deleted.is_(False))
+    ).first()
+    return None if row is None else _permission_record(row)
+
+
+def list_roles(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    query: str | None = None,
+) -> Listing[RoleView]:
+    """Live roles, each with its permissions as full Permission objects where the mirror knows them."""
+    check_window(limit, offset)
+    order = parse_order(order_by, ROLE_ORDER)
+    rows, total = _window(session, _catalogue_query(Role, order, query), limit, offset)
+    return Listing(_role_views(session, rows), total)
 
 
 def list_permissions(

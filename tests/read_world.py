@@ -48,6 +48,8 @@ class World:
     orgs: dict[str, str] = field(default_factory=dict)
     invitations: dict[str, str] = field(default_factory=dict)
     created_at: dict[str, int] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    permissions: dict[str, str] = field(default_factory=dict)
 
 
 def build_world() -> World:
@@ -127,6 +129,8 @@ def build_world() -> World:
     mia = state.accept_invitation(world.invitations["mia"], first_name="Mia", last_name="Moss")
     world.users["mia"] = mia["public_user_data"]["user_id"]
     state.delete_organization(o["temp"])
+    world.roles = {r["key"]: r["id"] for r in state.list_roles(limit=500).data}
+    world.permissions = {p["key"]: p["id"] for p in state.list_permissions(limit=500).data}
     now[0] = wall_ms()
     return world
 

@@ -374,3 +374,16 @@ def test_read_layer_names_the_bad_parameter() -> None:
     assert raised.value.param == "order_by"
     with pytest.raises(reads.InvalidParameterError, match="limit"):
         reads.check_window(0, 0)
+
+
+def test_single_invitation_role_and_permission(client: FlaskClient, world: World) -> None:
+    judy = world.invitations["judy"]
+    assert get(client, f"/v1/organizations/acme/invitations/{judy}")["email_address"] == "judy@acme.test"
+    assert error_of(get(client, f"/v1/organizations/beta/invitations/{judy}", 404))[0] == "resource_not_found"
+    roles = {r["key"]: r["id"] for r in get(client, "/v1/organization_roles")["data"]}
+    billing = get(client, f"/v1/organization_roles/{roles['org:billing']}")
+    assert billing["name"] == "Billing" and len(billing["permissions"]) == 2
+    permission = get(client, f"/v1/organization_permissions/{billing['permissions'][0]['id']}")
+    assert permission["key"] == "org:sys_billing:read"
+    assert error_of(get(client, "/v1/organization_roles/role_nobody", 404))[0] == "resource_not_found"
+    assert error_of(get(client, "/v1/organization_permissions/perm_nobody", 404))[0] == "resource_not_found"

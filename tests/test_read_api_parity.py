@@ -258,6 +258,12 @@ def cases() -> dict[str, Call]:
         "invitations pending endpoint": lambda c, w: quiet(
             lambda: c.organization_invitations.list_pending(organization_id=acme(w))
         ),
+        "invitation": lambda c, w: c.organization_invitations.get(
+            organization_id=acme(w), invitation_id=w.invitations["judy"]
+        ),
+        "invitation by slug": lambda c, w: c.organization_invitations.get(
+            organization_id="acme", invitation_id=w.invitations["liam"]
+        ),
         "invitations of the instance": lambda c, w: c.organization_invitations.get_all(limit=50),
         "invitations of the instance filtered": lambda c, w: c.organization_invitations.get_all(
             status="pending", query="acme", order_by="+email_address"
@@ -270,6 +276,10 @@ def cases() -> dict[str, Call]:
         "roles": lambda c, w: c.organization_roles.list(),
         "roles by key": lambda c, w: c.organization_roles.list(order_by="key", limit=2, offset=1),
         "roles by query": lambda c, w: c.organization_roles.list(query="mem"),
+        "role": lambda c, w: c.organization_roles.get(organization_role_id=w.roles["org:billing"]),
+        "permission": lambda c, w: c.organization_permissions.get(
+            permission_id=w.permissions["org:sys_profile:manage"]
+        ),
         "permissions": lambda c, w: c.organization_permissions.list(limit=20),
         "permissions paged by name": lambda c, w: c.organization_permissions.list(
             order_by="-name", limit=4, offset=2
@@ -311,14 +321,22 @@ def error_code(error: models.ClerkBaseError) -> str:
     return code
 
 
-ERROR_CASES: dict[str, Callable[[Clerk], Any]] = {
-    "unknown organization": lambda c: c.organizations.get(organization_id="no-such-org"),
-    "members of an unknown organization": lambda c: c.organization_memberships.list(
+ERROR_CASES: dict[str, Call] = {
+    "unknown organization": lambda c, w: c.organizations.get(organization_id="no-such-org"),
+    "members of an unknown organization": lambda c, w: c.organization_memberships.list(
         organization_id="no-such-org"
     ),
-    "limit too large": lambda c: c.organizations.list(limit=501),
-    "unknown order": lambda c: c.organizations.list(order_by="-color"),
-    "unknown user": lambda c: c.users.get(user_id="user_nobody"),
+    "limit too large": lambda c, w: c.organizations.list(limit=501),
+    "unknown order": lambda c, w: c.organizations.list(order_by="-color"),
+    "unknown user": lambda c, w: c.users.get(user_id="user_nobody"),
+    "unknown invitation": lambda c, w: c.organization_invitations.get(
+        organization_id="acme", invitation_id="orginv_x"
+    ),
+    "invitation of another organization": lambda c, w: c.organization_invitations.get(
+        organization_id="beta", invitation_id=w.invitations["judy"]
+    ),
+    "unknown role": lambda c, w: c.organization_roles.get(organization_role_id="role_nobody"),
+    "unknown permission": lambda c, w: c.organization_permissions.get(permission_id="perm_nobody"),
 }
 
 
@@ -327,7 +345,7 @@ def test_errors_have_the_same_status_and_code(servers: Servers, name: str) -> No
     errors = []
     for client in (servers.emulator, servers.orgsync):
         with pytest.raises(models.ClerkBaseError) as raised:
-            ERROR_CASES[name](client)
+            ERROR_CASES[name](client, servers.world)
         errors.append((raised.value.status_code, error_code(raised.value)))
     assert errors[0] == errors[1]
 

@@ -233,6 +233,8 @@ def test_membership_order(client: FlaskClient, world: World) -> None:
     )
     paged = [user_ids(get(client, acme, limit=3, offset=offset)) for offset in (0, 3, 6, 9)]
     assert [uid for page in paged for uid in page] == user_ids(get(client, acme, limit=100))
+    assert get(client, acme, offset=50) == {"data": [], "total_count": 9}
+    assert get(client, acme, role="org:nobody") == {"data": [], "total_count": 0}
 
 
 def test_membership_lists_of_the_instance_and_of_a_user(client: FlaskClient, world: World) -> None:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, request
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
 
 from api import params, render
 from api.errors import ApiError, invalid, not_found, unauthorized
@@ -73,6 +74,17 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
         if isinstance(error, reads.InvalidParameterError):
             return invalid(error.param, error.detail).response()
         return invalid("request", str(error)).response()
+
+    @v1.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = "resource_not_found" if status == 404 else "request_invalid"
+        return ApiError(status, code, error.name, error.description or error.name).response()
+
+    @v1.errorhandler(Exception)
+    def unexpected_error(error: Exception) -> Response:
+        logger.exception("read API: unexpected error in %s %s", request.method, request.path)
+        return ApiError(500, "internal_clerk_error", "Oops, an error occurred", "Internal error").response()
 
     @v1.errorhandler(OperationalError)
     def database_error(error: OperationalError) -> Response:

@@ -341,6 +341,18 @@ def test_users_public_data(client: FlaskClient, world: World) -> None:
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_failure_gets_clerks_error_shape(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("broken read")
+
+    monkeypatch.setattr(reads, "list_roles", broken)
+    assert error_of(get(client, "/v1/organization_roles", 500))[0] == "internal_clerk_error"
+    assert "broken read" in caplog.text and TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 def test_other_paths_get_clerks_404(client: FlaskClient) -> None:
     assert error_of(get(client, "/v1/organizations/x/domains/y/z", 404))[0] == "resource_not_found"
     response = client.post("/v1/organizations", headers={"Authorization": f"Bearer {TOKEN}"})

@@ -219,9 +219,10 @@ def count_prunable(factory: sessionmaker[Session], policy: Policy) -> PruneRepor
             counted = select(func.count()).select_from(target.table).where(target.where(session))
             report.deleted[target.name] = int(session.scalar(counted) or 0)
         inbox = _table(InboxEvent)
-        report.redacted = int(
-            session.scalar(select(func.count()).select_from(inbox).where(_redact_where(policy))) or 0
-        )
+        # Rows past the inbox window are deleted before redaction reaches them.
+        kept = inbox.c.received_at >= policy.cutoff(policy.inbox_days)
+        redactable = select(func.count()).select_from(inbox).where(_redact_where(policy), kept)
+        report.redacted = int(session.scalar(redactable) or 0)
     return report
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +160,34 @@ class PruneReport:
 
 
 Progress = Callable[[str, int], None]
+# The share of its time a prune works: it rests after each batch as long again as the batch
+# took, so the database's CPU and I/O stay mostly with intake and the workers.
+DEFAULT_DUTY = 0.5
+
+
+class Pacer:
+    """Rests after each batch in proportion to the batch's time; ``duty`` 1 never rests."""
+
+    def __init__(
+        self,
+        duty: float = DEFAULT_DUTY,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty must be more than 0 and at most 1, got {duty}")
+        self._rest_per_work = (1 - duty) / duty
+        self._clock = clock
+        self._sleep = sleep
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        started = self._clock()
+        yield
+        rest = (self._clock() - started) * self._rest_per_work
+        if rest > 0:
+            self._sleep(rest)
 
 
 @dataclass(frozen=True)
@@ -227,13 +257,13 @@ def count_prunable(factory: sessionmaker[Session], policy: Policy) -> PruneRepor
 
 
 def _delete_batches(
-    factory: sessionmaker[Session], target: _Target, batch_size: int, progress: Progress | None
+    factory: sessionmaker[Session], target: _Target, batch_size: int, progress: Progress | None, pacer: Pacer
 ) -> int:
     pk = target.table.c.id
     total = 0
     last_id = 0
     while True:
-        with session_scope(factory) as session:
+        with pacer.batch(), session_scope(factory) as session:
             where = target.where(session)
             ids = list(session.scalars(select(pk).where(pk > last_id, where).order_by(pk).limit(batch_size)))
             if not ids:
@@ -247,7 +277,7 @@ def _delete_batches(
 
 
 def _redact_batches(
-    factory: sessionmaker[Session], policy: Policy, now_ms: int, progress: Progress | None
+    factory: sessionmaker[Session], policy: Policy, now_ms: int, progress: Progress | None, pacer: Pacer
 ) -> int:
     inbox = _table(InboxEvent)
     where = _redact_where(policy)
@@ -259,7 +289,7 @@ def _redact_batches(
     total = 0
     last_id = 0
     while True:
-        with session_scope(factory) as session:
+        with pacer.batch(), session_scope(factory) as session:
             rows = session.execute(
                 select(inbox.c.id, inbox.c.body)
                 .where(inbox.c.id > last_id, where)
@@ -284,14 +314,16 @@ def prune(
     *,
     tables: Iterable[str] = TABLES,
     progress: Progress | None = None,
+    pacer: Pacer | None = None,
 ) -> PruneReport:
-    """Delete, then redact, every eligible row, one short transaction per batch."""
+    """Delete, then redact, every eligible row, one short transaction per batch, resting between."""
     wanted = set(tables)
+    pacer = pacer or Pacer()
     report = PruneReport()
     for target in _targets(policy):
         if target.name in wanted:
-            report.deleted[target.name] = _delete_batches(factory, target, policy.batch_size, progress)
+            report.deleted[target.name] = _delete_batches(factory, target, policy.batch_size, progress, pacer)
     # After the deletes: rows past both windows are deleted, never rewritten first.
     if INBOX in wanted:
-        report.redacted = _redact_batches(factory, policy, policy.now_ms, progress)
+        report.redacted = _redact_batches(factory, policy, policy.now_ms, progress, pacer)
     return report

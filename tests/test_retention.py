@@ -20,6 +20,7 @@ from models.retention import (
     REDACTED,
     REDACTION,
     SYNC_RUNS,
+    Pacer,
     Policy,
     count_prunable,
     prune,
@@ -332,3 +333,16 @@ def test_the_beat_schedule_prunes_and_the_task_runs(sqlite_url: str, tmp_path: A
     with session_scope(factory) as session:
         assert session.scalar(select(func.count()).select_from(InboxEvent)) == 0
     app.orgsync_database.stop()
+
+
+def test_the_pacer_rests_in_proportion_to_the_work() -> None:
+    ticks = iter([0.0, 2.0, 10.0, 10.5])
+    rests: list[float] = []
+    pacer = Pacer(0.25, clock=lambda: next(ticks), sleep=rests.append)
+    with pacer.batch():
+        pass
+    with pacer.batch():
+        pass
+    assert rests == [6.0, 1.5]
+    with pytest.raises(ValueError, match="duty must be more than 0 and at most 1"):
+        Pacer(0)

@@ -27,7 +27,17 @@ from models.errors import ConfigError, OrgsyncError, RetryableError
 from models.migrate import redact_url, require_database_file, schema_revisions
 from models.reconcile import latest_runs
 from models.redact import redact as redact_text
-from models.retention import DAY_MS, REDACTION, TABLES, Policy, PruneReport, count_prunable, prune
+from models.retention import (
+    DAY_MS,
+    DEFAULT_DUTY,
+    REDACTION,
+    TABLES,
+    Pacer,
+    Policy,
+    PruneReport,
+    count_prunable,
+    prune,
+)
 from models.settings import Settings, parse_signing_secrets
 from models.tables import Command, CommandStatus, InboxEvent, InboxStatus, RuleState, SyncRun, SyncStatus
 from orgsync.cli.base import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, open_database, reading, runtime
@@ -82,9 +92,18 @@ def _prune_rows(report: PruneReport, settings: Settings) -> list[dict[str, Any]]
     default=None,
     help="Rows per transaction (default ORGSYNC_PRUNE_BATCH_SIZE).",
 )
+@click.option(
+    "--duty",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_DUTY,
+    show_default=True,
+    help="Share of the time spent pruning; it rests between batches the rest (1: full speed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @click.pass_context
-def prune_command(ctx: click.Context, dry_run: bool, batch_size: int | None, as_json: bool) -> None:
+def prune_command(
+    ctx: click.Context, dry_run: bool, batch_size: int | None, duty: float, as_json: bool
+) -> None:
     """Delete rows past their retention and redact personal data in old inbox payloads.
 
     Pending inbox rows are never removed; a delivery id is kept ORGSYNC_RETAIN_INBOX_DAYS, well
@@ -103,7 +122,7 @@ def prune_command(ctx: click.Context, dry_run: bool, batch_size: int | None, as_
                 verb = "redacted" if name == REDACTION else "deleted"
                 click.echo(f"orgsync: prune: {name}: {done:,} {verb}", err=True)
 
-            report = prune(factory, policy, progress=progress)
+            report = prune(factory, policy, progress=progress, pacer=Pacer(duty))
     if as_json:
         click.echo(json.dumps({**report.as_dict(), "rows": _prune_rows(report, settings)}, indent=2))
         return

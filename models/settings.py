@@ -138,6 +138,18 @@ def parse_signing_secrets(raw: str, name: str = "CLERK_WEBHOOK_SIGNING_SECRET") 
     return tuple(entries)
 
 
+def parse_api_tokens(raw: str, name: str = "ORGSYNC_API_TOKENS") -> tuple[str, ...]:
+    """Split one or more bearer tokens (several during rotation); errors never quote a token."""
+    entries = tuple(part for part in re.split(r"[\s,]+", raw.strip()) if part)
+    for position, token in enumerate(entries, start=1):
+        if len(token) < 16:
+            raise ConfigError(
+                f"{name}: entry {position} of {len(entries)} is shorter than 16 characters; "
+                "use a long random value"
+            )
+    return entries
+
+
 def normalize_database_url(url: str) -> str:
     """Point bare PostgreSQL URLs at psycopg 3, the driver orgsync installs."""
     for prefix in ("postgres://", "postgresql://"):
@@ -246,6 +258,7 @@ class Settings:
     redact_after_days: int = DEFAULT_REDACT_AFTER_DAYS
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
     prune_batch_size: int = DEFAULT_PRUNE_BATCH_SIZE
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -343,4 +356,6 @@ class Settings:
             redact_after_days=redact_after,
             prune_interval=_seconds_or_off_default(env, "ORGSYNC_PRUNE_INTERVAL", DEFAULT_PRUNE_INTERVAL),
             prune_batch_size=prune_batch_size,
+            # The read API is served only when at least one token is configured.
+            api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
         )

@@ -1,7 +1,7 @@
 """A stand-alone fake Clerk: Backend API, Svix-signed webhook delivery with chaos, scenarios, snapshots."""
 
 from emulator.chaos import ChaosConfig, Outage
-from emulator.delivery import RETRY_SCHEDULE, Delivery
+from emulator.delivery import RETRY_SCHEDULE, WebhookDelivery
 from emulator.errors import ClerkError
 from emulator.scenario import Scenario, ScenarioReport, seed_state
 from emulator.server import (
@@ -22,13 +22,13 @@ __all__ = [
     "RETRY_SCHEDULE",
     "ChaosConfig",
     "ClerkError",
-    "Delivery",
     "Emulator",
     "EmulatorConfig",
     "Outage",
     "Scenario",
     "ScenarioReport",
     "State",
+    "WebhookDelivery",
     "run_emulator",
     "seed_state",
     "serve",

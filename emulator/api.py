@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from emulator.delivery import Delivery
+from emulator.delivery import WebhookDelivery
 from emulator.errors import ClerkError, param_format, param_invalid, too_many_requests
 from emulator.scenario import Scenario
 from emulator.state import State
@@ -197,7 +197,7 @@ def create_app(
     state: State,
     *,
     secret_key: str,
-    delivery: Delivery | None = None,
+    delivery: WebhookDelivery | None = None,
     limits: RateLimits | None = None,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> Flask:
@@ -587,7 +587,7 @@ def create_app(
             raise param_invalid("rate", "must be a positive number of steps per second")
         return Scenario(state, seed=seed).run(steps, rate=rate).as_dict()
 
-    def need_delivery() -> Delivery:
+    def need_delivery() -> WebhookDelivery:
         if delivery is None:
             raise ClerkError(404, "resource_not_found", "not found", "This emulator delivers no webhooks.")
         return delivery

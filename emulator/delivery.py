@@ -99,7 +99,7 @@ class _Endpoint:
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-class Delivery:
+class WebhookDelivery:
     """Background delivery of signed events to endpoints, with retries, chaos and a log."""
 
     def __init__(

@@ -10,7 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from emulator.records import Invitation, Json, Membership, Organization, Permission, Role, User
+from emulator.records import (
+    InvitationRecord,
+    Json,
+    MembershipRecord,
+    OrganizationRecord,
+    PermissionRecord,
+    RoleRecord,
+    UserRecord,
+)
 
 IMAGE_BASE = "https://img.clerk.com/emulator"
 
@@ -24,7 +32,7 @@ def user_image_url(user_id: str) -> str:
 
 
 def organization(
-    org: Organization, *, members_count: int | None = None, pending_invitations_count: int | None = None
+    org: OrganizationRecord, *, members_count: int | None = None, pending_invitations_count: int | None = None
 ) -> Json:
     data: Json = {
         "object": "organization",
@@ -50,7 +58,7 @@ def organization(
     return data
 
 
-def public_user_data(user: User) -> Json:
+def public_user_data(user: UserRecord) -> Json:
     image = user_image_url(user.id)
     return {
         "user_id": user.id,
@@ -66,7 +74,9 @@ def public_user_data(user: User) -> Json:
     }
 
 
-def membership(mem: Membership, *, org: Json, user: User, role: Role, permission_keys: list[str]) -> Json:
+def membership(
+    mem: MembershipRecord, *, org: Json, user: UserRecord, role: RoleRecord, permission_keys: list[str]
+) -> Json:
     return {
         "object": "organization_membership",
         "id": mem.id,
@@ -82,7 +92,7 @@ def membership(mem: Membership, *, org: Json, user: User, role: Role, permission
     }
 
 
-def invitation(inv: Invitation, *, role_name: str, inviter: User | None) -> Json:
+def invitation(inv: InvitationRecord, *, role_name: str, inviter: UserRecord | None) -> Json:
     inviter_data: Json | None = None
     if inviter is not None:
         inviter_data = {
@@ -115,7 +125,7 @@ def invitation(inv: Invitation, *, role_name: str, inviter: User | None) -> Json
     return data
 
 
-def permission(perm: Permission) -> Json:
+def permission(perm: PermissionRecord) -> Json:
     return {
         "object": "permission",
         "id": perm.id,
@@ -128,7 +138,7 @@ def permission(perm: Permission) -> Json:
     }
 
 
-def role(rec: Role, permissions: list[Permission]) -> Json:
+def role(rec: RoleRecord, permissions: list[PermissionRecord]) -> Json:
     return {
         "object": "role",
         "id": rec.id,
@@ -142,7 +152,7 @@ def role(rec: Role, permissions: list[Permission]) -> Json:
     }
 
 
-def user(rec: User) -> Json:
+def user(rec: UserRecord) -> Json:
     image = user_image_url(rec.id)
     return {
         "object": "user",

@@ -56,7 +56,7 @@ class IdGenerator:
 
 
 @dataclass
-class Permission:
+class PermissionRecord:
     id: str
     key: str
     name: str
@@ -67,7 +67,7 @@ class Permission:
 
 
 @dataclass
-class Role:
+class RoleRecord:
     id: str
     key: str
     name: str
@@ -79,7 +79,7 @@ class Role:
 
 
 @dataclass
-class User:
+class UserRecord:
     id: str
     email_id: str
     email_address: str
@@ -93,7 +93,7 @@ class User:
 
 
 @dataclass
-class Organization:
+class OrganizationRecord:
     id: str
     name: str
     slug: str
@@ -107,7 +107,7 @@ class Organization:
 
 
 @dataclass
-class Membership:
+class MembershipRecord:
     id: str
     organization_id: str
     user_id: str
@@ -119,7 +119,7 @@ class Membership:
 
 
 @dataclass
-class Invitation:
+class InvitationRecord:
     id: str
     organization_id: str
     email_address: str

@@ -18,7 +18,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from emulator.api import RateLimits, create_app
 from emulator.chaos import ChaosConfig
-from emulator.delivery import Delivery
+from emulator.delivery import WebhookDelivery
 from emulator.records import Clock, Json
 from emulator.scenario import Scenario, ScenarioReport, seed_state
 from emulator.state import State
@@ -63,7 +63,9 @@ class EmulatorConfig:
             raise ValueError("seed_orgs and seed_members must not be negative")
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietRequestHandler(WSGIRequestHandler):
+    """Serves without an access log line per request."""
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
@@ -76,7 +78,7 @@ class Emulator:
         self.state = State(
             clock=clock, seed=config.seed, default_max_memberships=config.max_allowed_memberships
         )
-        self.delivery = Delivery(
+        self.delivery = WebhookDelivery(
             config.webhook_urls,
             config.signing_secret,
             instance_id=config.instance_id,
@@ -99,7 +101,7 @@ class Emulator:
     def start(self) -> Emulator:
         if self._server is not None:
             return self
-        handler = WSGIRequestHandler if self.config.log_requests else _QuietHandler
+        handler = WSGIRequestHandler if self.config.log_requests else QuietRequestHandler
         # Bind here: werkzeug reports its own bind failures by printing and calling sys.exit,
         # while a caller (a test, `orgsync emulator`) needs an OSError it can handle.
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET

@@ -28,13 +28,13 @@ from emulator.errors import (
 from emulator.records import (
     Clock,
     IdGenerator,
-    Invitation,
+    InvitationRecord,
     Json,
-    Membership,
-    Organization,
-    Permission,
-    Role,
-    User,
+    MembershipRecord,
+    OrganizationRecord,
+    PermissionRecord,
+    RoleRecord,
+    UserRecord,
 )
 
 ADMIN_LEVEL_PERMISSION = "org:sys_memberships:manage"
@@ -67,7 +67,7 @@ EventSink = Callable[[str, Json, int], None]
 
 
 @dataclass(frozen=True)
-class Page:
+class ListedPage:
     data: list[Json]
     total_count: int
 
@@ -165,18 +165,18 @@ class State:
         self.default_max_memberships = default_max_memberships
         self._accept_url = accept_url
         self._sinks: list[EventSink] = []
-        self._permissions: dict[str, Permission] = {}
+        self._permissions: dict[str, PermissionRecord] = {}
         self._permission_keys: dict[str, str] = {}
-        self._roles: dict[str, Role] = {}
+        self._roles: dict[str, RoleRecord] = {}
         self._role_keys: dict[str, str] = {}
-        self._users: dict[str, User] = {}
+        self._users: dict[str, UserRecord] = {}
         self._emails: dict[str, str] = {}
-        self._orgs: dict[str, Organization] = {}
+        self._orgs: dict[str, OrganizationRecord] = {}
         self._slugs: dict[str, str] = {}
-        self._members: dict[str, dict[str, Membership]] = {}
+        self._members: dict[str, dict[str, MembershipRecord]] = {}
         self._user_orgs: dict[str, set[str]] = {}
-        self._invitations: dict[str, Invitation] = {}
-        self._org_invitations: dict[str, dict[str, Invitation]] = {}
+        self._invitations: dict[str, InvitationRecord] = {}
+        self._org_invitations: dict[str, dict[str, InvitationRecord]] = {}
         self._install_defaults()
 
     # ----------------------------------------------------------------- events
@@ -205,7 +205,7 @@ class State:
     def _install_defaults(self) -> None:
         for key, name, description in SYSTEM_PERMISSIONS:
             now = self.clock.tick()
-            perm = Permission(self.ids.new("perm"), key, name, description, "system", now, now)
+            perm = PermissionRecord(self.ids.new("perm"), key, name, description, "system", now, now)
             self._permissions[perm.id] = perm
             self._permission_keys[key] = perm.id
         all_ids = [self._permission_keys[key] for key, _, _ in SYSTEM_PERMISSIONS]
@@ -215,18 +215,18 @@ class State:
             (MEMBER_ROLE, "Member", "Can read the members of the organization.", member_ids, False),
         ):
             now = self.clock.tick()
-            role = Role(self.ids.new("role"), key, name, description, list(perms), creator, now, now)
+            role = RoleRecord(self.ids.new("role"), key, name, description, list(perms), creator, now, now)
             self._roles[role.id] = role
             self._role_keys[key] = role.id
 
     # ---------------------------------------------------------------- lookups
-    def _role_by_key(self, key: str) -> Role:
+    def _role_by_key(self, key: str) -> RoleRecord:
         role_id = self._role_keys.get(key)
         if role_id is None:
             raise not_found("role", key)
         return self._roles[role_id]
 
-    def _role_permission_keys(self, role: Role) -> list[str]:
+    def _role_permission_keys(self, role: RoleRecord) -> list[str]:
         return [self._permissions[pid].key for pid in role.permission_ids if pid in self._permissions]
 
     def _is_admin_level(self, role_key: str) -> bool:
@@ -235,7 +235,7 @@ class State:
             return False
         return ADMIN_LEVEL_PERMISSION in self._role_permission_keys(self._roles[role_id])
 
-    def _org(self, id_or_slug: str) -> Organization:
+    def _org(self, id_or_slug: str) -> OrganizationRecord:
         org = self._orgs.get(id_or_slug)
         if org is None and id_or_slug in self._slugs:
             org = self._orgs[self._slugs[id_or_slug]]
@@ -243,13 +243,13 @@ class State:
             raise not_found("organization", id_or_slug)
         return org
 
-    def _user(self, user_id: str) -> User:
+    def _user(self, user_id: str) -> UserRecord:
         user = self._users.get(user_id)
         if user is None:
             raise not_found("user", user_id)
         return user
 
-    def _membership(self, org_id: str, user_id: str) -> Membership:
+    def _membership(self, org_id: str, user_id: str) -> MembershipRecord:
         org = self._org(org_id)
         mem = self._members[org.id].get(user_id)
         if mem is None:
@@ -264,7 +264,7 @@ class State:
             if inv.status == "pending" and (inv.expires_at is None or inv.expires_at > now)
         )
 
-    def _check_quota(self, org: Organization, adding: int = 1) -> None:
+    def _check_quota(self, org: OrganizationRecord, adding: int = 1) -> None:
         limit = org.max_allowed_memberships
         if limit <= 0:
             return
@@ -279,7 +279,7 @@ class State:
             )
 
     # ------------------------------------------------------------ JSON views
-    def _org_json(self, org: Organization, *, counts: bool = True) -> Json:
+    def _org_json(self, org: OrganizationRecord, *, counts: bool = True) -> Json:
         if not counts:
             return payloads.organization(org)
         return payloads.organization(
@@ -288,11 +288,11 @@ class State:
             pending_invitations_count=self._pending_count(org.id),
         )
 
-    def _role_json(self, role: Role) -> Json:
+    def _role_json(self, role: RoleRecord) -> Json:
         perms = [self._permissions[pid] for pid in role.permission_ids if pid in self._permissions]
         return payloads.role(role, perms)
 
-    def _membership_json(self, mem: Membership) -> Json:
+    def _membership_json(self, mem: MembershipRecord) -> Json:
         role = self._roles[self._role_keys[mem.role]]
         return payloads.membership(
             mem,
@@ -302,7 +302,7 @@ class State:
             permission_keys=self._role_permission_keys(role),
         )
 
-    def _invitation_json(self, inv: Invitation) -> Json:
+    def _invitation_json(self, inv: InvitationRecord) -> Json:
         role_id = self._role_keys.get(inv.role)
         role_name = self._roles[role_id].name if role_id else inv.role
         inviter = self._users.get(inv.inviter_id) if inv.inviter_id else None
@@ -331,7 +331,7 @@ class State:
             if email.lower() in self._emails:
                 raise identifier_exists("email_address", email)
             now = self.clock.tick()
-            user = User(
+            user = UserRecord(
                 id=self.ids.new("user"),
                 email_id=self.ids.new("idn"),
                 email_address=email,
@@ -405,7 +405,7 @@ class State:
             if created_at_after is not None:
                 users = [u for u in users if u.created_at > created_at_after]
 
-            def key(user: User) -> tuple[Any, ...]:
+            def key(user: UserRecord) -> tuple[Any, ...]:
                 value = user.email_address if field == "email_address" else getattr(user, field)
                 return (_sort_key(value), user.created_at, user.id)
 
@@ -467,7 +467,7 @@ class State:
                     n += 1
                     slug = f"{base}-{n}"
             now = self.clock.tick()
-            org = Organization(
+            org = OrganizationRecord(
                 id=self.ids.new("org"),
                 name=name.strip(),
                 slug=slug,
@@ -507,7 +507,7 @@ class State:
         include_members_count: bool = False,
         user_ids: Sequence[str] = (),
         organization_ids: Sequence[str] = (),
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "members_count"), "-created_at")
         include_users, exclude_users = _signed(user_ids)
@@ -526,13 +526,13 @@ class State:
             if exclude_orgs:
                 orgs = [o for o in orgs if o.id not in exclude_orgs]
 
-            def key(org: Organization) -> tuple[Any, ...]:
+            def key(org: OrganizationRecord) -> tuple[Any, ...]:
                 value: Any = len(self._members[org.id]) if field == "members_count" else getattr(org, field)
                 return (_sort_key(value), org.created_at, org.id)
 
             orgs.sort(key=key, reverse=descending)
             page = orgs[offset : offset + limit]
-            return Page([self._org_json(o, counts=include_members_count) for o in page], len(orgs))
+            return ListedPage([self._org_json(o, counts=include_members_count) for o in page], len(orgs))
 
     def update_organization(
         self,
@@ -593,14 +593,14 @@ class State:
     # ------------------------------------------------------------ memberships
     def _add_membership(
         self,
-        org: Organization,
-        user: User,
+        org: OrganizationRecord,
+        user: UserRecord,
         role_key: str,
         public_metadata: dict[str, Any],
         private_metadata: dict[str, Any],
-    ) -> Membership:
+    ) -> MembershipRecord:
         now = self.clock.tick()
-        mem = Membership(
+        mem = MembershipRecord(
             id=self.ids.new("orgmem"),
             organization_id=org.id,
             user_id=user.id,
@@ -615,7 +615,7 @@ class State:
         self._emit("organizationMembership.created", self._membership_json(mem), now)
         return mem
 
-    def _already_member(self, org: Organization, user_id: str) -> ClerkError:
+    def _already_member(self, org: OrganizationRecord, user_id: str) -> ClerkError:
         return ClerkError(
             400,
             "already_a_member_in_organization",
@@ -653,7 +653,7 @@ class State:
             )
             return self._membership_json(mem)
 
-    def _guard_last_admin(self, org_id: str, leaving: Membership) -> None:
+    def _guard_last_admin(self, org_id: str, leaving: MembershipRecord) -> None:
         if not self._is_admin_level(leaving.role):
             return
         others = [
@@ -735,7 +735,7 @@ class State:
         name_query: str | None = None,
         created_at_before: int | None = None,
         created_at_after: int | None = None,
-    ) -> Page:
+    ) -> ListedPage:
         """Memberships of one organization, or of the whole instance when ``org_id`` is None.
 
         The user filters are Clerk's: ``query`` matches the user id exactly or the email,
@@ -761,7 +761,7 @@ class State:
             if exclude:
                 members = [m for m in members if m.user_id not in exclude]
 
-            def user_of(mem: Membership) -> User:
+            def user_of(mem: MembershipRecord) -> UserRecord:
                 return self._users[mem.user_id]
 
             if email_addresses:
@@ -796,7 +796,7 @@ class State:
             if created_at_after is not None:
                 members = [m for m in members if user_of(m).created_at > created_at_after]
 
-            def key(mem: Membership) -> tuple[Any, ...]:
+            def key(mem: MembershipRecord) -> tuple[Any, ...]:
                 user = self._users[mem.user_id]
                 value: Any = {
                     "created_at": mem.created_at,
@@ -810,9 +810,9 @@ class State:
 
             members.sort(key=key, reverse=descending)
             page = members[offset : offset + limit]
-            return Page([self._membership_json(m) for m in page], len(members))
+            return ListedPage([self._membership_json(m) for m in page], len(members))
 
-    def list_user_memberships(self, user_id: str, *, limit: int = 10, offset: int = 0) -> Page:
+    def list_user_memberships(self, user_id: str, *, limit: int = 10, offset: int = 0) -> ListedPage:
         check_page(limit, offset)
         with self.lock:
             user = self._user(user_id)
@@ -822,10 +822,12 @@ class State:
                 reverse=True,
             )
             page = members[offset : offset + limit]
-            return Page([self._membership_json(m) for m in page], len(members))
+            return ListedPage([self._membership_json(m) for m in page], len(members))
 
     # ------------------------------------------------------------ invitations
-    def _validate_invitation(self, item: Mapping[str, Any], org: Organization) -> tuple[str, Role]:
+    def _validate_invitation(
+        self, item: Mapping[str, Any], org: OrganizationRecord
+    ) -> tuple[str, RoleRecord]:
         email = item.get("email_address")
         if not email or not isinstance(email, str):
             raise param_missing("email_address")
@@ -864,7 +866,7 @@ class State:
             meta={"email_address": email},
         )
 
-    def _create_invitations(self, org: Organization, items: Sequence[Mapping[str, Any]]) -> list[Json]:
+    def _create_invitations(self, org: OrganizationRecord, items: Sequence[Mapping[str, Any]]) -> list[Json]:
         validated = [self._validate_invitation(item, org) for item in items]
         pending = {
             inv.email_address.lower()
@@ -882,7 +884,7 @@ class State:
             now = self.clock.tick()
             days = item.get("expires_in_days") or 30
             inv_id = self.ids.new("orginv")
-            inv = Invitation(
+            inv = InvitationRecord(
                 id=inv_id,
                 organization_id=org.id,
                 email_address=email,
@@ -926,16 +928,16 @@ class State:
         with self.lock:
             return self._create_invitations(self._org(org_id), [item])[0]
 
-    def bulk_create_invitations(self, org_id: str, items: Sequence[Mapping[str, Any]]) -> Page:
+    def bulk_create_invitations(self, org_id: str, items: Sequence[Mapping[str, Any]]) -> ListedPage:
         if not isinstance(items, list) or not 1 <= len(items) <= 10:
             raise param_invalid("invitations", "must be a list of 1 to 10 invitations")
         if not all(isinstance(item, Mapping) for item in items):
             raise param_format("invitations", "must be objects")
         with self.lock:
             created = self._create_invitations(self._org(org_id), items)
-            return Page(created, len(created))
+            return ListedPage(created, len(created))
 
-    def _invitation(self, org_id: str, invitation_id: str) -> Invitation:
+    def _invitation(self, org_id: str, invitation_id: str) -> InvitationRecord:
         org = self._org(org_id)
         inv = self._org_invitations[org.id].get(invitation_id)
         if inv is None:
@@ -957,7 +959,7 @@ class State:
         email_address: str | None = None,
         query: str | None = None,
         user_id: str | None = None,
-    ) -> Page:
+    ) -> ListedPage:
         """Invitations of one organization, of one user (sent to their email or accepted by them),
         or of the whole instance; the last two carry ``public_organization_data`` as Clerk's."""
         check_page(limit, offset)
@@ -993,9 +995,9 @@ class State:
                         "image_url": payloads.organization(org)["image_url"],
                         "has_image": False,
                     }
-            return Page(data, len(invs))
+            return ListedPage(data, len(invs))
 
-    def _not_pending(self, inv: Invitation) -> ClerkError:
+    def _not_pending(self, inv: InvitationRecord) -> ClerkError:
         return ClerkError(
             404,
             "organization_invitation_not_pending",
@@ -1063,7 +1065,7 @@ class State:
             inv.updated_at = self.clock.tick()
             inv_data = self._invitation_json(inv)
             now = self.clock.tick()
-            mem = Membership(
+            mem = MembershipRecord(
                 id=self.ids.new("orgmem"),
                 organization_id=org.id,
                 user_id=user.id,
@@ -1089,7 +1091,7 @@ class State:
     # ------------------------------------------------------------------ roles
     def list_roles(
         self, *, limit: int = 10, offset: int = 0, order_by: str | None = None, query: str | None = None
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "key"), "-created_at")
         with self.lock:
@@ -1099,11 +1101,11 @@ class State:
                 roles = [r for r in roles if r.id == query or q in r.name.lower() or q in r.key]
             roles.sort(key=lambda r: (getattr(r, field), r.created_at, r.id), reverse=descending)
             page = roles[offset : offset + limit]
-            return Page([self._role_json(r) for r in page], len(roles))
+            return ListedPage([self._role_json(r) for r in page], len(roles))
 
     def list_permissions(
         self, *, limit: int = 10, offset: int = 0, order_by: str | None = None, query: str | None = None
-    ) -> Page:
+    ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "key"), "-created_at")
         with self.lock:
@@ -1112,7 +1114,7 @@ class State:
                 perms = [p for p in perms if p.id == query or _partial(query, p.name, p.key)]
             perms.sort(key=lambda p: (getattr(p, field), p.created_at, p.id), reverse=descending)
             page = perms[offset : offset + limit]
-            return Page([payloads.permission(p) for p in page], len(perms))
+            return ListedPage([payloads.permission(p) for p in page], len(perms))
 
     def get_permission(self, permission_id: str) -> Json:
         with self.lock:
@@ -1156,7 +1158,7 @@ class State:
                 if perm_id not in perm_ids:
                     perm_ids.append(perm_id)
             now = self.clock.tick()
-            role = Role(self.ids.new("role"), key, name, description, perm_ids, False, now, now)
+            role = RoleRecord(self.ids.new("role"), key, name, description, perm_ids, False, now, now)
             self._roles[role.id] = role
             self._role_keys[key] = role.id
             data = self._role_json(role)
@@ -1337,7 +1339,7 @@ class State:
             }
 
 
-def _effective_status(inv: Invitation, now_ms: int) -> str:
+def _effective_status(inv: InvitationRecord, now_ms: int) -> str:
     if inv.status == "pending" and inv.expires_at is not None and inv.expires_at <= now_ms:
         return "expired"
     return inv.status

@@ -11,8 +11,10 @@ from types import TracebackType
 from typing import Any
 
 from svix.webhooks import Webhook, WebhookVerificationError
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
+
+from emulator.server import QuietRequestHandler
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,6 @@ class Received:
         value = json.loads(self.body)
         assert isinstance(value, dict)
         return value
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
 
 
 class Receiver:
@@ -57,7 +54,7 @@ class Receiver:
         self._seen: Counter[str] = Counter()
         self.received: list[Received] = []
         self._server: BaseWSGIServer = make_server(
-            host, 0, self._app, threaded=True, request_handler=_QuietHandler
+            host, 0, self._app, threaded=True, request_handler=QuietRequestHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name="receiver", daemon=True

@@ -32,6 +32,8 @@ INVITE_OPTIONS = frozenset(
     {"inviter_user_id", "redirect_url", "expires_in_days", "public_metadata", "private_metadata"}
 )
 MEMBER_OPTIONS = frozenset({"public_metadata", "private_metadata"})
+# Clerk records who revoked; the user must be a member of the organization.
+REVOKE_OPTIONS = frozenset({"requesting_user_id"})
 LAST_ADMIN_CODE = "last_admin_guard"
 # Which older unsent commands a new one makes pointless: those whose end state it overrides.
 # A role change does not override an unsent add_member (the member must exist first).
@@ -45,7 +47,7 @@ SUPERSEDES = {
 }
 
 
-class CommandError(PermanentError, ValueError):
+class InvalidCommandError(PermanentError, ValueError):
     """A command request that cannot be recorded as given; names the field at fault."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -61,13 +63,18 @@ class CommandStateError(PermanentError):
     """The command is not in a state that allows what was asked (e.g. retrying a confirmed one)."""
 
 
+class CommandNotFoundError(PermanentError):
+    """No command with that id."""
+
+
 @dataclass(frozen=True)
 class CommandRequest:
     """What someone wants changed in Clerk. ``payload`` carries kind-specific extras:
 
     * ``bulk_invite``: ``{"email_addresses": [...]}`` (1 to 10) plus any invite option;
     * ``invite``: ``inviter_user_id``, ``redirect_url``, ``expires_in_days``, ``public_metadata``,
-      ``private_metadata``; ``add_member``: ``public_metadata``, ``private_metadata``.
+      ``private_metadata``; ``add_member``: ``public_metadata``, ``private_metadata``;
+    * ``revoke_invitation``: ``requesting_user_id`` (the member Clerk records as revoking it).
     """
 
     kind: str
@@ -87,10 +94,10 @@ class CommandRequest:
 def _text(value: Any, field: str, *, required: bool = True) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise CommandError(field, "is required")
+            raise InvalidCommandError(field, "is required")
         return None
     if not isinstance(value, str):
-        raise CommandError(field, "must be a string")
+        raise InvalidCommandError(field, "must be a string")
     return value.strip()
 
 
@@ -98,30 +105,32 @@ def _email(value: Any, field: str) -> str:
     email = _text(value, field)
     assert email is not None
     if not EMAIL_RE.match(email):
-        raise CommandError(field, f"{email!r} is not an email address")
+        raise InvalidCommandError(field, f"{email!r} is not an email address")
     return email
 
 
-def _options(payload: Mapping[str, Any], allowed: frozenset[str], kind: str) -> None:
+def _options(payload: dict[str, Any], allowed: frozenset[str], kind: str) -> None:
     unknown = sorted(set(payload) - allowed)
     if unknown:
-        raise CommandError(f"payload.{unknown[0]}", f"is not an option of {kind}")
+        raise InvalidCommandError(f"payload.{unknown[0]}", f"is not an option of {kind}")
     for name in ("public_metadata", "private_metadata"):
         if payload.get(name) is not None and not isinstance(payload[name], Mapping):
-            raise CommandError(f"payload.{name}", "must be an object")
+            raise InvalidCommandError(f"payload.{name}", "must be an object")
     days = payload.get("expires_in_days")
     if days is not None and (not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 365):
-        raise CommandError("payload.expires_in_days", "must be a whole number of days from 1 to 365")
-    for name in ("inviter_user_id", "redirect_url"):
+        raise InvalidCommandError("payload.expires_in_days", "must be a whole number of days from 1 to 365")
+    for name in ("inviter_user_id", "redirect_url", "requesting_user_id"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
-            raise CommandError(f"payload.{name}", "must be a string")
+            raise InvalidCommandError(f"payload.{name}", "must be a string")
+    if "requesting_user_id" in payload:
+        payload["requesting_user_id"] = _text(payload["requesting_user_id"], "payload.requesting_user_id")
 
 
 def _validated(request: CommandRequest) -> dict[str, Any]:
-    """The row's columns for a valid request; ``CommandError`` naming the field otherwise."""
+    """The row's columns for a valid request; ``InvalidCommandError`` naming the field otherwise."""
     kind = request.kind
     if kind not in CommandKind.ALL:
-        raise CommandError("kind", f"{kind!r} is not one of {', '.join(CommandKind.ALL)}")
+        raise InvalidCommandError("kind", f"{kind!r} is not one of {', '.join(CommandKind.ALL)}")
     org = _text(request.organization_id, "organization_id")
     requested_by = _text(request.requested_by, "requested_by")
     payload = dict(request.payload or {})
@@ -150,12 +159,12 @@ def _validated(request: CommandRequest) -> dict[str, Any]:
         if request.email_address is not None and emails is None:
             emails = [request.email_address]
         if not isinstance(emails, list) or not 1 <= len(emails) <= MAX_BULK:
-            raise CommandError(
+            raise InvalidCommandError(
                 "payload.email_addresses", f"must be a list of 1 to {MAX_BULK} email addresses"
             )
         cleaned = [_email(e, f"payload.email_addresses[{i}]") for i, e in enumerate(emails)]
         if len({e.lower() for e in cleaned}) != len(cleaned):
-            raise CommandError("payload.email_addresses", "lists an address twice")
+            raise InvalidCommandError("payload.email_addresses", "lists an address twice")
         payload["email_addresses"] = cleaned
     else:
         row["invitation_id"] = _text(request.invitation_id, "invitation_id")
@@ -163,9 +172,11 @@ def _validated(request: CommandRequest) -> dict[str, Any]:
         _options(payload, MEMBER_OPTIONS, kind)
     elif kind in (CommandKind.INVITE, CommandKind.BULK_INVITE):
         _options(payload, INVITE_OPTIONS | {"email_addresses"}, kind)
+    elif kind == CommandKind.REVOKE_INVITATION:
+        _options(payload, REVOKE_OPTIONS, kind)
     elif payload:
-        raise CommandError(f"payload.{sorted(payload)[0]}", f"is not an option of {kind}")
-    row["payload"] = payload or None
+        raise InvalidCommandError(f"payload.{sorted(payload)[0]}", f"is not an option of {kind}")
+    row["payload"] = {key: value for key, value in payload.items() if value is not None} or None
     return row
 
 
@@ -232,7 +243,7 @@ def submit_command(
     """Record a command (``planned`` if dry run, else ``pending``); flushes, never commits.
 
     The same ``idempotency_key`` again returns the existing row unchanged. Raises
-    ``CommandError`` for an invalid request and ``LastAdminError`` when the mirror shows the
+    ``InvalidCommandError`` for an invalid request and ``LastAdminError`` when the mirror shows the
     change would remove the organization's last admin-level member.
     """
     if request.idempotency_key is not None:
@@ -279,16 +290,33 @@ def submit_command(
     return command
 
 
+def retry_refusal(command: Command) -> str | None:
+    """Why sending ``command`` again makes no sense, or None when it may be retried."""
+    if command.status == CommandStatus.CONFIRMED:
+        return "the mirror shows the change made already; nothing to retry"
+    if command.status == CommandStatus.SUPERSEDED:
+        return f"command {command.superseded_by} replaced it; retry that one if it failed"
+    if command.status == CommandStatus.PLANNED:
+        return "a dry run is never sent; submit the change again without dry run"
+    if command.status == CommandStatus.APPLIED:
+        return "Clerk made the change already; the mirror has not shown it yet"
+    if command.status not in (CommandStatus.FAILED, *CommandStatus.OPEN):
+        return "only failed, pending and sending commands are retried"
+    return None
+
+
 def retry_command(session: Session, command_id: int, *, now_ms: int) -> Command:
     """A failed command goes back to pending (attempts start over); pending and sending ones
-    are returned as they are, for the caller to enqueue. Other states are refused."""
+    are returned as they are, for the caller to enqueue. Other states are refused with
+    ``CommandStateError`` saying why; an unknown id raises ``CommandNotFoundError``."""
     command = session.get(Command, command_id, with_for_update=True)
     if command is None:
-        raise CommandStateError(f"no command {command_id}")
-    if command.status in (CommandStatus.PENDING, CommandStatus.SENDING):
+        raise CommandNotFoundError(f"no command {command_id}")
+    refusal = retry_refusal(command)
+    if refusal is not None:
+        raise CommandStateError(f"command {command_id} is {command.status}: {refusal}")
+    if command.status in CommandStatus.OPEN:
         return command
-    if command.status != CommandStatus.FAILED:
-        raise CommandStateError(f"command {command_id} is {command.status}: only failed commands are retried")
     command.status = CommandStatus.PENDING
     command.attempts = 0
     command.error_code = None
@@ -387,9 +415,9 @@ def list_commands(
 ) -> list[Command]:
     """Commands newest first, optionally of one status and one organization."""
     if status is not None and status not in CommandStatus.ALL:
-        raise CommandError("status", f"{status!r} is not one of {', '.join(CommandStatus.ALL)}")
+        raise InvalidCommandError("status", f"{status!r} is not one of {', '.join(CommandStatus.ALL)}")
     if not 1 <= limit <= MAX_LIST:
-        raise CommandError("limit", f"must be between 1 and {MAX_LIST}")
+        raise InvalidCommandError("limit", f"must be between 1 and {MAX_LIST}")
     query = select(Command)
     if status is not None:
         query = query.where(Command.status == status)

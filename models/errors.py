@@ -7,6 +7,10 @@
 * ``PermanentError``: retrying cannot help (bad configuration, a payload that cannot be
   interpreted, a business refusal from Clerk). Views answer 4xx, tasks record and stop.
 
+Every error class of orgsync derives from one of the two (``ClerkApiError`` is the shared base
+of Clerk's transient and refused answers), ends in ``Error``, and has a name no other module
+of orgsync uses. The common ones live here; the others next to the code that raises them.
+
 Messages never contain secrets: they name the setting or field, not its value.
 """
 
@@ -31,3 +35,7 @@ class ConfigError(PermanentError):
 
 class PayloadError(PermanentError):
     """A verified webhook body that cannot be interpreted as a Clerk event."""
+
+
+class OrganizationNotFoundError(PermanentError):
+    """An organization id or slug that neither the mirror (nor, where asked, Clerk) knows."""

@@ -23,18 +23,16 @@ deliveries never tie.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from models.errors import PayloadError
+from models.versions import row_version
 
 # Envelope timestamps below this are seconds (the spec's examples), above it milliseconds.
 SECONDS_THRESHOLD = 10**11
-_WIDTH = 15
-_MAX_STAMP = 10**_WIDTH - 1
 
 ORGANIZATIONS = "organizations"
 MEMBERSHIPS = "memberships"
@@ -158,32 +156,22 @@ def normalize_role_key(role: str) -> str:
     return LEGACY_ROLE_KEYS.get(role, role)
 
 
-def delivery_hash(svix_id: str) -> str:
-    return hashlib.sha256(svix_id.encode()).hexdigest()[:16]
-
-
-def _stamp(value: int) -> str:
-    return f"{min(max(value, 0), _MAX_STAMP):0{_WIDTH}d}"
-
-
 def membership_version(
     *, created_at: int, updated_at: int, kind: str, timestamp_ms: int, svix_id: str
 ) -> str:
     """Version of a membership row; ``kind`` is created, updated or deleted."""
-    return (
-        _stamp(created_at)
-        + _stamp(updated_at)
-        + str(MEMBERSHIP_RANK[kind])
-        + _stamp(timestamp_ms)
-        + delivery_hash(svix_id)
+    return row_version(
+        created_at=created_at,
+        updated_at=updated_at,
+        rank=MEMBERSHIP_RANK[kind],
+        timestamp_ms=timestamp_ms,
+        svix_id=svix_id,
     )
 
 
 def object_version(*, updated_at: int, rank: int, timestamp_ms: int, svix_id: str) -> str:
     """Version of an organization, invitation, role, permission or user row."""
-    if not 0 <= rank <= 9:
-        raise ValueError(f"rank must be one digit, got {rank}")
-    return _stamp(updated_at) + str(rank) + _stamp(timestamp_ms) + delivery_hash(svix_id)
+    return row_version(updated_at=updated_at, rank=rank, timestamp_ms=timestamp_ms, svix_id=svix_id)
 
 
 # --- lenient field readers: a drifted field becomes None rather than a rejected event ---

@@ -9,7 +9,6 @@ an unknown or deleted one yields ``None`` or an empty page, never an error.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -17,6 +16,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from models import clock
 from models.errors import PermanentError
 from models.events import normalize_role_key
 from models.tables import Invitation, Membership, Organization, Permission, Role
@@ -204,7 +204,7 @@ def check_paging(page: int, page_size: int) -> None:
 
 
 def _now(now_ms: int | None) -> int:
-    return int(time.time() * 1000) if now_ms is None else now_ms
+    return clock.now_ms() if now_ms is None else now_ms
 
 
 def _page(session: Session, query: Select[Any], page: int, page_size: int) -> tuple[list[Any], int]:

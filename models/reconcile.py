@@ -44,9 +44,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.db import lock_mirror_writes
-from models.errors import OrgsyncError, PayloadError
+from models.errors import PayloadError, PermanentError, RetryableError
 from models.events import (
     INVITATIONS,
+    MEMBERSHIP_RANK,
     MEMBERSHIPS,
     ORGANIZATIONS,
     ROLES,
@@ -55,6 +56,7 @@ from models.events import (
 )
 from models.mirror import TABLES, apply_events
 from models.tables import Organization, SyncRun, SyncStatus
+from models.versions import row_version
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,9 @@ ACTIONS = ("created", "updated", "tombstoned")
 SCOPE_INSTANCE = "instance"
 SCOPE_ORGANIZATION = "organization"
 
-_WIDTH = 15
-_MAX_STAMP = 10**_WIDTH - 1
-# The tie-break of a listing: rank 0, envelope timestamp 0, hash 0, below every delivery's.
-LISTING_TIE = "0" + "0" * _WIDTH + "0" * 16
-DELETED_RANK = "2"
+# A listing's tie-break is rank 0, envelope timestamp 0 and no delivery: below every delivery's.
+LISTING_RANK = 0
+DELETED_RANK = MEMBERSHIP_RANK["deleted"]
 # The type whose builder in models.events normalises a listed object of each kind.
 _LISTED_AS = {
     ORGANIZATIONS: "organization.updated",
@@ -83,29 +83,31 @@ MAX_IN = 500
 STORED_STATUS = {"pending": "pending", "expired": "pending", "accepted": "accepted", "revoked": "revoked"}
 
 
-class SyncBusyError(OrgsyncError):
+class SyncBusyError(RetryableError):
     """Another reconciliation of the same scope is running (its heartbeat is fresh)."""
-
-
-def _stamp(value: int) -> str:
-    return f"{min(max(value, 0), _MAX_STAMP):0{_WIDTH}d}"
 
 
 def listing_version(kind: str, *, created_at: int | None, updated_at: int | None) -> str:
     """The version of an object as a listing shows it (see the module docstring)."""
     updated = updated_at if updated_at is not None else (created_at or 0)
-    if kind == MEMBERSHIPS:
-        return _stamp(created_at or 0) + _stamp(updated) + LISTING_TIE
-    return _stamp(updated) + LISTING_TIE
+    return row_version(
+        created_at=(created_at or 0) if kind == MEMBERSHIPS else None,
+        updated_at=updated,
+        rank=LISTING_RANK,
+        timestamp_ms=0,
+        svix_id=None,
+    )
 
 
 def tombstone_version(kind: str, *, created_at: int | None, updated_at: int | None, checked_at: int) -> str:
     """The version of a row Clerk confirmed gone at ``checked_at`` (epoch ms)."""
-    gone = max(updated_at or 0, checked_at)
-    tail = DELETED_RANK + _stamp(checked_at) + "0" * 16
-    if kind == MEMBERSHIPS:
-        return _stamp(created_at or 0) + _stamp(gone) + tail
-    return _stamp(gone) + tail
+    return row_version(
+        created_at=(created_at or 0) if kind == MEMBERSHIPS else None,
+        updated_at=max(updated_at or 0, checked_at),
+        rank=DELETED_RANK,
+        timestamp_ms=checked_at,
+        svix_id=None,
+    )
 
 
 # ----------------------------------------------------------------------------- drift
@@ -553,7 +555,7 @@ class RunState:
 def save_run(session: Session, run_id: int, state: RunState, *, now_ms: int) -> None:
     run = session.get(SyncRun, run_id)
     if run is None:
-        raise OrgsyncError(f"reconciliation run {run_id} disappeared")
+        raise PermanentError(f"reconciliation run {run_id} disappeared")
     run.progress = dict(state.progress)
     run.drift = state.drift.as_dict()
     run.api_calls = state.api_calls

@@ -4,33 +4,28 @@
 
     orgsync = Orgsync.from_env(requested_by="api:billing")
     command = orgsync.set_role("acme", "user_2abc", "org:admin")
+    orgsync.wait([command], timeout_s=30)
     orgsync.get_memberships("acme", role="org:admin")
 
-A change is recorded as a command (the outbox) and committed before it is enqueued, exactly
-as the CLI does; if the broker is down the command stays pending and the workers' periodic
-sweep sends it.
+Changes go through the one submission service (``models.submission``), as from the command
+line and the rules: recorded as commands and committed before they are enqueued; if the
+broker is down they stay pending and the workers' periodic sweep sends them.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import queries
-from models.commands import CommandError, CommandRequest, submit_command
-from models.db import create_db_engine, make_session_factory, session_scope
-from models.redact import describe_error
+from models.commands import CommandRequest, InvalidCommandError
+from models.db import create_db_engine, make_session_factory
 from models.settings import Settings
-from models.tables import Command, CommandKind, CommandStatus
-
-log = logging.getLogger(__name__)
-
-Sender = Callable[[list[int]], None]
+from models.submission import CommandService, Send
+from models.tables import Command, CommandKind
 
 
 class Orgsync:
@@ -42,15 +37,16 @@ class Orgsync:
         *,
         requested_by: str,
         engine: Engine | None = None,
-        send: Sender | None = None,
+        send: Send | None = None,
     ) -> None:
         if not requested_by.strip():
-            raise CommandError("requested_by", "is required (e.g. 'api:billing')")
+            raise InvalidCommandError("requested_by", "is required (e.g. 'api:billing')")
         self.settings = settings
         self.requested_by = requested_by
         self.engine = engine if engine is not None else create_db_engine(settings.database_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self._send = send
+        self.commands = CommandService(self.sessions, self._enqueue, dry_run_default=settings.dry_run)
 
     @classmethod
     def from_env(cls, *, requested_by: str) -> Orgsync:
@@ -101,16 +97,38 @@ class Orgsync:
 
     def bulk_invite(
         self, organization: str, email_addresses: Sequence[str], role: str = "org:member", **options: Any
-    ) -> Command:
+    ) -> list[Command]:
+        """One ``bulk_invite`` command per 10 addresses (Clerk's limit), recorded together."""
         payload = {**dict(options.pop("payload", None) or {}), "email_addresses": list(email_addresses)}
-        return self._submit(CommandKind.BULK_INVITE, organization, role=role, payload=payload, **options)
+        return self._submit_all(CommandKind.BULK_INVITE, organization, role=role, payload=payload, **options)
 
-    def revoke_invitation(self, organization: str, invitation_id: str, **options: Any) -> Command:
+    def revoke_invitation(
+        self, organization: str, invitation_id: str, *, requesting_user_id: str | None = None, **options: Any
+    ) -> Command:
+        """``requesting_user_id``: the member Clerk records as revoking it."""
+        payload = {**dict(options.pop("payload", None) or {})}
+        if requesting_user_id is not None:
+            payload["requesting_user_id"] = requesting_user_id
         return self._submit(
-            CommandKind.REVOKE_INVITATION, organization, invitation_id=invitation_id, **options
+            CommandKind.REVOKE_INVITATION,
+            organization,
+            invitation_id=invitation_id,
+            payload=payload or None,
+            **options,
         )
 
-    def _submit(
+    def retry(self, command_id: int) -> Command:
+        """Send a failed command again (an open one is enqueued again); final ones are refused."""
+        return self.commands.retry(command_id).commands[0]
+
+    def wait(self, commands: Sequence[Command], *, timeout_s: float) -> list[Command]:
+        """The commands' rows once each is applied, confirmed, failed or superseded, or at the timeout."""
+        return self.commands.wait([command.id for command in commands], timeout_s)
+
+    def _submit(self, kind: str, organization: str, **fields: Any) -> Command:
+        return self._submit_all(kind, organization, **fields)[0]
+
+    def _submit_all(
         self,
         kind: str,
         organization: str,
@@ -119,45 +137,24 @@ class Orgsync:
         idempotency_key: str | None = None,
         dry_run: bool = False,
         **target: Any,
-    ) -> Command:
-        with session_scope(self.sessions) as session:
-            found = queries.resolve_organization(session, organization)
-            if found is None:
-                raise CommandError(
-                    "organization", f"no organization with id or slug {organization!r} in the mirror"
-                )
-            command = submit_command(
-                session,
-                CommandRequest(
-                    kind=kind,
-                    organization_id=found.id,
-                    requested_by=self.requested_by,
-                    payload=payload,
-                    idempotency_key=idempotency_key,
-                    dry_run=dry_run,
-                    **target,
-                ),
-                now_ms=int(time.time() * 1000),
-                dry_run_default=self.settings.dry_run,
-            )
-        # After the commit: a worker must find the row it is told about.
-        if command.status == CommandStatus.PENDING:
-            self._enqueue(command.id)
-        return command
+    ) -> list[Command]:
+        request = CommandRequest(
+            kind=kind,
+            organization_id=organization,
+            requested_by=self.requested_by,
+            payload=payload,
+            idempotency_key=idempotency_key,
+            dry_run=dry_run,
+            **target,
+        )
+        return self.commands.submit([request]).commands
 
-    def _enqueue(self, command_id: int) -> None:
+    def _enqueue(self, ids: list[int]) -> None:
         if self._send is None:
             from worker.app import create_celery, make_command_sender  # noqa: PLC0415 (Celery on first use)
 
             self._send = make_command_sender(create_celery(self.settings))
-        try:
-            self._send([command_id])
-        except Exception as exc:
-            log.warning(
-                "command %d recorded but not enqueued (%s); the sweep sends it",
-                command_id,
-                describe_error(exc),
-            )
+        self._send(ids)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
-from test_cli_commands import ORG, seed
+from test_cli_commands import ORG, environment, make_invoke, seed
+from test_cli_commands import Recorder as CliRecorder
 
-from models.commands import CommandError, LastAdminError
+from models.commands import InvalidCommandError, LastAdminError
 from models.db import make_session_factory, session_scope
+from models.errors import OrganizationNotFoundError
 from models.settings import Settings
 from models.tables import Command, CommandKind, CommandStatus
 from orgsync.api import Orgsync
@@ -31,10 +33,15 @@ class Recorder:
 
 
 @pytest.fixture
-def api(engine: Engine, tmp_path: Path) -> Orgsync:
+def recorder(engine: Engine) -> Recorder:
+    return Recorder(engine)
+
+
+@pytest.fixture
+def api(engine: Engine, tmp_path: Path, recorder: Recorder) -> Orgsync:
     seed(engine)
     settings = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)})
-    return Orgsync(settings, requested_by="api:billing", engine=engine, send=Recorder(engine))
+    return Orgsync(settings, requested_by="api:billing", engine=engine, send=recorder)
 
 
 def test_reads_the_mirror(api: Orgsync) -> None:
@@ -44,13 +51,13 @@ def test_reads_the_mirror(api: Orgsync) -> None:
     assert [i.email_address for i in api.get_pending_invitations("acme").data] == ["dan@acme.test"]
 
 
-def test_each_change_is_recorded_then_enqueued(api: Orgsync) -> None:
+def test_each_change_is_recorded_then_enqueued(api: Orgsync, recorder: Recorder) -> None:
     commands = [
         api.set_role("acme", "user_bob", "org:admin"),
         api.add_member("acme", "user_carol"),
         api.invite(ORG, "erin@acme.test", idempotency_key="invite-erin"),
-        api.bulk_invite("acme", ["f@acme.test", "g@acme.test"]),
-        api.revoke_invitation("acme", "orginv_dan"),
+        *api.bulk_invite("acme", ["f@acme.test", "g@acme.test"]),
+        api.revoke_invitation("acme", "orginv_dan", requesting_user_id="user_alice"),
         api.remove_member("acme", "user_carol"),
     ]
     assert [c.kind for c in commands] == [
@@ -63,30 +70,71 @@ def test_each_change_is_recorded_then_enqueued(api: Orgsync) -> None:
     ]
     assert all(c.requested_by == "api:billing" and c.organization_id == ORG for c in commands)
     assert commands[3].payload == {"email_addresses": ["f@acme.test", "g@acme.test"]}
-    assert isinstance(api._send, Recorder)
-    assert api._send.sent == [c.id for c in commands]
-    # The same idempotency key returns the recorded command and sends nothing new.
+    assert commands[4].payload == {"requesting_user_id": "user_alice"}
+    assert recorder.sent == [c.id for c in commands]
+    # The same idempotency key returns the recorded command; still open, it is enqueued again.
     again = api.invite(ORG, "erin@acme.test", idempotency_key="invite-erin")
     assert again.id == commands[2].id
-    assert api._send.sent.count(commands[2].id) == 2
+    assert recorder.sent.count(commands[2].id) == 2
 
 
-def test_refusals_are_raised_and_nothing_is_sent(api: Orgsync) -> None:
+def test_bulk_invite_splits_into_commands_of_ten(api: Orgsync, recorder: Recorder) -> None:
+    emails = [f"person{n}@acme.test" for n in range(25)]
+    commands = api.bulk_invite("acme", emails, idempotency_key="onboarding")
+    assert [len(c.payload["email_addresses"]) for c in commands if c.payload] == [10, 10, 5]
+    assert [a for c in commands if c.payload for a in c.payload["email_addresses"]] == emails
+    assert [c.idempotency_key for c in commands] == ["onboarding:1", "onboarding:2", "onboarding:3"]
+    assert recorder.sent == [c.id for c in commands]
+    # Again with the same key: the same three commands, nothing new recorded.
+    assert [c.id for c in api.bulk_invite("acme", emails, idempotency_key="onboarding")] == recorder.sent[:3]
+
+
+def test_bulk_invite_refuses_an_address_twice_across_parts(api: Orgsync, recorder: Recorder) -> None:
+    emails = [f"person{n}@acme.test" for n in range(12)] + ["PERSON0@acme.test"]
+    with pytest.raises(InvalidCommandError, match="twice"):
+        api.bulk_invite("acme", emails)
+    assert recorder.sent == []
+
+
+def test_refusals_are_raised_and_nothing_is_sent(api: Orgsync, recorder: Recorder) -> None:
     with pytest.raises(LastAdminError):
         api.set_role("acme", "user_alice", "org:member")
-    with pytest.raises(CommandError, match="no organization"):
+    with pytest.raises(OrganizationNotFoundError, match="no organization"):
         api.set_role("nope", "user_bob", "org:admin")
-    with pytest.raises(CommandError, match="requested_by"):
+    with pytest.raises(InvalidCommandError, match="requested_by"):
         Orgsync(api.settings, requested_by=" ", engine=api.engine)
-    assert isinstance(api._send, Recorder)
-    assert api._send.sent == []
+    with pytest.raises(InvalidCommandError, match="requesting_user_id"):
+        api.revoke_invitation("acme", "orginv_dan", requesting_user_id=" ")
+    assert recorder.sent == []
 
 
-def test_dry_run_and_broker_down(api: Orgsync, engine: Engine) -> None:
+def test_dry_run_and_broker_down(api: Orgsync, engine: Engine, recorder: Recorder) -> None:
     planned = api.set_role("acme", "user_bob", "org:admin", dry_run=True)
     assert planned.status == CommandStatus.PLANNED
     down = Orgsync(api.settings, requested_by="api:billing", engine=engine, send=Recorder(engine, fail=True))
     pending = down.set_role("acme", "user_bob", "org:admin")
     assert pending.status == CommandStatus.PENDING
-    assert isinstance(api._send, Recorder)
-    assert api._send.sent == []
+    assert recorder.sent == []
+    # Retrying the pending command enqueues it again, now through the working broker.
+    assert api.retry(pending.id).id == pending.id
+    assert recorder.sent == [pending.id]
+
+
+@pytest.mark.parametrize("status", CommandStatus.ALL)
+def test_the_api_and_the_cli_enqueue_the_same_states(
+    api: Orgsync, recorder: Recorder, engine: Engine, tmp_path: Path, status: str
+) -> None:
+    """A re-run with the same key returns the command as it is: open ones go to the workers again."""
+    first = api.add_member("acme", "user_new", idempotency_key="same-key")
+    with session_scope(make_session_factory(engine)) as session:
+        session.get_one(Command, first.id).status = status
+    recorder.sent.clear()
+    cli_recorder = CliRecorder(engine)
+    invoke = make_invoke(environment(engine, tmp_path), cli_recorder)
+    again = api.add_member("acme", "user_new", idempotency_key="same-key")
+    result = invoke("members", "add", "--org", "acme", "--user", "user_new", "--idempotency-key", "same-key")
+    assert result.exit_code == 0, result.output
+    assert again.id == first.id
+    expected = [first.id] if status in CommandStatus.OPEN else []
+    assert recorder.sent == expected
+    assert [i for ids in cli_recorder.sent for i in ids] == expected

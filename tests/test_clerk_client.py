@@ -17,7 +17,7 @@ from clerk_backend_api import Clerk
 from conftest import free_port
 
 from emulator import Emulator, EmulatorConfig
-from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusal, ClerkTransientError
+from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusalError, ClerkTransientError
 from worker.ratelimit import RateLimiter
 
 SECRET_KEY = "sk_test_clerk_client"
@@ -97,7 +97,7 @@ def test_every_call_is_recorded_with_its_outcome(
     found = client.get_membership(org, other)
     assert found is not None and found["role"] == "org:admin"
     assert client.get_membership(org, "user_nobody") is None
-    with pytest.raises(ClerkRefusal) as refused:
+    with pytest.raises(ClerkRefusalError) as refused:
         client.add_member(org, admin, "org:member")
     error = refused.value
     assert (error.status, error.code, error.retryable, error.ambiguous) == (
@@ -137,7 +137,7 @@ def test_invitations_and_reads(emu: Emulator, client: ClerkClient) -> None:
     assert client.revoke_invitation(org, single["id"])["status"] == "revoked"
     assert client.get_invitation(org, single["id"])["status"] == "revoked"
     assert client.find_invitations(org, ["one@example.com"]) == []
-    with pytest.raises(ClerkRefusal) as refused:
+    with pytest.raises(ClerkRefusalError) as refused:
         client.revoke_invitation(org, single["id"])
     assert refused.value.code == "organization_invitation_not_pending"
     assert client.list_invitations(org, status="pending").total_count == 2
@@ -149,10 +149,10 @@ def test_invitations_and_reads(emu: Emulator, client: ClerkClient) -> None:
 
 def test_clerks_last_admin_refusal_is_a_permanent_error(emu: Emulator, client: ClerkClient) -> None:
     org, admin, _ = org_with_admin(emu)
-    with pytest.raises(ClerkRefusal) as refused:
+    with pytest.raises(ClerkRefusalError) as refused:
         client.set_role(org, admin, "org:member")
     assert refused.value.code == "organization_minimum_permissions_needed"
-    with pytest.raises(ClerkRefusal):
+    with pytest.raises(ClerkRefusalError):
         client.remove_member(org, admin)
 
 
@@ -346,7 +346,7 @@ def test_a_read_of_something_missing_is_a_404_refusal(
     emu: Emulator, client: ClerkClient, records: list[CallRecord]
 ) -> None:
     org, _, _ = org_with_admin(emu)
-    with pytest.raises(ClerkRefusal) as missing:
+    with pytest.raises(ClerkRefusalError) as missing:
         client.get_organization("org_missing")
     error = missing.value
     assert (error.status, error.code, error.retryable, error.ambiguous) == (
@@ -356,9 +356,9 @@ def test_a_read_of_something_missing_is_a_404_refusal(
         False,
     )
     assert error.trace_id and "org_missing" in error.message
-    with pytest.raises(ClerkRefusal) as no_invitation:
+    with pytest.raises(ClerkRefusalError) as no_invitation:
         client.get_invitation(org, "orginv_missing")
-    with pytest.raises(ClerkRefusal) as no_org:
+    with pytest.raises(ClerkRefusalError) as no_org:
         client.list_memberships("org_missing")
     assert no_invitation.value.status == no_org.value.status == 404
     assert [(r.purpose, r.path, r.status_code, r.error_code) for r in records] == [

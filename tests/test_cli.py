@@ -25,15 +25,8 @@ from models.inbox import store_delivery
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
-from orgsync.cli import (
-    EXIT_CONFIG,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    Runtime,
-    cli,
-)
+from orgsync.cli import cli
+from orgsync.cli.base import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Runtime
 from orgsync.render import render_table
 from orgsync.runner import ChildSpec, Supervisor
 from orgsync.serve import ServeOptions, WebApplication
@@ -586,7 +579,7 @@ def test_worker_arguments(
 ) -> None:
     database, broker, args, expected, unexpected = WORKER_CASES[case]
     fake = FakeCelery()
-    monkeypatch.setattr("orgsync.cli.celery_app", lambda _settings: fake)
+    monkeypatch.setattr("orgsync.cli.processes.celery_app", lambda _settings: fake)
     env = environment(database or sqlite_url, tmp_path)
     if broker is None:
         del env["BROKER_URL"]
@@ -601,7 +594,7 @@ def test_worker_arguments(
 
 def test_beat_arguments(monkeypatch: pytest.MonkeyPatch, sqlite_url: str, tmp_path: Path) -> None:
     fake = FakeCelery()
-    monkeypatch.setattr("orgsync.cli.celery_app", lambda _settings: fake)
+    monkeypatch.setattr("orgsync.cli.processes.celery_app", lambda _settings: fake)
     result = make_invoke(environment(sqlite_url, tmp_path))("beat")
     assert result.exit_code == EXIT_OK, result.output
     assert fake.argv == ["beat", "--loglevel=WARNING"]

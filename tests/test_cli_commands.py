@@ -20,8 +20,8 @@ from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import ApiCall, Command, CommandKind, CommandStatus
-from orgsync.cli import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, cli
-from orgsync.cli_commands import CommandRuntime
+from orgsync.cli import cli
+from orgsync.cli.base import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Runtime
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
@@ -179,7 +179,7 @@ class Recorder:
     def send(self, ids: list[int]) -> None:
         # A fresh connection sees only committed rows: the CLI must have committed already.
         committed = {row.id: row.status for row in commands_in(self.engine)}
-        assert all(committed.get(command_id) == CommandStatus.PENDING for command_id in ids), committed
+        assert all(committed.get(command_id) in CommandStatus.OPEN for command_id in ids), committed
         self.sent.append(list(ids))
         if self.then is not None:
             self.then(self.engine, ids)
@@ -190,7 +190,7 @@ Invoke = Callable[..., Result]
 
 def make_invoke(env: dict[str, str], recorder: Recorder | None) -> Invoke:
     def invoke(*args: str, stdin: str | None = None) -> Result:
-        obj = CommandRuntime(environ=env, make_command_sender=recorder.make if recorder else None)
+        obj = Runtime(environ=env, make_command_sender=recorder.make if recorder else None)
         return CliRunner().invoke(cli, list(args), obj=obj, input=stdin, catch_exceptions=False)
 
     return invoke
@@ -401,6 +401,17 @@ def test_invitations_revoke(invoke: Invoke, db: Engine, recorder: Recorder) -> N
         (CommandKind.REVOKE_INVITATION, "orginv_dan", "orginv_dan")
     ]
     assert recorder.sent == [[rows[0]["id"]]]
+
+
+def test_invitations_revoke_as_a_requesting_user(invoke: Invoke, db: Engine, recorder: Recorder) -> None:
+    args = ("invitations", "revoke", "--org", "acme", "orginv_dan", "--json")
+    [item] = json_array(invoke(*args, "--requesting-user", "user_alice"))
+    assert item["payload"] == {"requesting_user_id": "user_alice"}
+    assert recorder.sent == [[item["id"]]]
+    blank = invoke(*args, "--requesting-user", " ")
+    assert blank.exit_code == EXIT_USAGE, blank.output
+    assert "payload.requesting_user_id: is required" in blank.stderr
+    assert len(commands_in(db)) == 1
 
 
 # -- the broker, and waiting ---------------------------------------------------------------

@@ -21,7 +21,8 @@ from stack import ROOT, START_BOUND_S, STOP_BOUND_S, log_tail
 import emulator
 from emulator import DEFAULT_SECRET_KEY, DEFAULT_SIGNING_SECRET, EmulatorConfig, Outage
 from emulator.testing import Receiver
-from orgsync.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Runtime, cli
+from orgsync.cli import cli
+from orgsync.cli.base import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Runtime
 
 OTHER_SECRET = "whsec_b3RoZXItc2lnbmluZy1zZWNyZXQtZm9yLXRlc3Rz"
 KEY = "sk_test_cli_emulator_key"

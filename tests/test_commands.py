@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator import Emulator, EmulatorConfig
-from models.commands import CommandError
+from models.commands import CommandNotFoundError, InvalidCommandError
 from models.db import session_scope
 from models.events import parse_event
 from models.mirror import apply_events
@@ -454,7 +454,7 @@ def test_invalid_requests_name_the_field(
         "user_id": "user_1",
         "role": "org:member",
     }
-    with pytest.raises(CommandError) as error:
+    with pytest.raises(InvalidCommandError) as error:
         submit(session_factory, CommandRequest(**{**base, **fields}))
     assert error.value.field == field
 
@@ -556,7 +556,7 @@ def test_retry_and_queries(emu: Emulator, client: ClerkClient, mirror: Mirror, o
         assert [c.id for c in list_commands(session, status=CommandStatus.FAILED)] == [failed]
         assert list_commands(session, organization_id="org_other") == []
         assert [c.id for c in list_commands(session, organization_id=org["id"], limit=1)] == [ok]
-        with pytest.raises(CommandError):
+        with pytest.raises(InvalidCommandError):
             list_commands(session, status="bogus")
         assert get_command(session, 999_999) is None
         assert [c.command_id for c in list_api_calls(session)] == [failed, ok]
@@ -567,7 +567,7 @@ def test_retry_and_queries(emu: Emulator, client: ClerkClient, mirror: Mirror, o
         )
         with pytest.raises(CommandStateError):
             retry_command(session, ok, now_ms=NOW)
-        with pytest.raises(CommandStateError):
+        with pytest.raises(CommandNotFoundError):
             retry_command(session, 999_999, now_ms=NOW)
 
 

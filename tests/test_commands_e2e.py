@@ -26,6 +26,7 @@ from stack import FAST_SWEEPS, Stack, hermetic_env, running_stack
 from emulator import Emulator, EmulatorConfig
 from models.db import make_session_factory, session_scope
 from models.settings import Settings
+from models.submission import CommandService
 from models.tables import ApiCall, Command, CommandKind, CommandStatus, Invitation, Membership
 from worker.app import create_celery, make_command_sender
 from worker.commands import CommandRequest, LastAdminError, list_api_calls, submit_command
@@ -155,7 +156,11 @@ def test_every_kind_end_to_end_through_faults_and_the_last_admin_guard(
                     role="org:member",
                     payload={"email_addresses": ["b1@example.com", "b2@example.com"]},
                 ),
-                req(CommandKind.REVOKE_INVITATION, invitation_id=old),
+                req(
+                    CommandKind.REVOKE_INVITATION,
+                    invitation_id=old,
+                    payload={"requesting_user_id": users["a"]},
+                ),
             ],
         )
         send(ids)
@@ -179,6 +184,26 @@ def test_every_kind_end_to_end_through_faults_and_the_last_admin_guard(
             every = session.scalars(select(ApiCall)).all()
             assert all(c.command_id in ids and c.duration_ms >= 0 for c in every)
         assert set_role.confirmed_at is not None
+
+        # Through the submission service, by slug: the requesting user reaches Clerk, which
+        # refuses one who is not a member of the organization.
+        other = state.create_invitation(org, email_address="other@example.com", role="org:member")["id"]
+        service = CommandService(factory, send)
+        submitted = service.submit(
+            [
+                CommandRequest(
+                    CommandKind.REVOKE_INVITATION,
+                    "acme",
+                    "api:e2e",
+                    invitation_id=other,
+                    payload={"requesting_user_id": users["m2"]},
+                )
+            ]
+        )
+        assert submitted.enqueued
+        [stranger] = service.wait(submitted.open_ids, BOUND_S)
+        assert (stranger.status, stranger.error_code) == (CommandStatus.FAILED, "resource_not_found")
+        assert "requesting user" in (stranger.error_message or "")
 
         # The last admin guard, locally: Solo's only admin cannot be demoted or removed.
         with pytest.raises(LastAdminError):

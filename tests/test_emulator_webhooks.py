@@ -11,7 +11,7 @@ import pytest
 from svix.webhooks import Webhook
 
 from emulator import ChaosConfig, Emulator, EmulatorConfig, Outage, State
-from emulator.delivery import Delivery
+from emulator.delivery import WebhookDelivery
 from emulator.records import Clock
 from emulator.testing import Receiver
 
@@ -269,7 +269,7 @@ def test_reordering_delivers_out_of_order(receiver: Receiver) -> None:
 
 
 def test_delivery_without_endpoints_only_counts() -> None:
-    delivery = Delivery([], SECRET)
+    delivery = WebhookDelivery([], SECRET)
     state = State(clock=Clock(lambda: 1_700_000_000_000))
     state.subscribe(delivery.on_event)
     state.create_user(email_address="x@example.com")
@@ -285,4 +285,4 @@ def test_bad_configuration_is_refused() -> None:
         Outage.parse("5")
     assert Outage.parse("1.5:3") == Outage(1.5, 3.0)
     with pytest.raises(ValueError, match="webhook URL"):
-        Delivery(["ftp://example.com"], SECRET)
+        WebhookDelivery(["ftp://example.com"], SECRET)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from worker.ratelimit import RateLimiter, RateLimitTimeout
+from worker.ratelimit import RateLimiter, RateLimitTimeoutError
 
 
 def limiter(storage: str, instance: int, membership: int = 10, **options: object) -> RateLimiter:
@@ -22,7 +22,7 @@ def grants(rl: RateLimiter, tries: int, membership_key: str | None = None) -> in
     for _ in range(tries):
         try:
             rl.acquire(membership_key, timeout=0)
-        except RateLimitTimeout:
+        except RateLimitTimeoutError:
             continue
         granted += 1
     return granted
@@ -31,7 +31,7 @@ def grants(rl: RateLimiter, tries: int, membership_key: str | None = None) -> in
 def test_instance_budget_is_enforced_in_memory() -> None:
     rl = limiter("memory://", 3, window=60)
     assert grants(rl, 10) == 3
-    with pytest.raises(RateLimitTimeout) as info:
+    with pytest.raises(RateLimitTimeoutError) as info:
         rl.acquire(timeout=0)
     assert info.value.wait_s > 0
 
@@ -111,7 +111,7 @@ def test_a_pause_after_429_holds_every_process(redis_url: str) -> None:
     until = time.time() + 30
     first.pause_until(until)
     assert second.paused_until() == pytest.approx(until)
-    with pytest.raises(RateLimitTimeout):
+    with pytest.raises(RateLimitTimeoutError):
         second.acquire(timeout=0)
     # An earlier deadline never shortens a longer pause.
     second.pause_until(until - 20)
@@ -124,5 +124,5 @@ def test_a_pause_after_429_holds_every_process(redis_url: str) -> None:
 def test_a_pause_in_memory_holds_this_process() -> None:
     rl = limiter("memory://", 100, window=60)
     rl.pause_until(time.time() + 30)
-    with pytest.raises(RateLimitTimeout):
+    with pytest.raises(RateLimitTimeoutError):
         rl.acquire(timeout=0)

@@ -50,7 +50,8 @@ from models.reconcile import (
 )
 from models.settings import Settings
 from models.tables import ApiCall, Membership, Organization, SyncRun, SyncStatus
-from orgsync.cli import Runtime, cli
+from orgsync.cli import cli
+from orgsync.cli.base import Runtime
 from worker import reconcile as reconcile_module
 from worker.app import TASK_RECONCILE, TASK_RECONCILE_ORG, create_celery
 from worker.apply import apply_inbox
@@ -234,7 +235,7 @@ def test_one_organization_by_slug_and_one_that_is_gone(factory: sessionmaker[Ses
         MEMBERSHIPS: {"tombstoned": 6},
         INVITATIONS: {"tombstoned": 1},
     }
-    with pytest.raises(reconcile_module.OrganizationNotFound):
+    with pytest.raises(reconcile_module.OrganizationNotFoundError):
         run_reconcile(factory, client, organization="no-such-org")
 
 

@@ -18,8 +18,8 @@ from models.events import Event
 from models.inbox import store_delivery
 from models.mirror import apply_events
 from models.tables import Command, CommandStatus, InboxEvent, InboxStatus, Membership, RuleState
-from orgsync.cli import EXIT_CONFIG, cli
-from orgsync.cli_commands import CommandRuntime
+from orgsync.cli import cli
+from orgsync.cli.base import EXIT_CONFIG, Runtime
 from worker.apply import apply_inbox
 from worker.rules import (
     CHANGE,
@@ -888,7 +888,7 @@ def cli_env(engine: Engine, tmp_path: Path, rules: Path | None, **extra: str) ->
 
 def run_cli(env: dict[str, str], *args: str, sent: Sent | None = None) -> Any:
 
-    obj = CommandRuntime(environ=env, make_command_sender=(sent or Sent()).make)
+    obj = Runtime(environ=env, make_command_sender=(sent or Sent()).make)
     return CliRunner().invoke(cli, list(args), obj=obj, catch_exceptions=False)
 
 

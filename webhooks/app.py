@@ -21,7 +21,7 @@ from models.inbox import Stored, store_delivery
 from models.settings import Settings
 from models.tables import InboxStatus
 from webhooks.dispatch import Dispatcher, Send
-from webhooks.verify import Rejection, SignatureVerifier
+from webhooks.verify import RejectionError, SignatureVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def create_app(
             return _too_large(max_body)
         try:
             delivery = verifier.verify(request.headers, body)
-        except Rejection as rejection:
+        except RejectionError as rejection:
             logger.info(
                 "webhook refused: %s (%s), id %r",
                 rejection.code,

@@ -12,7 +12,7 @@ from typing import Protocol
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 from svix.webhooks import Webhook, WebhookVerificationError
 
-from models.errors import ConfigError
+from models.errors import ConfigError, PermanentError
 
 TOLERANCE_SECONDS = 5 * 60
 MAX_ID_LENGTH = 128  # inbox_events.svix_id is String(128)
@@ -28,7 +28,7 @@ class HeaderLookup(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
 
-class Rejection(Exception):
+class RejectionError(PermanentError):
     """A delivery refused before anything is stored: ``code`` is stable, ``message`` explains."""
 
     def __init__(self, code: str, message: str, status: int = 400) -> None:
@@ -70,7 +70,7 @@ class SignatureVerifier:
         self._webhooks = tuple(webhooks)
 
     def verify(self, headers: HeaderLookup, body: bytes, *, now: float | None = None) -> Delivery:
-        """Return the verified delivery or raise ``Rejection``.
+        """Return the verified delivery or raise ``RejectionError``.
 
         ``headers`` must look names up case-insensitively (werkzeug's do) or use lowercase keys.
         The checks the svix library would report vaguely (or not as its own error type) are
@@ -81,30 +81,30 @@ class SignatureVerifier:
         signature = _header(headers, "signature")
         for name, value in (("id", msg_id), ("timestamp", raw_timestamp), ("signature", signature)):
             if not value:
-                raise Rejection("missing_headers", f"missing svix-{name} header (or webhook-{name})")
+                raise RejectionError("missing_headers", f"missing svix-{name} header (or webhook-{name})")
         if len(msg_id) > MAX_ID_LENGTH:
-            raise Rejection("invalid_id", f"svix-id is longer than {MAX_ID_LENGTH} characters")
+            raise RejectionError("invalid_id", f"svix-id is longer than {MAX_ID_LENGTH} characters")
 
         if not _INTEGER.fullmatch(raw_timestamp.strip()):
-            raise Rejection("invalid_timestamp", "svix-timestamp is not an integer number of seconds")
+            raise RejectionError("invalid_timestamp", "svix-timestamp is not an integer number of seconds")
         timestamp = int(raw_timestamp)
         current = time.time() if now is None else now
         if timestamp < current - TOLERANCE_SECONDS:
-            raise Rejection("stale_timestamp", _STALE)
+            raise RejectionError("stale_timestamp", _STALE)
         if timestamp > current + TOLERANCE_SECONDS:
-            raise Rejection("future_timestamp", _FUTURE)
+            raise RejectionError("future_timestamp", _FUTURE)
 
         for position, entry in enumerate(signature.split(" "), start=1):
             # svix splits each entry on its comma and raises a bare ValueError otherwise.
             if entry.count(",") != 1:
-                raise Rejection(
+                raise RejectionError(
                     "malformed_signature", f"svix-signature entry {position} is not of the form 'v1,<base64>'"
                 )
 
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            raise Rejection("invalid_encoding", "body is not valid UTF-8") from None
+            raise RejectionError("invalid_encoding", "body is not valid UTF-8") from None
 
         svix_headers = {
             "svix-id": msg_id,
@@ -118,14 +118,14 @@ class SignatureVerifier:
                 reason = str(exc)
                 # The clock may move across the tolerance between our check and the library's.
                 if "too old" in reason:
-                    raise Rejection("stale_timestamp", _STALE) from None
+                    raise RejectionError("stale_timestamp", _STALE) from None
                 if "too new" in reason:
-                    raise Rejection("future_timestamp", _FUTURE) from None
+                    raise RejectionError("future_timestamp", _FUTURE) from None
                 continue
             except ValueError:
                 # binascii.Error (bad base64 in a v1 entry) is a ValueError.
-                raise Rejection(
+                raise RejectionError(
                     "malformed_signature", "svix-signature holds an entry that is not base64"
                 ) from None
             return Delivery(svix_id=msg_id, timestamp=timestamp, body=text)
-        raise Rejection("invalid_signature", "no signature matches the configured signing secrets")
+        raise RejectionError("invalid_signature", "no signature matches the configured signing secrets")

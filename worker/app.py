@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,11 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
 from models.settings import Settings
+from models.submission import enqueue_commands
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
 from worker.clerk import ClerkClient
 from worker.commands import confirm_commands, due_command_ids, send_command
@@ -46,10 +47,6 @@ SWEEP_MAX_CHUNKS = 20
 # worker that died holding a message is covered much sooner by the sweeper anyway.
 REDIS_VISIBILITY_TIMEOUT_S = 3600
 BROKER_CONNECT_TIMEOUT_S = 3.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -270,7 +267,8 @@ def create_celery(settings: Settings) -> Celery:
             )
         if due:
             log.info("re-enqueuing %d due commands", len(due))
-            send_commands(due)
+            # A broker failure is logged there; the next sweep finds the same commands again.
+            enqueue_commands(send_commands, due)
         return len(due)
 
     if settings.reconcile_interval > 0:

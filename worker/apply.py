@@ -211,7 +211,7 @@ def apply_inbox(
     return report
 
 
-class WorkerLostError(Exception):
+class WorkerLostError(RetryableError):
     """Recorded as the error of a row whose earlier attempt ended with its worker process."""
 
     def __str__(self) -> str:

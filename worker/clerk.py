@@ -32,6 +32,7 @@ from clerk_backend_api.models import ResponseValidationError as SdkValidationErr
 from clerk_backend_api.utils.retries import BackoffStrategy, RetryConfig
 from pydantic import BaseModel
 
+from models.clock import now_ms
 from models.errors import ConfigError, OrgsyncError, PermanentError, RetryableError
 from models.settings import Settings
 from models.tables import ApiCall
@@ -84,7 +85,7 @@ Recorder = Callable[[CallRecord], None]
 
 
 class ClerkApiError(OrgsyncError):
-    """A failed Backend API call. Raised as ``ClerkTransientError`` or ``ClerkRefusal``.
+    """A failed Backend API call. Raised as ``ClerkTransientError`` or ``ClerkRefusalError``.
 
     ``status`` is None when no response came (timeout, connection error). ``ambiguous``: the
     request may have been carried out although no success was seen (a timeout after sending,
@@ -122,7 +123,7 @@ class ClerkApiError(OrgsyncError):
         ambiguous: bool = False,
     ) -> ClerkApiError:
         transient = status is None or status == 429 or status >= 500
-        cls: type[ClerkApiError] = ClerkTransientError if transient else ClerkRefusal
+        cls: type[ClerkApiError] = ClerkTransientError if transient else ClerkRefusalError
         return cls(status, code, message, trace_id=trace_id, retry_after=retry_after, ambiguous=ambiguous)
 
 
@@ -132,12 +133,12 @@ class ClerkTransientError(ClerkApiError, RetryableError):
     retryable = True
 
 
-class ClerkRefusal(ClerkApiError, PermanentError):
+class ClerkRefusalError(ClerkApiError, PermanentError):
     """A 4xx other than 429: Clerk refused the request; repeating it cannot help."""
 
 
 @dataclass(frozen=True)
-class Page:
+class ApiPage:
     data: list[Json]
     total_count: int
 
@@ -157,10 +158,6 @@ class _ResponseKeepingClient(httpx.Client):
 
     def last_response(self) -> httpx.Response | None:
         return getattr(self.local, "response", None)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _trace_from_headers(headers: Mapping[str, str] | None) -> str | None:
@@ -256,8 +253,8 @@ def _sdk_headers(sdk: Clerk, base_url: str, secret_key: str) -> dict[str, str]:
     return {name: value for name, value in request.headers.items() if name.lower() != "host"}
 
 
-def _page(body: Json) -> Page:
-    return Page(body["data"], body["total_count"])
+def _page(body: Json) -> ApiPage:
+    return ApiPage(body["data"], body["total_count"])
 
 
 def _is_page(body: Json) -> bool:
@@ -353,7 +350,7 @@ class ClerkClient:
         refused = 0
         while True:
             self._limiter.acquire(membership_key, timeout=self._limit_wait)
-            started_at = _now_ms()
+            started_at = now_ms()
             began = time.monotonic()
             record = CallRecord(purpose, method, path, None, None, None, None, None, 0, started_at)
             try:
@@ -442,7 +439,7 @@ class ClerkClient:
         """A write through the SDK, its answer as plain JSON."""
         return _dump(self._call(purpose, method, path, operation, membership_key=membership_key))
 
-    def _pages(self, fetch: Callable[[int, int], Page], limit: int) -> Iterator[Json]:
+    def _pages(self, fetch: Callable[[int, int], ApiPage], limit: int) -> Iterator[Json]:
         offset = 0
         while True:
             page = fetch(limit, offset)
@@ -457,7 +454,7 @@ class ClerkClient:
 
     def list_organizations(
         self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
-    ) -> Page:
+    ) -> ApiPage:
         params: Params = {
             "include_members_count": "true",
             "order_by": order_by,
@@ -476,7 +473,7 @@ class ClerkClient:
         offset: int = 0,
         order_by: str = "+created_at",
         purpose: str = "read",
-    ) -> Page:
+    ) -> ApiPage:
         path = f"/organizations/{_segment(organization_id)}/memberships"
         # In the SDK's order, so that the URL is the one it would send.
         params: Params = {"order_by": order_by}
@@ -550,7 +547,7 @@ class ClerkClient:
         offset: int = 0,
         order_by: str = "+created_at",
         purpose: str = "read",
-    ) -> Page:
+    ) -> ApiPage:
         path = f"/organizations/{_segment(organization_id)}/invitations"
         params: Params = {}
         if status:
@@ -570,7 +567,7 @@ class ClerkClient:
         """Invitations for these addresses (compared case-insensitively), across every page."""
         wanted = {email.strip().lower() for email in email_addresses}
 
-        def fetch(limit: int, offset: int) -> Page:
+        def fetch(limit: int, offset: int) -> ApiPage:
             return self.list_invitations(
                 organization_id, status=status, limit=limit, offset=offset, purpose=purpose
             )
@@ -654,6 +651,6 @@ class ClerkClient:
     # -------------------------------------------------------------------- roles
     def list_roles(
         self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
-    ) -> Page:
+    ) -> ApiPage:
         params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
         return _page(self._get_json("/organization_roles", params, purpose, page=True))

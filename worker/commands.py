@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import (
     LAST_ADMIN_CODE,
-    CommandError,
+    CommandNotFoundError,
     CommandRequest,
     CommandStateError,
+    InvalidCommandError,
     LastAdminError,
     confirm_commands,
     confirm_one,
@@ -40,13 +41,14 @@ from models.commands import (
 from models.db import session_scope
 from models.errors import PermanentError
 from models.tables import Command, CommandKind, CommandStatus
-from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusal
-from worker.ratelimit import RateLimitTimeout
+from worker.clerk import CallRecord, ClerkApiError, ClerkClient, ClerkRefusalError
+from worker.ratelimit import RateLimitTimeoutError
 
 __all__ = [
-    "CommandError",
+    "CommandNotFoundError",
     "CommandRequest",
     "CommandStateError",
+    "InvalidCommandError",
     "LastAdminError",
     "SendResult",
     "confirm_commands",
@@ -169,7 +171,7 @@ def _add_member(client: ClerkClient, spec: _Spec) -> _Outcome:
             public_metadata=spec.payload.get("public_metadata"),
             private_metadata=spec.payload.get("private_metadata"),
         )
-    except ClerkRefusal as exc:
+    except ClerkRefusalError as exc:
         if exc.code != ALREADY_MEMBER:
             raise
         done = _member_with_role(client, spec)
@@ -187,7 +189,7 @@ def _remove_member(client: ClerkClient, spec: _Spec) -> _Outcome:
         return _Outcome(_membership_result(None, already=True))
     try:
         removed = client.remove_member(spec.organization_id, spec.user_id)
-    except ClerkRefusal as exc:
+    except ClerkRefusalError as exc:
         if exc.code != NOT_FOUND or client.get_membership(spec.organization_id, spec.user_id) is not None:
             raise
         return _Outcome(_membership_result(None, already=True))
@@ -214,7 +216,7 @@ def _invite(client: ClerkClient, spec: _Spec) -> _Outcome:
             return _Outcome(_invitation_result(existing, already=True))
     try:
         created = client.invite(spec.organization_id, email, spec.role, **_invite_options(spec.payload))
-    except ClerkRefusal as exc:
+    except ClerkRefusalError as exc:
         if exc.code != NOT_UNIQUE:
             raise
         existing = _pending_with_role(client, spec, [email]).get(email.lower())
@@ -242,7 +244,7 @@ def _bulk_invite(client: ClerkClient, spec: _Spec) -> _Outcome:
         items = [{"email_address": e, "role": spec.role, **options} for e in remaining]
         try:
             created = client.bulk_invite(spec.organization_id, items)
-        except ClerkRefusal as exc:
+        except ClerkRefusalError as exc:
             # Clerk creates all or none: when some already exist (our own ambiguous earlier
             # attempt, or someone else's), look once and send only the missing ones.
             if exc.code != NOT_UNIQUE or check:
@@ -268,7 +270,7 @@ def _revoke(client: ClerkClient, spec: _Spec) -> _Outcome:
             spec.invitation_id,
             requesting_user_id=spec.payload.get("requesting_user_id"),
         )
-    except ClerkRefusal as exc:
+    except ClerkRefusalError as exc:
         if exc.code != NOT_PENDING:
             raise
         current = client.get_invitation(spec.organization_id, spec.invitation_id)
@@ -380,7 +382,7 @@ def send_command(
     error: Exception | None = None
     try:
         outcome = SENDERS[spec.kind](client.with_recorder(records.append), spec)
-    except (ClerkApiError, RateLimitTimeout, PermanentError) as exc:
+    except (ClerkApiError, RateLimitTimeoutError, PermanentError) as exc:
         error = exc
     except Exception as exc:
         # A defect, not Clerk: record it as the command's failure instead of retrying forever.
@@ -408,7 +410,7 @@ def send_command(
             confirm_one(session, command, now_ms=finished)
             return SendResult(command.status)
         assert error is not None
-        if isinstance(error, RateLimitTimeout):
+        if isinstance(error, RateLimitTimeoutError):
             # Nothing was sent: this run does not count as an attempt.
             command.attempts = spec.attempt - 1
             command.status = CommandStatus.PENDING

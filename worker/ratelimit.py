@@ -33,7 +33,7 @@ MIN_SLEEP_S = 0.02
 MAX_SLEEP_S = 1.0
 
 
-class RateLimitTimeout(RetryableError):
+class RateLimitTimeoutError(RetryableError):
     """No slot within the caller's timeout: the call was not made, try again later."""
 
     def __init__(self, message: str, *, wait_s: float) -> None:
@@ -140,7 +140,7 @@ class RateLimiter:
     def acquire(self, membership_key: str | None = None, *, timeout: float = 60.0) -> float:
         """Block until one call may be made (a role change on ``membership_key`` if given).
 
-        Returns the seconds waited; raises ``RateLimitTimeout`` (retryable) after ``timeout``.
+        Returns the seconds waited; raises ``RateLimitTimeoutError`` (retryable) after ``timeout``.
         """
         started = self._clock()
         deadline = started + timeout
@@ -163,7 +163,7 @@ class RateLimiter:
             else:
                 return now - started
             if now + wait > deadline:
-                raise RateLimitTimeout(
+                raise RateLimitTimeoutError(
                     f"Clerk rate limit: no slot within {timeout:g} s", wait_s=max(wait, MIN_SLEEP_S)
                 )
             self._sleep(min(MAX_SLEEP_S, wait) * random.uniform(1.0, 1.2))

@@ -35,8 +35,9 @@ from typing import Any, TypeVar
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.clock import now_ms
 from models.db import session_scope
-from models.errors import ConfigError, PermanentError, RetryableError
+from models.errors import ConfigError, OrganizationNotFoundError, RetryableError
 from models.events import INVITATIONS, MEMBERSHIPS, ORGANIZATIONS, ROLES
 from models.reconcile import (
     SCOPE_INSTANCE,
@@ -55,9 +56,9 @@ from models.reconcile import (
 )
 from models.settings import Settings
 from models.tables import Organization, SyncStatus
-from worker.clerk import PAGE_LIMIT, CallRecord, ClerkClient, ClerkRefusal, ClerkTransientError, Page
+from worker.clerk import PAGE_LIMIT, ApiPage, CallRecord, ClerkClient, ClerkRefusalError, ClerkTransientError
 from worker.process import PerProcess
-from worker.ratelimit import RateLimiter, RateLimitTimeout
+from worker.ratelimit import RateLimiter, RateLimitTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,8 @@ WAIT_NOTICED_S = 0.005
 MAX_ERROR_CHARS = 500
 
 
-class SyncInterrupted(RetryableError):
+class SyncInterruptedError(RetryableError):
     """The run was asked to stop; it is saved and the next run resumes it."""
-
-
-class OrganizationNotFound(PermanentError):
-    """``--org`` names an organization that neither Clerk nor the mirror knows."""
 
 
 class CountingLimiter(RateLimiter):
@@ -201,10 +198,6 @@ class _OrgListing:
         return len(self.memberships) + len(self.invitations)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _cursor(org: Json) -> tuple[int, str]:
     created = org.get("created_at")
     return (created if isinstance(created, int) else 0, str(org.get("id") or ""))
@@ -223,7 +216,7 @@ class Reconciler:
         client: ClerkClient,
         *,
         workers: int = DEFAULT_WORKERS,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = now_ms,
         on_progress: Callable[[Progress], None] | None = None,
         stop: threading.Event | None = None,
         stale_after_ms: int = STALE_AFTER_MS,
@@ -327,7 +320,7 @@ class Reconciler:
     # ------------------------------------------------------------------ calls
     def _check_stop(self) -> None:
         if self._stop.is_set() or self._abort.is_set():
-            raise SyncInterrupted("reconciliation stopped; the next run resumes it")
+            raise SyncInterruptedError("reconciliation stopped; the next run resumes it")
 
     def _call(self, operation: Callable[[], T]) -> T:
         """One GET, repeated on transient failures (a read is always safe to repeat)."""
@@ -335,10 +328,10 @@ class Reconciler:
             self._check_stop()
             try:
                 return operation()
-            except (ClerkTransientError, RateLimitTimeout) as exc:
+            except (ClerkTransientError, RateLimitTimeoutError) as exc:
                 if attempt == CALL_ATTEMPTS:
                     raise
-                if isinstance(exc, RateLimitTimeout):
+                if isinstance(exc, RateLimitTimeoutError):
                     delay = exc.wait_s
                 else:
                     delay = exc.retry_after if exc.retry_after is not None else min(8.0, 0.5 * 2**attempt)
@@ -346,7 +339,7 @@ class Reconciler:
                 self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _all(self, fetch: Callable[[int], Page]) -> list[Json]:
+    def _all(self, fetch: Callable[[int], ApiPage]) -> list[Json]:
         items: list[Json] = []
         offset = 0
         while True:
@@ -370,7 +363,7 @@ class Reconciler:
                     organization_id, limit=PAGE_LIMIT, offset=at, order_by=ORDER_BY, purpose=PURPOSE
                 )
             )
-        except ClerkRefusal as exc:
+        except ClerkRefusalError as exc:
             if exc.status != 404:
                 raise
             listing.gone = True
@@ -379,7 +372,7 @@ class Reconciler:
     def _get_organization(self, ref: str) -> Json | None:
         try:
             return self._call(lambda: self._client.get_organization(ref, purpose=PURPOSE))
-        except ClerkRefusal as exc:
+        except ClerkRefusalError as exc:
             if exc.status == 404:
                 return None
             raise
@@ -420,7 +413,7 @@ class Reconciler:
                 self._sync_roles()
                 self._sync_organizations()
             self._phase = "done"
-        except (SyncInterrupted, RetryableError, KeyboardInterrupt) as exc:
+        except (SyncInterruptedError, RetryableError, KeyboardInterrupt) as exc:
             status, error = SyncStatus.INTERRUPTED, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         except Exception as exc:
             log.exception("reconciliation run %d failed", self._run_id)
@@ -467,7 +460,9 @@ class Reconciler:
                 select(Organization.id).where(or_(Organization.id == ref, Organization.slug == ref)).limit(1)
             ).first()
         if found is None:
-            raise OrganizationNotFound(f"no organization with id or slug {ref!r} in Clerk or in the mirror")
+            raise OrganizationNotFoundError(
+                f"no organization with id or slug {ref!r} in Clerk or in the mirror"
+            )
         return str(found)
 
     # ------------------------------------------------------------------ roles
@@ -721,13 +716,13 @@ class Reconciler:
                             )
                         )
                     )
-                except ClerkRefusal as exc:
+                except ClerkRefusalError as exc:
                     if exc.status != 404:
                         raise
                     gone.append(item)
                 answered.add(id(item))
                 self._keep_alive()
-        except ClerkRefusal as exc:
+        except ClerkRefusalError as exc:
             if exc.status != 404:
                 raise
             gone.extend(item for item in missing if id(item) not in answered)
@@ -747,12 +742,12 @@ def run_reconcile(
     workers: int = DEFAULT_WORKERS,
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
-    clock_ms: Callable[[], int] = _now_ms,
+    clock_ms: Callable[[], int] = now_ms,
     stale_after_ms: int = STALE_AFTER_MS,
 ) -> SyncResult:
     """One reconciliation run (the body of ``orgsync sync`` and of the reconcile tasks).
 
-    Raises ``SyncBusyError`` if a run of the same scope is running, ``OrganizationNotFound``
+    Raises ``SyncBusyError`` if a run of the same scope is running, ``OrganizationNotFoundError``
     for an unknown ``organization``; every other failure is in the result's status and error.
     """
     reconciler = Reconciler(
@@ -781,7 +776,7 @@ def reconcile_task_body(
     except SyncBusyError as exc:
         log.info("reconciliation skipped: %s", exc)
         return None
-    except OrganizationNotFound as exc:
+    except OrganizationNotFoundError as exc:
         log.info("reconciliation skipped: %s", exc)
         return None
     repaired = {

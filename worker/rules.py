@@ -42,11 +42,12 @@ from typing import Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.commands import CommandRequest, admin_role_levels, is_admin_role, submit_command
+from models.commands import CommandRequest, admin_role_levels, is_admin_role
 from models.db import lock_mirror_writes, session_scope
 from models.errors import PermanentError
 from models.events import Event
 from models.settings import Settings
+from models.submission import Send, enqueue_commands, record_commands
 from models.tables import (
     Command,
     CommandKind,
@@ -238,7 +239,7 @@ class Decision:
 
 @dataclass
 class RunReport:
-    """What ``apply_decisions`` did: ``pending`` command ids are to be enqueued after the commit."""
+    """What ``apply_decisions`` did: ``pending`` holds the open command ids, to enqueue after the commit."""
 
     pending: list[int] = field(default_factory=list)
     planned: list[int] = field(default_factory=list)
@@ -552,8 +553,16 @@ Submit = Callable[[Session, CommandRequest], Command]
 
 
 def default_submit(*, now_ms: int, dry_run_default: bool) -> Submit:
+    """Record through the one submission path, inside the caller's transaction."""
+
+    # One lookup per organization and run, not per command: a run may decide thousands.
+    resolved: dict[str, str] = {}
+
     def submit(session: Session, request: CommandRequest) -> Command:
-        return submit_command(session, request, now_ms=now_ms, dry_run_default=dry_run_default)
+        (command,) = record_commands(
+            session, [request], now_ms=now_ms, dry_run_default=dry_run_default, resolved=resolved
+        )
+        return command
 
     return submit
 
@@ -641,7 +650,7 @@ def apply_decisions(
             state.reversals = decision.reversal
             state.last_reversal_at = now_ms
         report.commands.append((decision, command))
-        if command.status == CommandStatus.PENDING:
+        if command.status in CommandStatus.OPEN:
             report.pending.append(command.id)
         elif command.status == CommandStatus.PLANNED:
             report.planned.append(command.id)
@@ -768,7 +777,7 @@ class RulesHook:
         self,
         rules_file: Path | None,
         *,
-        send: Callable[[list[int]], None] | None = None,
+        send: Send | None = None,
         dry_run: bool = False,
         max_reversals: int = 3,
         confirm_timeout_ms: int = DEFAULT_CONFIRM_TIMEOUT_MS,
@@ -785,9 +794,7 @@ class RulesHook:
         self._error: str | None = None
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, send: Callable[[list[int]], None] | None = None
-    ) -> RulesHook:
+    def from_settings(cls, settings: Settings, *, send: Send | None = None) -> RulesHook:
         """The hook the worker wires into ``apply_inbox(after_batch=...)``."""
         return cls(
             settings.rules_file,
@@ -852,11 +859,6 @@ class RulesHook:
             )
         # Only after the commit: a worker must find the rows when the message arrives. If the
         # broker is down the commands stay pending; the commands core's sweep sends them later.
-        if report.pending and self.send is not None:
-            try:
-                self.send(report.pending)
-            except Exception as exc:
-                log.warning(
-                    "could not enqueue %d rule command(s): %s", len(report.pending), type(exc).__name__
-                )
+        if self.send is not None:
+            enqueue_commands(self.send, report.pending)
         return report

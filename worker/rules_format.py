@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from models.errors import ConfigError
+from models.errors import ConfigError, PermanentError
 
 ON_JOIN = "on_join"
 ENFORCE = "enforce"
@@ -235,7 +235,7 @@ SECTION_FIELDS = {
 }
 
 
-class _FieldError(Exception):
+class _FieldError(PermanentError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(message)
         self.field_name = field_name

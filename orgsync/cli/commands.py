@@ -1,93 +1,59 @@
 """Changes made in Clerk from the command line: members, invitations and the commands outbox.
 
-Every change is a row in ``commands`` first: the CLI records it, commits, and only then hands
-its id to the workers, which send it through the Backend API. A broker that is down loses
-nothing: the row stays pending and the sweeper (or ``orgsync commands retry``) sends it later.
+Every change goes through the one submission service (``models.submission``), as from the
+Python API and the rules: a row in ``commands`` first, committed, and only then its id handed
+to the workers, which send it through the Backend API. A broker that is down loses nothing:
+the row stays pending and the sweeper (or ``orgsync commands retry``) sends it later.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import click
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from models import queries
 from models.commands import (
-    MAX_BULK,
     MAX_LIST,
     CommandRequest,
     CommandStateError,
+    InvalidCommandError,
     LastAdminError,
     get_command,
     list_api_calls,
     list_commands,
-    retry_command,
-    submit_command,
 )
-from models.commands import CommandError as InvalidCommandError
-from models.db import make_session_factory, session_scope
-from models.queries import OrganizationView
-from models.settings import Settings
+from models.db import make_session_factory
+from models.submission import SETTLED, CommandService, Submitted, all_settled, part_key
 from models.tables import ApiCall, Command, CommandKind, CommandStatus
-from orgsync.cli import (
+from orgsync.cli.base import (
     EPILOG,
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     BadOptionError,
-    CommandError,
     NotFoundError,
-    Runtime,
-    Sender,
-    celery_app,
-    cli,
+    RefusedError,
+    describe,
     fail,
-    first_line,
     invitations,
     json_option,
     members,
     open_database,
     org_option,
     reading,
-    resolve_org,
+    report_enqueue,
     runtime,
-    warn,
 )
 from orgsync.render import Column, format_cell, render_table, to_json
 
-log = logging.getLogger("orgsync")
-
 DEFAULT_ROLE = "org:member"
 DEFAULT_WAIT_S = 60.0
-POLL_INTERVAL_S = 0.25
-# Where --wait stops: the command left the workers' hands (confirmation can take a webhook's time).
-SETTLED = (CommandStatus.APPLIED, CommandStatus.CONFIRMED, CommandStatus.FAILED, CommandStatus.SUPERSEDED)
-
-
-@dataclass
-class CommandRuntime(Runtime):
-    """``Runtime`` with a seam for the command sender: tests record what is enqueued."""
-
-    make_command_sender: Callable[[Settings], Sender] | None = None
-
-
-def command_sender(rt: Runtime, settings: Settings) -> Sender:
-    if isinstance(rt, CommandRuntime) and rt.make_command_sender is not None:
-        return rt.make_command_sender(settings)
-    from worker.app import make_command_sender  # noqa: PLC0415  (Celery only when needed)
-
-    send: Sender = make_command_sender(celery_app(settings))
-    return send
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def os_user(environ: Mapping[str, str]) -> str:
@@ -273,125 +239,72 @@ class Submission:
     as_json: bool
 
 
-def submit(
-    ctx: click.Context,
-    options: Submission,
-    build: Callable[[OrganizationView, str], list[CommandRequest]],
-) -> None:
-    """Record the commands, commit, enqueue them, print them, and optionally wait for them."""
+def submit(ctx: click.Context, options: Submission, requests: Callable[[str], list[CommandRequest]]) -> None:
+    """Hand the requests to the submission service, print the commands, optionally wait for them."""
     rt = runtime(ctx)
     settings = rt.settings()
-    requested_by = f"cli:{os_user(rt.environ)}"
     with open_database(settings) as engine:
-        factory = make_session_factory(engine)
-        with session_scope(factory) as session:
-            org = resolve_org(session, options.org_ref)
-            requests = build(org, requested_by)
-            try:
-                commands = [
-                    submit_command(session, item, now_ms=now_ms(), dry_run_default=settings.dry_run)
-                    for item in requests
-                ]
-            except LastAdminError as exc:
-                # Its message starts with "refused:" and says why.
-                raise CommandError(str(exc)) from exc
-            except InvalidCommandError as exc:
-                # The request itself is wrong: the message names the field (an email address...).
-                raise BadOptionError(str(exc)) from exc
-            rows = [command_dict(command) for command in commands]
-        planned = [row["id"] for row in rows if row["status"] == CommandStatus.PLANNED]
+        service = rt.command_service(settings, make_session_factory(engine))
+        try:
+            submitted = service.submit(requests(f"cli:{os_user(rt.environ)}"))
+        except LastAdminError as exc:
+            # Its message starts with "refused:" and says why.
+            raise RefusedError(str(exc)) from exc
+        except InvalidCommandError as exc:
+            # The request itself is wrong: the message names the field (an email address...).
+            raise BadOptionError(str(exc)) from exc
+        planned = [c.id for c in submitted.commands if c.status == CommandStatus.PLANNED]
         if planned:
             click.echo(f"orgsync: dry run: {describe(planned)} recorded as planned, nothing sent", err=True)
-        dispatch(rt, settings, factory, rows, wait=options.wait, as_json=options.as_json)
+        report(service, submitted, wait=options.wait, as_json=options.as_json)
 
 
-def dispatch(
-    rt: Runtime,
-    settings: Settings,
-    factory: sessionmaker[Session],
-    rows: list[dict[str, Any]],
-    *,
-    wait: float | None,
-    as_json: bool,
-) -> None:
-    """After the commit: enqueue the open commands, then print them, or wait and print the outcome."""
-    # Only after the commit: a worker must find the rows when the message arrives. A command
-    # already being sent (an idempotent re-run) is enqueued too: a duplicate message is harmless.
-    open_ids = [row["id"] for row in rows if row["status"] in CommandStatus.OPEN]
-    enqueued = enqueue(rt, settings, open_ids)
+def report(service: CommandService, submitted: Submitted, *, wait: float | None, as_json: bool) -> None:
+    """After the commit and the enqueue: print the commands, or wait and print the outcome."""
+    rows = [command_dict(command) for command in submitted.commands]
+    open_ids = submitted.open_ids
+    report_enqueue(open_ids, submitted.enqueue_error)
     if wait is None or not open_ids:
         emit_commands(rows, as_json)
         code, message = outcome(rows) if wait is not None else (0, "")
-    elif not enqueued:
+    elif not submitted.enqueued:
         emit_commands(rows, as_json)
         code, message = EXIT_UNAVAILABLE, "not waiting: the commands could not be enqueued"
     else:
-        settled = {row["id"]: row for row in rows if row["id"] not in open_ids}
-        waited, code, message = wait_for(factory, open_ids, wait)
-        final = {**settled, **{row["id"]: row for row in waited}}
-        emit_commands([final[row["id"]] for row in rows], as_json)
+        waited = service.wait(open_ids, wait, on_poll=WaitProgress(wait))
+        final = {row["id"]: row for row in rows} | {c.id: command_dict(c) for c in waited}
+        rows = [final[row["id"]] for row in rows]
+        emit_commands(rows, as_json)
+        if all_settled(waited):
+            code, message = outcome(rows)
+        else:
+            still = [c.id for c in waited if c.status not in SETTLED]
+            code, message = (
+                EXIT_UNAVAILABLE,
+                f"timed out after {wait:g} s: {describe(still)} not applied yet; the workers "
+                f"carry on (`orgsync commands show {still[0]}`)",
+            )
     if code:
         fail(message, code)
 
 
-def describe(ids: Sequence[int]) -> str:
-    listed = ", ".join(str(value) for value in ids)
-    return f"command {listed}" if len(ids) == 1 else f"{len(ids)} commands ({listed})"
+class WaitProgress:
+    """Prints a line on stderr whenever the commands' statuses change while waiting."""
 
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.last = ""
 
-def enqueue(rt: Runtime, settings: Settings, ids: list[int]) -> bool:
-    """Hand committed pending commands to the workers; False (with a warning) if the broker is down."""
-    if not ids:
-        return True
-    try:
-        command_sender(rt, settings)(ids)
-    except Exception as exc:
-        log.debug("enqueue failed", exc_info=True)
-        warn(
-            f"could not enqueue {describe(ids)} ({type(exc).__name__}: {first_line(exc)}); "
-            "they stay pending: the sweeper sends them once the broker is reachable, "
-            "or run `orgsync commands retry ID`"
-        )
-        return False
-    click.echo(f"orgsync: enqueued {describe(ids)}", err=True)
-    return True
-
-
-def load_commands(session: Session, ids: Iterable[int]) -> list[Command]:
-    found = [get_command(session, command_id) for command_id in ids]
-    return [command for command in found if command is not None]
-
-
-def wait_for(
-    factory: sessionmaker[Session], ids: list[int], timeout: float
-) -> tuple[list[dict[str, Any]], int, str]:
-    """Poll until every command settles or ``timeout`` passes: (rows, exit code, message)."""
-    deadline = time.monotonic() + timeout
-    started = time.monotonic()
-    last = ""
-    while True:
-        with session_scope(factory) as session:
-            rows = [command_dict(command) for command in load_commands(session, ids)]
+    def __call__(self, commands: list[Command]) -> None:
         counts: dict[str, int] = {}
-        for row in rows:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        for command in commands:
+            counts[command.status] = counts.get(command.status, 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-        if summary != last:
-            elapsed = time.monotonic() - started
-            click.echo(f"orgsync: waiting ({elapsed:.0f} s of {timeout:g} s): {summary}", err=True)
-            last = summary
-        if all(row["status"] in SETTLED for row in rows):
-            return rows, *outcome(rows)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            open_ids = [row["id"] for row in rows if row["status"] not in SETTLED]
-            return (
-                rows,
-                EXIT_UNAVAILABLE,
-                f"timed out after {timeout:g} s: {describe(open_ids)} not applied yet; the workers "
-                f"carry on (`orgsync commands show {open_ids[0]}`)",
-            )
-        time.sleep(min(POLL_INTERVAL_S, remaining))
+        if summary != self.last:
+            elapsed = time.monotonic() - self.started
+            click.echo(f"orgsync: waiting ({elapsed:.0f} s of {self.timeout:g} s): {summary}", err=True)
+            self.last = summary
 
 
 def outcome(rows: Sequence[Mapping[str, Any]]) -> tuple[int, str]:
@@ -407,12 +320,10 @@ def outcome(rows: Sequence[Mapping[str, Any]]) -> tuple[int, str]:
     return 0, ""
 
 
-def request(
-    kind: str, org: OrganizationView, requested_by: str, options: Submission, **fields: Any
-) -> CommandRequest:
+def request(kind: str, requested_by: str, options: Submission, **fields: Any) -> CommandRequest:
     return CommandRequest(
         kind=kind,
-        organization_id=org.id,
+        organization_id=options.org_ref,
         requested_by=requested_by,
         dry_run=options.dry_run,
         idempotency_key=options.idempotency_key,
@@ -429,8 +340,8 @@ user_option = click.option(
 
 
 def member_change(ctx: click.Context, kind: str, options: Submission, user_id: str, role: str | None) -> None:
-    def build(org: OrganizationView, requested_by: str) -> list[CommandRequest]:
-        return [request(kind, org, requested_by, options, user_id=user_id, role=role)]
+    def build(requested_by: str) -> list[CommandRequest]:
+        return [request(kind, requested_by, options, user_id=user_id, role=role)]
 
     submit(ctx, options, build)
 
@@ -561,39 +472,26 @@ def invitations_create(
     addresses = read_emails(emails, files)
     options = Submission(org_ref, dry_run, idempotency_key, wait, as_json)
 
-    def build(org: OrganizationView, requested_by: str) -> list[CommandRequest]:
+    def build(requested_by: str) -> list[CommandRequest]:
         if len(addresses) == 1:
-            return [
-                request(CommandKind.INVITE, org, requested_by, options, email_address=addresses[0], role=role)
-            ]
-        batches = [addresses[start : start + MAX_BULK] for start in range(0, len(addresses), MAX_BULK)]
-        return [
-            request(
-                CommandKind.BULK_INVITE,
-                org,
-                requested_by,
-                keyed(options, str(index), len(batches)),
-                role=role,
-                payload={"email_addresses": batch},
-            )
-            for index, batch in enumerate(batches, start=1)
-        ]
+            return [request(CommandKind.INVITE, requested_by, options, email_address=addresses[0], role=role)]
+        # The submission service splits the list into commands of up to 10 addresses.
+        payload = {"email_addresses": addresses}
+        return [request(CommandKind.BULK_INVITE, requested_by, options, role=role, payload=payload)]
 
     submit(ctx, options, build)
-
-
-def keyed(options: Submission, part: str, count: int) -> Submission:
-    """One idempotency key per command of a bulk request, derived from the one given."""
-    if options.idempotency_key is None or count == 1:
-        return options
-    return Submission(
-        options.org_ref, options.dry_run, f"{options.idempotency_key}:{part}", options.wait, options.as_json
-    )
 
 
 @invitations.command("revoke", epilog=EPILOG)
 @org_option
 @click.argument("invitation_ids", nargs=-1, required=True, metavar="INVITATION_ID...")
+@click.option(
+    "--requesting-user",
+    "requesting_user_id",
+    default=None,
+    metavar="USER_ID",
+    help="The member Clerk records as revoking them (user_...).",
+)
 @submit_options
 @click.pass_context
 def invitations_revoke(
@@ -601,6 +499,7 @@ def invitations_revoke(
     *,
     org_ref: str,
     invitation_ids: tuple[str, ...],
+    requesting_user_id: str | None,
     dry_run: bool,
     idempotency_key: str | None,
     wait: float | None,
@@ -609,15 +508,18 @@ def invitations_revoke(
     """Revoke pending invitations (orginv_...), one command each."""
     unique = list(dict.fromkeys(invitation_ids))
     options = Submission(org_ref, dry_run, idempotency_key, wait, as_json)
+    payload = {"requesting_user_id": requesting_user_id} if requesting_user_id is not None else None
 
-    def build(org: OrganizationView, requested_by: str) -> list[CommandRequest]:
+    def build(requested_by: str) -> list[CommandRequest]:
         return [
-            request(
-                CommandKind.REVOKE_INVITATION,
-                org,
-                requested_by,
-                keyed(options, invitation_id, len(unique)),
+            CommandRequest(
+                kind=CommandKind.REVOKE_INVITATION,
+                organization_id=org_ref,
+                requested_by=requested_by,
+                dry_run=dry_run,
+                idempotency_key=part_key(idempotency_key, invitation_id, len(unique)),
                 invitation_id=invitation_id,
+                payload=payload,
             )
             for invitation_id in unique
         ]
@@ -628,7 +530,7 @@ def invitations_revoke(
 # -- the outbox ----------------------------------------------------------------------------
 
 
-@cli.group(epilog=EPILOG)
+@click.group(epilog=EPILOG)
 def commands() -> None:
     """Changes sent to Clerk: their status and audit trail."""
 
@@ -687,19 +589,6 @@ def commands_show(ctx: click.Context, *, command_id: int, as_json: bool) -> None
         click.echo(render_detail(command, calls))
 
 
-def retry_refusal(command: Command) -> str | None:
-    """Why sending this command again makes no sense, or None (the core decides the rest)."""
-    if command.status == CommandStatus.CONFIRMED:
-        return "the mirror shows the change made already; nothing to retry"
-    if command.status == CommandStatus.SUPERSEDED:
-        return f"command {command.superseded_by} replaced it; retry that one if it failed"
-    if command.status == CommandStatus.PLANNED:
-        return "a dry run is never sent; submit the change again without --dry-run"
-    if command.status == CommandStatus.APPLIED:
-        return "Clerk made the change already; the mirror has not shown it yet"
-    return None
-
-
 @commands.command("retry", epilog=EPILOG)
 @click.argument("command_id", type=click.IntRange(1), metavar="ID")
 @wait_option
@@ -714,17 +603,9 @@ def commands_retry(ctx: click.Context, *, command_id: int, wait: float | None, a
     rt = runtime(ctx)
     settings = rt.settings()
     with open_database(settings) as engine:
-        factory = make_session_factory(engine)
-        with session_scope(factory) as session:
-            current = get_command(session, command_id)
-            if current is None:
-                raise NotFoundError(f"no command {command_id}")
-            refusal = retry_refusal(current)
-            if refusal is not None:
-                raise CommandError(f"command {command_id} is {current.status}: {refusal}")
-            try:
-                row = retry_command(session, command_id, now_ms=now_ms())
-            except CommandStateError as exc:
-                raise CommandError(str(exc)) from exc
-            rows = [command_dict(row)]
-        dispatch(rt, settings, factory, rows, wait=wait, as_json=as_json)
+        service = rt.command_service(settings, make_session_factory(engine))
+        try:
+            submitted = service.retry(command_id)
+        except CommandStateError as exc:
+            raise RefusedError(str(exc)) from exc
+        report(service, submitted, wait=wait, as_json=as_json)

@@ -17,14 +17,14 @@ from typing import TextIO
 import click
 
 from models.db import make_session_factory
+from models.errors import OrganizationNotFoundError
 from models.reconcile import ACTIONS, KINDS, SyncBusyError
 from models.tables import SyncStatus
-from orgsync.cli import (
+from orgsync.cli.base import (
     EPILOG,
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     NotFoundError,
-    cli,
     fail,
     open_database,
     runtime,
@@ -32,7 +32,6 @@ from orgsync.cli import (
 from orgsync.render import render_table
 from worker.reconcile import (
     DEFAULT_WORKERS,
-    OrganizationNotFound,
     Progress,
     SyncResult,
     reconcile_client,
@@ -120,7 +119,7 @@ def summary(result: SyncResult) -> str:
     return "\n".join(lines)
 
 
-@cli.command("sync", epilog=EPILOG)
+@click.command("sync", epilog=EPILOG)
 @click.option(
     "--org", "org_ref", default=None, metavar="ID_OR_SLUG", help="Only this organization (id or slug)."
 )
@@ -164,7 +163,7 @@ def sync(
             )
         except SyncBusyError as exc:
             fail(f"{exc}: try again later", EXIT_UNAVAILABLE)
-        except OrganizationNotFound as exc:
+        except OrganizationNotFoundError as exc:
             raise NotFoundError(str(exc)) from exc
         finally:
             if bar is not None:

@@ -14,12 +14,22 @@ from typing import Any
 import click
 from sqlalchemy.orm import Session
 
+from models.clock import now_ms
 from models.db import make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
+from models.migrate import NotMigratedError
 from models.settings import Settings
+from models.submission import enqueue_commands
 from models.tables import RuleState
-from orgsync.cli import EPILOG, CommandError, cli, json_option, open_database, reading, runtime, warn
-from orgsync.cli_commands import enqueue, now_ms
+from orgsync.cli.base import (
+    EPILOG,
+    json_option,
+    open_database,
+    reading,
+    report_enqueue,
+    runtime,
+    warn,
+)
 from orgsync.render import Column, render_table, to_json
 from worker.rules import (
     CHANGE,
@@ -139,7 +149,7 @@ def load_checked(path: Path, session: Session) -> RuleSet:
     return load_rules(path, known_roles=known_role_keys(session))
 
 
-@cli.group(epilog=EPILOG)
+@click.group(epilog=EPILOG)
 def rules() -> None:
     """Provisioning rules: check the file, preview the changes, apply them.
 
@@ -174,7 +184,7 @@ def rules_check(ctx: click.Context, rules_file: Path | None, as_json: bool) -> N
                 ruleset.check_roles(roles)
                 roles_checked = True
             stopped = stopped_states(session, ruleset)
-    except (RetryableError, CommandError) as exc:
+    except (RetryableError, NotMigratedError) as exc:
         warnings.append(f"role keys not checked against the mirror: {exc}")
     if as_json:
         click.echo(
@@ -269,7 +279,7 @@ def rules_apply(ctx: click.Context, rules_file: Path | None, as_json: bool) -> N
         for decision, message in report.refused:
             rows.append(dict(change_dict(decision), command_id=None, status="refused", summary=message))
     # After the commit above: a worker must find the rows when their ids arrive.
-    enqueue(rt, settings, report.pending)
+    report_enqueue(report.pending, enqueue_commands(rt.command_sender(settings), report.pending))
     if as_json:
         click.echo(to_json(rows))
         return

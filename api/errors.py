@@ -7,8 +7,10 @@ from typing import Any
 
 from flask import Response, jsonify
 
+from models.errors import PermanentError
 
-class ApiError(Exception):
+
+class ApiError(PermanentError):
     """One answer in Clerk's error shape; raised by views and parameter parsing."""
 
     def __init__(

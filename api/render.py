@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.queries import MembershipView, OrganizationView, PermissionView, RoleView
-from models.reads import InvitationRecord, OrganizationRecord, PermissionRecord, UserRecord
+from models.reads import CountedOrganizationView, InvitationDetailView, PublicUserView, TimedPermissionView
 
 Json = dict[str, Any]
 
@@ -38,7 +38,7 @@ def organization(org: OrganizationView, *, counts: bool) -> Json:
         data["created_by"] = org.created_by
     if counts:
         data["members_count"] = org.members_count
-        if isinstance(org, OrganizationRecord):
+        if isinstance(org, CountedOrganizationView):
             data["pending_invitations_count"] = org.pending_invitations_count
     return data
 
@@ -69,7 +69,7 @@ def membership(mem: MembershipView) -> Json:
     }
 
 
-def invitation(inv: InvitationRecord, *, with_organization: bool = False) -> Json:
+def invitation(inv: InvitationDetailView, *, with_organization: bool = False) -> Json:
     data: Json = {
         "object": "organization_invitation",
         "id": inv.id,
@@ -103,7 +103,7 @@ def permission(perm: PermissionView) -> Json:
         "description": perm.description,
         "type": perm.type,
     }
-    if isinstance(perm, PermissionRecord):
+    if isinstance(perm, TimedPermissionView):
         data["created_at"] = perm.created_at
         data["updated_at"] = perm.updated_at
     return data
@@ -123,7 +123,7 @@ def role(rec: RoleView) -> Json:
     }
 
 
-def user(rec: UserRecord) -> Json:
+def user(rec: PublicUserView) -> Json:
     image = rec.image_url or ""
     return {
         "object": "user",

@@ -24,15 +24,29 @@ deliveries never tie.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, String
 
 from models.errors import PayloadError
+from models.tables import Base
 from models.versions import row_version
 
 # Envelope timestamps below this are seconds (the spec's examples), above it milliseconds.
 SECONDS_THRESHOLD = 10**11
+# 9999-12-31T23:59:59.999Z: the last instant a Python datetime holds, so every stored time
+# renders, and well inside the version layout's fixed width.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+_MAX_DIGITS = len(str(INT64_MAX))
+# Metadata is small and shallow in practice; the bound keeps every JSON encoder on the way
+# (SQLAlchemy's, psycopg's, PostgreSQL's jsonb parser) far from its recursion limit.
+MAX_JSON_DEPTH = 64
 
 ORGANIZATIONS = "organizations"
 MEMBERSHIPS = "memberships"
@@ -120,7 +134,7 @@ def parse_event(svix_id: str, body: str | bytes) -> Event:
         raise PayloadError("delivery id (svix-id) is empty")
     try:
         envelope = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise PayloadError("body is not valid JSON") from None
     if not isinstance(envelope, dict):
         raise PayloadError("body is not a JSON object")
@@ -149,7 +163,12 @@ def normalize_timestamp(value: Any) -> int:
     """The envelope timestamp in milliseconds; the docs say ms, the spec's examples seconds."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise PayloadError("timestamp missing or not a non-negative number")
-    return int(value * 1000) if value < SECONDS_THRESHOLD else int(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PayloadError("timestamp is not a finite number")
+    millis = int(value * 1000) if value < SECONDS_THRESHOLD else int(value)
+    if millis > MAX_TIMESTAMP_MS:
+        raise PayloadError("timestamp is after the year 9999")
+    return millis
 
 
 def normalize_role_key(role: str) -> str:
@@ -174,7 +193,8 @@ def object_version(*, updated_at: int, rank: int, timestamp_ms: int, svix_id: st
     return row_version(updated_at=updated_at, rank=rank, timestamp_ms=timestamp_ms, svix_id=svix_id)
 
 
-# --- lenient field readers: a drifted field becomes None rather than a rejected event ---
+# --- lenient field readers: a field drifted to another type becomes None rather than a rejected
+# event; a value of the right type that no column could hold (NaN, 2**64, a NUL) rejects it ---
 
 
 def _str(data: Mapping[str, Any], name: str) -> str | None:
@@ -182,17 +202,49 @@ def _str(data: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _int(data: Mapping[str, Any], name: str) -> int | None:
+class UnstorableValueError(PayloadError):
+    """A field of the right type whose value the mirror cannot hold; names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+
+
+def _int(data: Mapping[str, Any], name: str, prefix: str = "data") -> int | None:
+    """A whole number, or None when the field drifted to another type.
+
+    A number that cannot be stored as one (NaN, an infinity, a fraction) is not drift: the
+    event is rejected rather than stored with a silently changed value. Ranges are checked
+    against the column, in ``check_storable``.
+    """
     value = data.get(name)
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnstorableValueError(f"{prefix}.{name}", f"is {value!r}, not a finite number")
+        if not value.is_integer():
+            raise UnstorableValueError(f"{prefix}.{name}", "is not a whole number")
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    if isinstance(value, str):
+        digits = value.strip()
+        # ASCII only: str.isdigit() also accepts digits such as superscripts that int() refuses.
+        if not (digits.isascii() and digits.isdigit()):
+            return None
+        if len(digits) > _MAX_DIGITS:
+            # Also keeps int() clear of its limit on digits (thousands): a ValueError there.
+            raise UnstorableValueError(f"{prefix}.{name}", "is a number beyond the signed 64-bit range")
+        return int(digits)
     return None
+
+
+def _timestamp(data: Mapping[str, Any], name: str, prefix: str = "data") -> int | None:
+    """Epoch milliseconds from 1970 to 9999, or None when the field drifted to another type."""
+    value = _int(data, name, prefix)
+    if value is not None and not 0 <= value <= MAX_TIMESTAMP_MS:
+        raise UnstorableValueError(f"{prefix}.{name}", "is not a time in milliseconds between 1970 and 9999")
+    return value
 
 
 def _bool(data: Mapping[str, Any], name: str) -> bool | None:
@@ -229,26 +281,38 @@ def _is_deletion(event: Event) -> bool:
     return event.action == "deleted" or event.data.get("deleted") is True
 
 
-def _updated_at(data: Mapping[str, Any], event: Event) -> int:
+def _updated_at(data: Mapping[str, Any], event: Event, prefix: str = "data") -> int:
     # A stub has no timestamps; a payload that drifted without updated_at falls back the same way.
-    updated = _int(data, "updated_at")
+    updated = _timestamp(data, "updated_at", prefix)
     if updated is None:
-        updated = _int(data, "created_at")
+        updated = _timestamp(data, "created_at", prefix)
     return event.timestamp_ms if updated is None else updated
 
 
 def event_writes(event: Event) -> tuple[Write, ...]:
-    """The rows ``event`` writes, with their versions; raises ``PayloadError`` if uninterpretable."""
+    """The rows ``event`` writes, with their versions.
+
+    Raises ``PayloadError`` if the event is uninterpretable or holds a value its column cannot
+    (checked against ``models.tables``), so that content no retry could store is rejected here.
+    """
     builder = _BUILDERS.get(event.resource)
     if builder is None or event.type not in MIRRORED_EVENT_TYPES:
         raise PayloadError(f"event type {event.type!r} is not mirrored")
-    return builder(event)
+    try:
+        writes = builder(event)
+        for write in writes:
+            _check_storable(write.table, write.values)
+    except UnstorableValueError as exc:
+        raise PayloadError(f"{exc} for {event.type}") from None
+    return writes
 
 
-def _organization_write(data: Mapping[str, Any], event: Event, *, kind: str, organization_id: str) -> Write:
+def _organization_write(
+    data: Mapping[str, Any], event: Event, *, kind: str, organization_id: str, prefix: str = "data"
+) -> Write:
     deleted = kind == "deleted"
     version = object_version(
-        updated_at=_updated_at(data, event),
+        updated_at=_updated_at(data, event, prefix),
         rank=ORGANIZATION_RANK[kind],
         timestamp_ms=event.timestamp_ms,
         svix_id=event.svix_id,
@@ -259,14 +323,14 @@ def _organization_write(data: Mapping[str, Any], event: Event, *, kind: str, org
         "slug": _str(data, "slug"),
         "image_url": _str(data, "image_url"),
         "has_image": _bool(data, "has_image"),
-        "max_allowed_memberships": _int(data, "max_allowed_memberships"),
+        "max_allowed_memberships": _int(data, "max_allowed_memberships", prefix),
         "admin_delete_enabled": _bool(data, "admin_delete_enabled"),
-        "members_count": _int(data, "members_count"),
+        "members_count": _int(data, "members_count", prefix),
         "created_by": _str(data, "created_by"),
         "public_metadata": _dict(data, "public_metadata"),
         "private_metadata": _dict(data, "private_metadata"),
-        "created_at": _int(data, "created_at"),
-        "updated_at": _int(data, "updated_at"),
+        "created_at": _timestamp(data, "created_at", prefix),
+        "updated_at": _timestamp(data, "updated_at", prefix),
         "version": version,
         "deleted": deleted,
     }
@@ -296,8 +360,8 @@ def _membership_event(event: Event) -> tuple[Write, ...]:
         if not deleted:
             raise PayloadError(f"data.role missing for {event.type}")
         role = ""
-    created_at = _int(data, "created_at")
-    updated_at = _int(data, "updated_at")
+    created_at = _timestamp(data, "created_at")
+    updated_at = _timestamp(data, "updated_at")
     version = membership_version(
         created_at=created_at or 0,
         updated_at=updated_at if updated_at is not None else (created_at or 0),
@@ -324,7 +388,13 @@ def _membership_event(event: Event) -> tuple[Write, ...]:
     writes = [Write(MEMBERSHIPS, (organization_id, user_id), version, values)]
     if organization is not None:
         writes.append(
-            _organization_write(organization, event, kind="snapshot", organization_id=organization_id)
+            _organization_write(
+                organization,
+                event,
+                kind="snapshot",
+                organization_id=organization_id,
+                prefix="data.organization",
+            )
         )
     return tuple(writes)
 
@@ -354,9 +424,9 @@ def _invitation_event(event: Event) -> tuple[Write, ...]:
         "url": _str(data, "url"),
         "public_metadata": _dict(data, "public_metadata"),
         "private_metadata": _dict(data, "private_metadata"),
-        "expires_at": _int(data, "expires_at"),
-        "created_at": _int(data, "created_at"),
-        "updated_at": _int(data, "updated_at"),
+        "expires_at": _timestamp(data, "expires_at"),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
         "version": version,
         "deleted": False,
     }
@@ -387,8 +457,8 @@ def _role_event(event: Event) -> tuple[Write, ...]:
         "description": _str(data, "description"),
         "is_creator_eligible": _bool(data, "is_creator_eligible"),
         "permissions": _keys(data.get("permissions")),
-        "created_at": _int(data, "created_at"),
-        "updated_at": _int(data, "updated_at"),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
         "version": version,
         "deleted": deleted,
     }
@@ -405,8 +475,8 @@ def _permission_event(event: Event) -> tuple[Write, ...]:
         "name": _str(data, "name"),
         "description": _str(data, "description"),
         "type": _str(data, "type"),
-        "created_at": _int(data, "created_at"),
-        "updated_at": _int(data, "updated_at"),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
         "version": version,
         "deleted": deleted,
     }
@@ -415,7 +485,8 @@ def _permission_event(event: Event) -> tuple[Write, ...]:
 
 def primary_identifier(data: Mapping[str, Any]) -> str | None:
     """The primary email address, else the first one listed, else None."""
-    addresses = [item for item in data.get("email_addresses") or [] if isinstance(item, dict)]
+    listed = data.get("email_addresses")
+    addresses = [item for item in listed if isinstance(item, dict)] if isinstance(listed, list) else []
     primary_id = data.get("primary_email_address_id")
     for item in addresses:
         if primary_id is not None and item.get("id") == primary_id:
@@ -443,13 +514,155 @@ def _user_event(event: Event) -> tuple[Write, ...]:
         "image_url": _str(data, "image_url"),
         "has_image": _bool(data, "has_image"),
         "public_metadata": _dict(data, "public_metadata"),
-        "created_at": _int(data, "created_at"),
-        "updated_at": _int(data, "updated_at"),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
         "version": version,
         "deleted": deleted,
     }
     return (Write(USERS, (user_id,), version, values),)
 
+
+# --- what the database can hold: every row is checked against its table before it is written ---
+
+
+class _Column(NamedTuple):
+    name: str
+    kind: str  # text, int, json or bool
+    low: int = 0
+    high: int = sys.maxsize  # the most characters of a text, the largest value of an integer
+
+
+def _schema(table_name: str) -> tuple[_Column, ...]:
+    columns: list[_Column] = []
+    for column in Base.metadata.tables[table_name].columns:
+        kind = column.type
+        if isinstance(kind, String):  # Text included: unbounded, still no NUL
+            columns.append(_Column(column.name, "text", high=kind.length or sys.maxsize))
+        elif isinstance(kind, BigInteger):
+            if column.name.endswith("_at"):
+                columns.append(_Column(column.name, "int", 0, MAX_TIMESTAMP_MS))
+            else:
+                columns.append(_Column(column.name, "int", -INT64_MAX - 1, INT64_MAX))
+        elif isinstance(kind, Integer):
+            columns.append(_Column(column.name, "int", -INT32_MAX - 1, INT32_MAX))
+        elif isinstance(kind, JSON):
+            columns.append(_Column(column.name, "json"))
+        elif isinstance(kind, Boolean):
+            columns.append(_Column(column.name, "bool"))
+        else:
+            # A new column type must say what it can hold before events may write it.
+            raise TypeError(f"no storability check for {table_name}.{column.name} ({kind!r})")
+    return tuple(columns)
+
+
+_NOT_UNICODE = "is not valid Unicode (it holds an unpaired surrogate)"
+_NUL = "contains a NUL character (PostgreSQL text cannot hold it)"
+
+
+def _text_problem(value: str, limit: int = sys.maxsize) -> str | None:
+    if "\x00" in value:
+        return _NUL
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _NOT_UNICODE
+    if len(value) > limit:
+        return f"is longer than {limit} characters"
+    return None
+
+
+def storable_text(value: str) -> bool:
+    """Whether every database orgsync supports can hold ``value`` as text (length aside)."""
+    return _text_problem(value) is None
+
+
+def _json_problem(value: Any) -> str | None:
+    """What keeps ``value`` out of a JSON column (PostgreSQL's jsonb in particular), if anything.
+
+    Iterative, not recursive: a body nested close to the JSON parser's limit must not hit
+    Python's recursion limit here. Only containers go on the stack; scalars are checked inline.
+    """
+    stack: list[tuple[Any, int]] = [((value,), -1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth >= MAX_JSON_DEPTH:
+            return f"is nested deeper than {MAX_JSON_DEPTH} levels"
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return "holds a key that is not a string"
+                if "\x00" in key or not key.isascii():
+                    problem = _text_problem(key)
+                    if problem is not None:
+                        return f"holds a key that {problem}"
+            children: Any = container.values()
+        else:
+            children = container
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                if "\x00" in child or not child.isascii():
+                    problem = _text_problem(child)
+                    if problem is not None:
+                        return f"holds a string that {problem}"
+            elif kind is dict or kind is list:
+                if child:
+                    stack.append((child, depth + 1))
+            elif kind is float:
+                if not math.isfinite(child):
+                    return "holds NaN or an infinity, which JSON cannot represent"
+            elif child is not None and kind is not bool and kind is not int:
+                return f"holds a {kind.__name__}, which is not a JSON value"
+    return None
+
+
+def _column_problem(column: _Column, value: Any) -> str | None:
+    if column.kind == "text":
+        if not isinstance(value, str):
+            return "is not a string"
+        return _text_problem(value, column.high)
+    if column.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "is not an integer"
+        if not column.low <= value <= column.high:
+            if column.name.endswith("_at"):
+                return "is not a time in milliseconds between 1970 and 9999"
+            bits = 32 if column.high == INT32_MAX else 64
+            return f"is outside the signed {bits}-bit range"
+        return None
+    if column.kind == "bool":
+        return None if isinstance(value, bool) else "is not a boolean"
+    return _json_problem(value)
+
+
+def _check_storable(table: str, values: Mapping[str, Any]) -> None:
+    """Raise ``UnstorableValueError`` naming the first column whose value the database cannot hold."""
+    # On every applied event, twice (parse, then apply): the common case is decided inline.
+    for column in _SCHEMAS[table]:
+        name, kind, low, high = column
+        value = values.get(name)
+        if value is None:
+            continue
+        if kind == "text":
+            if type(value) is str and value.isascii() and "\x00" not in value and len(value) <= high:
+                continue
+        elif kind == "int":
+            if type(value) is int and low <= value <= high:
+                continue
+        elif kind == "bool":
+            if type(value) is bool:
+                continue
+        elif not value and type(value) in (dict, list):
+            continue
+        problem = _column_problem(column, value)
+        if problem is not None:
+            raise UnstorableValueError(f"{table}.{name}", problem)
+
+
+_SCHEMAS: dict[str, tuple[_Column, ...]] = {
+    name: _schema(name) for name in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, PERMISSIONS, USERS)
+}
 
 _BUILDERS = {
     "organization": _organization_event,

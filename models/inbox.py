@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.errors import PermanentError, RetryableError
-from models.events import MIRRORED_EVENT_TYPES
+from models.events import MIRRORED_EVENT_TYPES, storable_text
 from models.tables import InboxEvent, InboxStatus
 
 # The inbox and the parser must agree on what is applied: one list, kept beside the parser.
@@ -54,6 +54,11 @@ def _classify(body: str) -> _Classified:
     event_type = payload.get("type")
     if not isinstance(event_type, str) or not event_type:
         return _Classified(InboxStatus.REJECTED, None, "not_an_event: 'type' is missing or not a string")
+    if not storable_text(event_type):
+        # The column could not hold it (PostgreSQL text refuses NUL, UTF-8 a lone surrogate).
+        return _Classified(
+            InboxStatus.REJECTED, None, "not_an_event: 'type' holds a NUL character or invalid Unicode"
+        )
     # Kept within the column: an over-long type is unknown anyway and stays readable in the row.
     event_type = event_type[:_TYPE_LENGTH]
     if payload.get("object") != "event":

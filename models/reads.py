@@ -70,20 +70,20 @@ class Order:
 
 
 @dataclass(frozen=True)
-class OrganizationRecord(OrganizationView):
+class CountedOrganizationView(OrganizationView):
     """An organization with the counts Clerk adds on request and inside memberships."""
 
     pending_invitations_count: int = 0
 
 
 @dataclass(frozen=True)
-class PermissionRecord(PermissionView):
+class TimedPermissionView(PermissionView):
     created_at: int | None = None
     updated_at: int | None = None
 
 
 @dataclass(frozen=True)
-class InvitationRecord(InvitationView):
+class InvitationDetailView(InvitationView):
     """An invitation with its inviter's public data (from the mirrored users) and its organization's."""
 
     public_inviter_data: dict[str, Any] | None = None
@@ -91,7 +91,7 @@ class InvitationRecord(InvitationView):
 
 
 @dataclass(frozen=True)
-class UserRecord:
+class PublicUserView:
     """A user's public data, as the mirror holds it (no email list, phones or private metadata)."""
 
     id: str
@@ -206,12 +206,12 @@ def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> di
 
 def _organization_records(
     session: Session, rows: Sequence[Organization], now_ms: int
-) -> dict[str, OrganizationRecord]:
+) -> dict[str, CountedOrganizationView]:
     ids = [row.id for row in rows]
     members = _member_counts(session, ids)
     pending = _pending_counts(session, ids, now_ms)
     return {
-        row.id: OrganizationRecord(
+        row.id: CountedOrganizationView(
             id=row.id,
             name=row.name,
             slug=row.slug,
@@ -237,7 +237,7 @@ def _now(now_ms: int | None) -> int:
 
 def get_organization(
     session: Session, id_or_slug: str, *, now_ms: int | None = None
-) -> OrganizationRecord | None:
+) -> CountedOrganizationView | None:
     """The live organization with this id or slug, or None."""
     row = _live_org_row(session, id_or_slug)
     if row is None:
@@ -255,7 +255,7 @@ def list_organizations(
     user_ids: Sequence[str] = (),
     organization_ids: Sequence[str] = (),
     now_ms: int | None = None,
-) -> Listing[OrganizationRecord]:
+) -> Listing[CountedOrganizationView]:
     """Live organizations; ``query`` matches the id exactly or the name or slug in part."""
     check_window(limit, offset)
     order = parse_order(order_by, ORGANIZATION_ORDER)
@@ -479,7 +479,9 @@ def _public_users(session: Session, user_ids: Iterable[str]) -> dict[str, dict[s
     }
 
 
-def _invitation_records(session: Session, rows: Sequence[Invitation], now_ms: int) -> list[InvitationRecord]:
+def _invitation_records(
+    session: Session, rows: Sequence[Invitation], now_ms: int
+) -> list[InvitationDetailView]:
     inviters = _public_users(session, (row.inviter_id for row in rows if row.inviter_id))
     org_ids = sorted({row.organization_id for row in rows})
     orgs = {
@@ -495,7 +497,7 @@ def _invitation_records(session: Session, rows: Sequence[Invitation], now_ms: in
         )
     }
     return [
-        InvitationRecord(
+        InvitationDetailView(
             id=row.id,
             organization_id=row.organization_id,
             email_address=row.email_address,
@@ -542,7 +544,7 @@ def list_invitations(
     email_address: str | None = None,
     query: str | None = None,
     now_ms: int | None = None,
-) -> Listing[InvitationRecord] | None:
+) -> Listing[InvitationDetailView] | None:
     """Invitations of one organization (id or slug), of one user, or of the whole instance.
 
     A user's invitations are those sent to the user's email or accepted by the user. None when
@@ -583,7 +585,7 @@ def list_invitations(
 
 def get_invitation(
     session: Session, organization: str, invitation_id: str, *, now_ms: int | None = None
-) -> InvitationRecord | None:
+) -> InvitationDetailView | None:
     """One invitation of the live organization (id or slug), or None."""
     org = _live_org_row(session, organization)
     if org is None:
@@ -599,8 +601,8 @@ def get_invitation(
 
 
 # ------------------------------------------------------- roles and permissions
-def _permission_record(row: Permission) -> PermissionRecord:
-    return PermissionRecord(
+def _permission_record(row: Permission) -> TimedPermissionView:
+    return TimedPermissionView(
         key=row.key or "",
         id=row.id,
         name=row.name,
@@ -651,7 +653,7 @@ def get_role(session: Session, role_id: str) -> RoleView | None:
     return None if row is None else _role_views(session, [row])[0]
 
 
-def get_permission(session: Session, permission_id: str) -> PermissionRecord | None:
+def get_permission(session: Session, permission_id: str) -> TimedPermissionView | None:
     """The live permission with this id, or None."""
     row = session.scalars(
         select(Permission).where(Permission.id == permission_id, Permission.deleted.is_(False))
@@ -681,7 +683,7 @@ def list_permissions(
     offset: int = 0,
     order_by: str | None = None,
     query: str | None = None,
-) -> Listing[PermissionRecord]:
+) -> Listing[TimedPermissionView]:
     """Live permissions; ``query`` matches the id exactly or the name or key in part."""
     check_window(limit, offset)
     order = parse_order(order_by, PERMISSION_ORDER)
@@ -690,8 +692,8 @@ def list_permissions(
 
 
 # ---------------------------------------------------------------------- users
-def _user_record(row: User) -> UserRecord:
-    return UserRecord(
+def _user_record(row: User) -> PublicUserView:
+    return PublicUserView(
         id=row.id,
         identifier=row.identifier,
         username=row.username,
@@ -705,7 +707,7 @@ def _user_record(row: User) -> UserRecord:
     )
 
 
-def get_user(session: Session, user_id: str) -> UserRecord | None:
+def get_user(session: Session, user_id: str) -> PublicUserView | None:
     """The live user's public data, or None."""
     row = session.scalars(select(User).where(User.id == user_id, User.deleted.is_(False))).first()
     return None if row is None else _user_record(row)
@@ -724,7 +726,7 @@ def list_users(
     query: str | None = None,
     created_at_before: int | None = None,
     created_at_after: int | None = None,
-) -> Listing[UserRecord]:
+) -> Listing[PublicUserView]:
     """Live users' public data, with the filters of Clerk's user list that the mirror can answer."""
     check_window(limit, offset)
     order = parse_order(order_by, USER_ORDER)

@@ -53,6 +53,7 @@ from models.events import (
     ROLES,
     Event,
     event_writes,
+    storable_text,
 )
 from models.mirror import TABLES, apply_events
 from models.tables import Organization, SyncRun, SyncStatus
@@ -356,6 +357,10 @@ def absent_rows(
 ) -> list[Absent]:
     """Live rows of ``kind`` (of one organization for memberships and invitations) that the listing
     did not show and that nothing wrote since it began."""
+    if organization_id is not None and not storable_text(organization_id):
+        # No mirror row can have this id (write_listing skipped its listing), and PostgreSQL
+        # would refuse it as a parameter: nothing of it is live.
+        return []
     table = TABLES[kind]
     keys = [table.c[c] for c in _key_columns(kind)]
     query = select(*keys, table.c.created_at, table.c.updated_at).where(
@@ -472,7 +477,11 @@ def unseen_organizations(session: Session, events: Sequence[Event]) -> list[str]
                     skip.add(org_id)
             continue
         if event.resource == "organizationMembership":
-            org_id = (data.get("organization") or {}).get("id") or data.get("organization_id")
+            # As the parser reads it: a drifted ``organization`` that is not an object is ignored.
+            organization = data.get("organization")
+            org_id = (organization.get("id") if isinstance(organization, dict) else None) or data.get(
+                "organization_id"
+            )
         elif event.resource == "organizationInvitation":
             org_id = data.get("organization_id")
         else:

@@ -9,6 +9,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from models.errors import ConfigError
 
@@ -124,6 +128,71 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+# The databases the mirror's SQL is written for, as SQLAlchemy (backend, driver) pairs.
+SUPPORTED_DATABASES = {("postgresql", "psycopg"), ("sqlite", "pysqlite")}
+# Celery brokers orgsync can start with; ``sqla+`` takes any SQLAlchemy URL whose driver is installed.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+
+
+def _authority_problem(url: str) -> str:
+    """Why the host and port of a URL that failed to parse do not parse; never quotes the URL."""
+    host = url.partition("://")[2].split("/")[0].rpartition("@")[2]
+    if host.startswith("[") and "]" not in host:
+        return "its IPv6 host has no closing ']'"
+    return "its port is not a number from 1 to 65535"
+
+
+def _parse_database_url(name: str, url: str) -> URL:
+    """Parse ``url`` as SQLAlchemy will; ``ConfigError`` naming ``name`` (never the URL) if it cannot."""
+    try:
+        parsed = make_url(url)
+    except ValueError:  # the port, as int() reads it
+        raise ConfigError(f"{name} is malformed: {_authority_problem(url)}") from None
+    except ArgumentError:
+        raise ConfigError(f"{name} is not a URL of the form scheme://user:password@host:port/name") from None
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ConfigError(f"{name} is malformed: its port is not a number from 1 to 65535")
+    return parsed
+
+
+def check_database_url(url: str) -> None:
+    """Refuse at start-up a DATABASE_URL the engine would only refuse on first use."""
+    parsed = _parse_database_url("DATABASE_URL", url)
+    if (parsed.get_backend_name(), parsed.get_driver_name()) not in SUPPORTED_DATABASES:
+        raise ConfigError(
+            f"DATABASE_URL has the unsupported scheme {parsed.drivername!r}: "
+            "orgsync runs on postgresql:// (psycopg) or sqlite:///"
+        )
+
+
+def check_broker_url(url: str) -> None:
+    """Refuse at start-up a BROKER_URL kombu would only refuse when it first connects."""
+    scheme, separator, _rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator:
+        raise ConfigError("BROKER_URL is not a URL of the form scheme://host:port/...")
+    if scheme.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands the rest to create_engine: check what it would.
+        parsed = _parse_database_url("BROKER_URL", url[len("sqla+") :])
+        try:
+            parsed.get_dialect().import_dbapi()
+        except (NoSuchModuleError, ImportError):
+            raise ConfigError(
+                f"BROKER_URL has the unsupported scheme {scheme!r}: no installed database driver for it"
+            ) from None
+        return
+    if scheme not in BROKER_SCHEMES:
+        raise ConfigError(
+            f"BROKER_URL has the unsupported scheme {scheme!r}: expected redis://, rediss://, "
+            "amqp:// or sqla+sqlite:///"
+        )
+    try:
+        # kombu reads host and port with urllib: the same errors, found now rather than later.
+        urlsplit(url).port  # noqa: B018
+    except ValueError:
+        raise ConfigError(f"BROKER_URL is malformed: {_authority_problem(url)}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything orgsync reads from the environment. Secrets are kept out of ``repr``."""
@@ -170,6 +239,9 @@ class Settings:
             database_url = f"sqlite:///{(data_dir / 'orgsync.db').absolute()}"
         if not broker_url:
             broker_url = f"sqla+sqlite:///{(data_dir / 'broker.db').absolute()}"
+        database_url = normalize_database_url(database_url)
+        check_database_url(database_url)
+        check_broker_url(broker_url)
         raw_secrets = env.get("CLERK_WEBHOOK_SIGNING_SECRET", "")
         wants_secret = require_webhook_secret or bool(raw_secrets.strip())
         secrets = parse_signing_secrets(raw_secrets) if wants_secret else ()
@@ -191,7 +263,7 @@ class Settings:
             storage = broker_url if broker_url.startswith(("redis://", "rediss://")) else "memory://"
         rules_file = env.get("ORGSYNC_RULES_FILE", "").strip()
         return cls(
-            database_url=normalize_database_url(database_url),
+            database_url=database_url,
             broker_url=broker_url,
             data_dir=data_dir,
             webhook_secrets=secrets,

@@ -370,3 +370,160 @@ def test_deleted_stub_versions_use_the_envelope_time_and_top_rank() -> None:
     assert stub.values["updated_at"] is None
     assert stub.version.startswith(f"{T0 + 10:015d}2")
     assert update.version < stub.version
+
+
+def _with(data: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**data, **changes}
+
+
+MEMBERSHIP = membership_data("orgmem_1", ORG, "user_1")
+NUL = "(PostgreSQL text cannot hold it)"
+RANGE = "is not a time in milliseconds between 1970 and 9999"
+
+
+@pytest.mark.parametrize(
+    ("event_type", "data", "reason"),
+    [
+        (
+            "organization.created",
+            _with(ORG, name="Acme\x00"),
+            f"organizations.name contains a NUL character {NUL}",
+        ),
+        (
+            "organization.created",
+            _with(ORG, id="org_\x00"),
+            f"organizations.id contains a NUL character {NUL}",
+        ),
+        (
+            "user.updated",
+            _with(user_data("user_1"), first_name="\ud800"),
+            "users.first_name is not valid Unicode",
+        ),
+        ("role.created", role_data("role_1", "org:" + "k" * 200), "roles.key is longer than 128 characters"),
+        (
+            "organizationMembership.created",
+            _with(MEMBERSHIP, role="org:" + "k" * 200),
+            "memberships.role is longer than 128 characters",
+        ),
+        (
+            "organization.created",
+            _with(ORG, id="org_" + "1" * 61),
+            "organizations.id is longer than 64 characters",
+        ),
+        (
+            "organizationInvitation.created",
+            _with(invitation_data("orginv_1", "org_1"), email_address="a" * 400 + "@example.com"),
+            "invitations.email_address is longer than 320 characters",
+        ),
+        (
+            "organization.created",
+            _with(ORG, created_at=float("inf")),
+            "data.created_at is inf, not a finite number",
+        ),
+        (
+            "organization.created",
+            _with(ORG, updated_at=float("nan")),
+            "data.updated_at is nan, not a finite number",
+        ),
+        ("organization.created", _with(ORG, created_at=2**64), f"data.created_at {RANGE}"),
+        ("organization.created", _with(ORG, created_at=-1), f"data.created_at {RANGE}"),
+        ("organization.created", _with(ORG, created_at=1.5), "data.created_at is not a whole number"),
+        (
+            "organization.created",
+            _with(ORG, created_at="9" * 5000),
+            "data.created_at is a number beyond the signed 64-bit range",
+        ),
+        (
+            "organizationMembership.updated",
+            _with(MEMBERSHIP, organization=_with(ORG, updated_at=10**16)),
+            f"data.organization.updated_at {RANGE}",
+        ),
+        (
+            "organization.updated",
+            _with(ORG, members_count=2**31),
+            "organizations.members_count is outside the signed 32-bit range",
+        ),
+        (
+            "organization.updated",
+            _with(ORG, public_metadata={"plan": float("nan")}),
+            "organizations.public_metadata holds NaN or an infinity, which JSON cannot represent",
+        ),
+        (
+            "organization.updated",
+            _with(ORG, private_metadata={"notes": ["ok", "bad\x00"]}),
+            f"organizations.private_metadata holds a string that contains a NUL character {NUL}",
+        ),
+        (
+            "user.updated",
+            _with(user_data("user_1"), public_metadata={"\x00": 1}),
+            f"users.public_metadata holds a key that contains a NUL character {NUL}",
+        ),
+        (
+            "role.updated",
+            _with(role_data("role_1", "org:editor"), permissions=["org:a", "org:\x00"]),
+            f"roles.permissions holds a string that contains a NUL character {NUL}",
+        ),
+        (
+            "organization.updated",
+            _with(ORG, public_metadata=json.loads('{"a":' * 100 + "1" + "}" * 100)),
+            "organizations.public_metadata is nested deeper than 64 levels",
+        ),
+    ],
+)
+def test_content_the_database_cannot_hold_is_rejected_naming_the_field(
+    event_type: str, data: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(PayloadError) as caught:
+        parse_event("msg_1", body(event_type, data))
+    assert str(caught.value).startswith(reason)
+    assert str(caught.value).endswith(f" for {event_type}")
+    # The reason names the field, never echoes the text that is wrong.
+    assert "\x00" not in str(caught.value)
+    assert "kkkk" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw_timestamp", "reason"),
+    [
+        ("Infinity", "timestamp is not a finite number"),
+        ("NaN", "timestamp is not a finite number"),
+        ("1e400", "timestamp is not a finite number"),
+        (str(2**64), "timestamp is after the year 9999"),
+        ("253402300800000", "timestamp is after the year 9999"),
+    ],
+)
+def test_envelope_timestamps_out_of_range_are_rejected(raw_timestamp: str, reason: str) -> None:
+    raw = body("user.created", user_data("user_1")).replace(
+        f'"timestamp": {T0}', f'"timestamp": {raw_timestamp}'
+    )
+    with pytest.raises(PayloadError, match=f"^{reason}$"):
+        parse_event("msg_1", raw)
+
+
+def test_the_edges_of_every_range_are_accepted() -> None:
+    data = _with(ORG, created_at=0, updated_at=253_402_300_799_999, members_count=2**31 - 1, name="n" * 256)
+    data["public_metadata"] = {
+        "big": 2**70,
+        "float": 1e300,
+        "nested": json.loads('{"a":' * 60 + "1" + "}" * 60),
+    }
+    event = parse_event("msg_1", body("organization.created", data, timestamp=253_402_300_799_999))
+    (write,) = event_writes(event)
+    assert write.values["updated_at"] == 253_402_300_799_999
+    assert write.values["members_count"] == 2**31 - 1
+
+
+def test_drifted_types_stay_lenient() -> None:
+    data = _with(ORG, created_at="1716883200000", updated_at="²", members_count=[1], email_addresses=True)
+    (write,) = event_writes(parse_event("msg_1", body("organization.created", data)))
+    assert write.values["created_at"] == 1716883200000
+    assert write.values["updated_at"] is None
+    assert write.values["members_count"] is None
+    user = _with(user_data("user_1"), email_addresses=True)
+    (write,) = event_writes(parse_event("msg_1", body("user.created", user)))
+    assert write.values["identifier"] is None
+
+
+def test_a_body_nested_beyond_the_json_parser_is_rejected() -> None:
+    with pytest.raises(PayloadError, match=r"^body is not valid JSON$"):
+        parse_event("msg_1", "[" * 100_000 + "]" * 100_000)

@@ -104,6 +104,36 @@ def factory(sqlite_engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(sqlite_engine)
 
 
+# ------------------------------------------------------- listings the mirror cannot hold
+
+
+def test_listed_objects_the_database_cannot_hold_are_skipped_with_the_reason(
+    session_factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    good = {"object": "organization", "id": "org_good", "name": "Good", "created_at": 1, "updated_at": 1}
+    bad = [
+        dict(good, id="org_nul", name="Bad\x00"),
+        dict(good, id="org_" + "9" * 100),
+        dict(good, id="org_nan", created_at=float("nan")),
+        dict(good, id="org_big", members_count=2**40),
+        dict(good, id="org_meta", public_metadata={"x": float("inf")}),
+    ]
+    with caplog.at_level("WARNING", logger="models.reconcile"), session_scope(session_factory) as session:
+        drift = write_listing(session, ORGANIZATIONS, [*bad, good], now_ms=10)
+        # The organization of a skipped listing has no rows: nothing of it is absent.
+        assert (
+            absent_rows(session, MEMBERSHIPS, seen=set(), listed_since_ms=10, organization_id="org_\x00")
+            == []
+        )
+    assert drift.as_dict()[ORGANIZATIONS]["created"] == 1
+    with session_scope(session_factory) as session:
+        assert list(session.scalars(select(Organization.id))) == ["org_good"]
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping a listed")]
+    assert len(skipped) == len(bad)
+    assert all("\x00" not in message for message in skipped)
+    assert any("organizations.name contains a NUL character" in message for message in skipped)
+
+
 # ------------------------------------------------------------------ listing versions
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,106 @@ def test_reconcile_share_and_interval() -> None:
             Settings.from_env({"ORGSYNC_RECONCILE_SHARE": bad})
     with pytest.raises(ConfigError, match="ORGSYNC_RECONCILE_INTERVAL"):
         Settings.from_env({"ORGSYNC_RECONCILE_INTERVAL": "-1"})
+
+
+PASSWORD = "pa55word-never-shown"
+BAD_URLS = [
+    (
+        "DATABASE_URL",
+        f"postgresql://orgsync:{PASSWORD}@db:fivefourthreetwo/orgsync",
+        "its port is not a number",
+    ),
+    (
+        "DATABASE_URL",
+        f"postgresql://orgsync:{PASSWORD}@[::1:5432/orgsync",
+        "its IPv6 host has no closing ']'",
+    ),
+    ("DATABASE_URL", f"mysql://orgsync:{PASSWORD}@db/orgsync", "the unsupported scheme 'mysql'"),
+    ("DATABASE_URL", f"postgresql://orgsync:{PASSWORD}@db:70000/orgsync", "its port is not a number"),
+    ("DATABASE_URL", "db.example.com/orgsync", "is not a URL"),
+    ("BROKER_URL", f"redis://:{PASSWORD}@redis:six/0", "its port is not a number"),
+    ("BROKER_URL", f"redis://:{PASSWORD}@[::1:6379/0", "its IPv6 host has no closing ']'"),
+    ("BROKER_URL", f"ftp://user:{PASSWORD}@files/queue", "the unsupported scheme 'ftp'"),
+    ("BROKER_URL", f"sqla+mysql://user:{PASSWORD}@db/broker", "the unsupported scheme 'sqla+mysql'"),
+    ("BROKER_URL", f"sqla+postgresql://user:{PASSWORD}@db:x/broker", "its port is not a number"),
+    ("BROKER_URL", "redis.example.com:6379", "is not a URL"),
+]
+
+
+@pytest.mark.parametrize(("name", "url", "message"), BAD_URLS)
+def test_malformed_urls_are_a_configuration_error_naming_the_setting(
+    name: str, url: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: url})
+    assert str(caught.value).startswith(f"{name} ")
+    assert message in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DATABASE_URL": "postgres://u:p@[::1]:5432/orgsync"},
+        {"DATABASE_URL": "postgresql+psycopg://u:p%5B@db/orgsync"},
+        {"DATABASE_URL": "sqlite:///relative.db"},
+        {"BROKER_URL": "rediss://:p@[::1]:6380/0"},
+        {"BROKER_URL": "redis+socket:///run/redis.sock"},
+        {"BROKER_URL": "amqp://guest:guest@rabbit:5672//"},
+        {"BROKER_URL": "sqla+postgresql+psycopg://u:p@db/broker"},
+    ],
+)
+def test_well_formed_urls_are_accepted(env: dict[str, str]) -> None:
+    Settings.from_env(env)
+
+
+EXIT_CONFIG = 3
+
+
+def run_orgsync(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The real command line, in a process of its own, with only these settings."""
+    environ = {
+        "PATH": os.environ.get("PATH", ""),
+        "ORGSYNC_DATA_DIR": str(tmp_path),
+        "CLERK_WEBHOOK_SIGNING_SECRET": TEST_SIGNING_SECRET,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "orgsync", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("name", "url", "message"), BAD_URLS[:3] + BAD_URLS[5:8])
+def test_the_command_line_exits_with_the_configuration_code(
+    name: str, url: str, message: str, tmp_path: Path
+) -> None:
+    result = run_orgsync(["worker"], {name: url}, tmp_path)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"orgsync: error: {name} " in result.stderr
+    assert message in result.stderr
+    assert PASSWORD not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["run"], ["serve"], ["beat"], ["db", "upgrade"], ["sync"], ["events", "list"], ["orgs", "list"]]
+)
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [("DATABASE_URL", BAD_URLS[1][1]), ("BROKER_URL", BAD_URLS[7][1])],
+    ids=["database", "broker"],
+)
+def test_every_entry_point_refuses_a_malformed_url_before_starting(
+    args: list[str], name: str, url: str, tmp_path: Path
+) -> None:
+    result = run_orgsync(args, {name: url}, tmp_path)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"orgsync: error: {name} " in result.stderr
+    assert PASSWORD not in result.stderr + result.stdout
+    # Nothing was started or created on the way to the error.
+    assert not any(tmp_path.iterdir())

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session
 from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
-from models.db import create_db_engine
+from models.db import create_db_engine, make_session_factory
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
 from webhooks.app import create_app, get_state
+from worker.apply import apply_inbox
 
 PATH = "/webhooks/clerk"
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-for-the-rotation!").decode()
@@ -384,6 +385,70 @@ def test_accepted_and_duplicate_on_both_databases(
         dispatcher = get_state(app).dispatcher
         assert dispatcher is not None and dispatcher.flush()
         assert sent.ids == [rows[0].id]
+
+
+# ------------------------------------------------- content the database cannot hold
+
+
+def organization_body(**changes: Any) -> str:
+    data = {"object": "organization", "id": "org_1", "name": "Acme", "slug": "acme", "created_at": 1}
+    data.update(changes)
+    return envelope("organization.created", data, 1_700_000_000_000)
+
+
+UNSTORABLE = [
+    (organization_body(name="Acme\x00"), "organizations.name contains a NUL character"),
+    (organization_body(public_metadata={"note": "a\x00b"}), "organizations.public_metadata holds a string"),
+    (organization_body(id="org_" + "9" * 100), "organizations.id is longer than 64 characters"),
+    (organization_body(created_at=2**64), "data.created_at is not a time in milliseconds"),
+    (organization_body(members_count=2**40), "organizations.members_count is outside the signed 32-bit"),
+    (organization_body().replace('"created_at": 1', '"created_at": 1e400'), "data.created_at is inf"),
+    (organization_body(updated_at=float("nan")), "data.updated_at is nan"),
+    (organization_body().replace("1700000000000", "Infinity"), "timestamp is not a finite number"),
+    (organization_body().replace("1700000000000", "NaN"), "timestamp is not a finite number"),
+    (
+        envelope("role.created", {"id": "role_1", "key": "org:" + "k" * 200}, 1_700_000_000_000),
+        "roles.key is longer than 128 characters",
+    ),
+]
+
+
+def test_content_the_database_cannot_hold_is_acknowledged_then_rejected_not_retried(
+    settings: Settings, engine: Engine, signing_secret: str, sent: Sent
+) -> None:
+    for app in build(settings, engine, send=sent):
+        client = app.test_client()
+        for body, _reason in UNSTORABLE:
+            response = post(client, body, signed_headers(signing_secret, body))
+            assert response.status_code == 200, response.get_data(as_text=True)
+        # The worker's path: even a single attempt allowed ends in rejected, never dead.
+        ids = [row.id for row in inbox(engine)]
+        report = apply_inbox(make_session_factory(engine), ids, now_ms=1, max_attempts=1)
+        assert (report.rejected, report.applied, report.dead, report.failed) == (len(UNSTORABLE), 0, 0, 0)
+        rows = inbox(engine)
+        for row, (body, reason) in zip(rows, UNSTORABLE, strict=True):
+            assert (row.status, row.attempts) == (InboxStatus.REJECTED, 0)
+            assert row.last_error is not None and row.last_error.startswith(reason), row.last_error
+            assert "\x00" not in row.last_error
+            # The raw body is kept as received, escapes and all, for the operator to read.
+            assert row.body == body
+
+
+def test_a_type_the_inbox_cannot_hold_is_rejected_at_intake(
+    settings: Settings, engine: Engine, signing_secret: str, sent: Sent
+) -> None:
+    for app in build(settings, engine, send=sent):
+        client = app.test_client()
+        for event_type in ("organization.created\x00", "\ud800"):
+            body = json.dumps({"type": event_type, "object": "event", "data": {}, "timestamp": 1})
+            response = post(client, body, signed_headers(signing_secret, body))
+            assert response.status_code == 200
+            assert response.get_json()["status"] == "rejected"
+            assert response.get_json()["reason"].startswith("not_an_event: 'type' holds a NUL")
+        assert [(row.status, row.event_type) for row in inbox(engine)] == [(InboxStatus.REJECTED, None)] * 2
+        dispatcher = get_state(app).dispatcher
+        assert dispatcher is not None and dispatcher.flush()
+        assert sent.ids == []
 
 
 # ---------------------------------------------------------------- database down

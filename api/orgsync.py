@@ -19,15 +19,14 @@ from typing import Any, TypeVar
 import yaml
 from flask import Blueprint, Response, g, request
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from api.auth import TokenCheck, requester
 from models import permissions, queries
 from models.commands import CommandRequest, InvalidCommandError, LastAdminError, get_command
-from models.db import make_session_factory
-from models.errors import OrganizationNotFoundError, RetryableError
+from models.db import is_connection_error, make_session_factory
+from models.errors import OrganizationNotFoundError, PermanentError, RetryableError
 from models.permissions import Access, AccessCache
 from models.submission import CommandService, Send
 from models.tables import Command, CommandKind
@@ -49,7 +48,7 @@ RETRY_AFTER_SECONDS = 5
 INVITE_FIELDS = ("inviter_user_id", "redirect_url", "expires_in_days", "public_metadata", "private_metadata")
 
 
-class HttpError(Exception):
+class HttpError(PermanentError):
     """One error answer: status, a stable code, a sentence saying what to do, the field at fault."""
 
     def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
@@ -266,14 +265,6 @@ def create_orgsync_blueprint(
     def organization_not_found(error: OrganizationNotFoundError) -> Response:
         return HttpError(404, "organization_not_found", str(error), field="organization").response()
 
-    @bp.errorhandler(OperationalError)
-    @bp.errorhandler(RetryableError)
-    def database_unavailable(error: Exception) -> Response:
-        logger.warning("orgsync API: database unavailable: %s", type(error).__name__)
-        response = HttpError(503, "database_unavailable", "the mirror cannot be read right now").response()
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
-
     @bp.errorhandler(HTTPException)
     def werkzeug_error(error: HTTPException) -> Response:
         status = error.code or 500
@@ -286,6 +277,13 @@ def create_orgsync_blueprint(
 
     @bp.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
+        if isinstance(error, RetryableError) or is_connection_error(error):
+            # Unreachable, dropped, timed out or no pooled connection free in time.
+            logger.warning("orgsync API: database unavailable: %s", type(error).__name__)
+            unavailable = HttpError(503, "database_unavailable", "the database cannot be reached right now")
+            response = unavailable.response()
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
         logger.exception("orgsync API: unexpected error in %s %s", request.method, request.path)
         return HttpError(500, "internal_error", "internal server error").response()
 

@@ -220,6 +220,7 @@ class Settings:
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    db_timeout: float = 5.0
 
     @property
     def embedded(self) -> bool:
@@ -288,4 +289,7 @@ class Settings:
             reconcile_interval=_seconds_or_off(env, "ORGSYNC_RECONCILE_INTERVAL"),
             # The read API is served only when at least one token is configured.
             api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
+            # The web process's bound on the database: Svix gives up on a delivery after
+            # about 15 s, so a 503 with Retry-After must come well before.
+            db_timeout=_float(env, "ORGSYNC_DB_TIMEOUT", 5.0),
         )

@@ -123,7 +123,7 @@ class Orgsync:
         status: str | Sequence[str] | None = None,
         email_address: str | None = None,
         query: str | None = None,
-    ) -> reads.Listing[reads.InvitationRecord] | None:
+    ) -> reads.Listing[reads.InvitationDetailView] | None:
         """Invitations of an organization (id or slug), of a user (sent to the user's email or
         accepted by the user), or of every organization; None when the one named is unknown."""
         with self.sessions() as session:

@@ -12,9 +12,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import envelope
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from test_cli_commands import NOW_MS, ORG, OTHER_ORG, membership, seed
 
+from models import permissions
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.mirror import apply_events
@@ -337,3 +339,19 @@ def test_commands_recorded_over_http_are_those_of_the_submission_service(
         "org:admin",
     )
     assert command.requested_by == "api:token-2"
+
+
+def test_database_unavailable_is_a_503_with_retry_after(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(_session: Session) -> int:
+        raise OperationalError("SELECT generation", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(permissions, "mirror_generation", down)
+    response = client.get(
+        "/orgsync/v1/permission",
+        headers=auth(),
+        query_string={"user_id": "user_bob", "organization": "acme", "permission": MANAGE},
+    )
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.get_json()["error"] == "database_unavailable"

@@ -57,8 +57,8 @@ class Orgsync:
         self.commands = CommandService(self.sessions, self._enqueue, dry_run_default=settings.dry_run)
 
     @classmethod
-    def from_env(cls, *, requested_by: str) -> Orgsync:
-        return cls(Settings.from_env(), requested_by=requested_by)
+    def from_env(cls, *, requested_by: str, permission_cache: AccessCache | None = None) -> Orgsync:
+        return cls(Settings.from_env(), requested_by=requested_by, permission_cache=permission_cache)
 
     # ------------------------------------------------------------ permissions
     def access_of(self, user_id: str, organization: str) -> Access | None:

@@ -87,11 +87,18 @@ def test_a_role_change_over_http_reaches_clerk_and_is_confirmed(
         )
         assert again[0] == 202 and again[1]["id"] == command["id"]
 
-        def confirmed() -> dict[str, Any] | None:
-            polled = call(stack, "GET", command["url"].removeprefix("/orgsync/v1"))[1]
-            return polled if polled["status"] == "confirmed" else None
+        last: list[Any] = []
 
-        final = stack.wait_for("the HTTP command to be confirmed", confirmed, BOUND_S)
+        def settled() -> dict[str, Any] | None:
+            polled = call(stack, "GET", command["url"].removeprefix("/orgsync/v1"))[1]
+            last[:] = [polled]
+            return polled if polled["status"] in ("confirmed", "failed") else None
+
+        try:
+            final = stack.wait_for("the HTTP command to be confirmed", settled, BOUND_S)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"the command as last polled: {last}") from exc
+        assert final["status"] == "confirmed", final
         assert final["confirmed_at"] is not None
         assert state.list_memberships(org, limit=10, user_ids=[member]).data[0]["role"] == "org:admin"
 

@@ -223,6 +223,7 @@ def create_orgsync_blueprint(
     """
     check = TokenCheck(tokens)
     factory = make_session_factory(engine)
+    checks = permissions.check_sessions(engine)
     service = CommandService(factory, send, dry_run_default=dry_run_default)
     bp = Blueprint("orgsync_api", __name__, url_prefix=PREFIX)
 
@@ -231,9 +232,10 @@ def create_orgsync_blueprint(
             return fn(session)
 
     def access_of(user_id: str, organization: str) -> Access | None:
-        if permission_cache is not None:
-            return read(lambda s: permission_cache.access_of(s, user_id, organization))
-        return read(lambda s: permissions.access_of(s, user_id, organization))
+        with checks() as session:
+            if permission_cache is not None:
+                return permission_cache.access_of(session, user_id, organization)
+            return permissions.access_of(session, user_id, organization)
 
     @bp.before_request
     def authenticate() -> None:

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
+from models.db import make_session_factory
 from models.events import normalize_role_key
 from models.tables import Membership, MirrorState, Organization, Role
 
@@ -221,3 +222,12 @@ class AccessCache:
         with self._lock:
             self._entries.clear()
             self._generation = None
+
+
+def check_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for permission checks: on PostgreSQL in autocommit, so that a check is one round
+    trip per statement, without BEGIN and ROLLBACK around it (they only read, and each statement
+    sees the latest commit, which is what the generation protocol above needs)."""
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return make_session_factory(engine)

@@ -54,6 +54,7 @@ class Orgsync:
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self._send = send
         self.permission_cache = permission_cache
+        self._checks = permissions.check_sessions(self.engine)
         self.commands = CommandService(self.sessions, self._enqueue, dry_run_default=settings.dry_run)
 
     @classmethod
@@ -63,7 +64,7 @@ class Orgsync:
     # ------------------------------------------------------------ permissions
     def access_of(self, user_id: str, organization: str) -> Access | None:
         """The user's membership of the organization (id or slug): role and permissions, or None."""
-        with self.sessions() as session:
+        with self._checks() as session:
             if self.permission_cache is not None:
                 return self.permission_cache.access_of(session, user_id, organization)
             return permissions.access_of(session, user_id, organization)
@@ -80,7 +81,7 @@ class Orgsync:
 
     def organizations_of(self, user_id: str) -> list[Access]:
         """The user's organizations with the role in each, in the order the user joined them."""
-        with self.sessions() as session:
+        with self._checks() as session:
             return permissions.organizations_of(session, user_id)
 
     # ------------------------------------------------------------------ reads

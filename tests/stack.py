@@ -32,6 +32,9 @@ T = TypeVar("T")
 START_BOUND_S = 90.0
 SETTLE_BOUND_S = 180.0
 STOP_BOUND_S = 30.0
+# pytest's own timeout for a test that runs processes: above a start, two settles and the stops
+# (90 + 2 * 180 + 3 * 30 = 540 s), so that a bounded wait above fails first, with the logs.
+TEST_BOUND_S = 600.0
 # The sweeper runs often in tests, so that a broker outage ends in seconds, not minutes.
 FAST_SWEEPS = {"ORGSYNC_SWEEP_INTERVAL": "0.5", "ORGSYNC_SWEEP_GRACE": "0.5"}
 

@@ -219,8 +219,8 @@ class Settings:
     enforce_max_reversals: int = 3
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
-    api_tokens: tuple[str, ...] = field(default=(), repr=False)
     db_timeout: float = 5.0
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -287,9 +287,9 @@ class Settings:
             # Reconciliation's cap on the instance budget: the rest is always left to commands.
             reconcile_share=_fraction(env, "ORGSYNC_RECONCILE_SHARE", 0.5),
             reconcile_interval=_seconds_or_off(env, "ORGSYNC_RECONCILE_INTERVAL"),
-            # The read API is served only when at least one token is configured.
-            api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
             # The web process's bound on the database: Svix gives up on a delivery after
             # about 15 s, so a 503 with Retry-After must come well before.
             db_timeout=_float(env, "ORGSYNC_DB_TIMEOUT", 5.0),
+            # The read API is served only when at least one token is configured.
+            api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
         )

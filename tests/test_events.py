@@ -7,18 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import envelope
-from histories import (
-    T0,
-    deleted_stub,
+from histories import T0
+
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
     invitation_data,
     membership_data,
     organization_data,
     permission_data,
     role_data,
     user_data,
+    webhook_body,
 )
-
 from models.errors import PayloadError, PermanentError
 from models.events import (
     MEMBERSHIPS,
@@ -41,7 +41,7 @@ ORG = organization_data("org_1", slug="acme")
 
 
 def body(event_type: str, data: dict[str, Any], timestamp: int = T0) -> str:
-    return envelope(event_type, data, timestamp)
+    return webhook_body(event_type, data, timestamp)
 
 
 def sample(event_type: str) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import envelope
 from sqlalchemy import Engine, select
 from test_cli_commands import NOW_MS, ORG, environment, make_invoke, membership, seed
 from test_cli_commands import Recorder as CliRecorder
 
+from emulator.payloads import webhook_body
 from models.commands import InvalidCommandError, LastAdminError
 from models.db import make_session_factory, session_scope
 from models.errors import OrganizationNotFoundError
@@ -168,7 +168,7 @@ def test_cached_permission_answers_follow_the_mirror(engine: Engine, tmp_path: P
     with session_scope(make_session_factory(engine)) as session:
         apply_events(
             session,
-            [parse_event("msg_promote", envelope("organizationMembership.updated", promoted, NOW_MS))],
+            [parse_event("msg_promote", webhook_body("organizationMembership.updated", promoted, NOW_MS))],
             now_ms=NOW_MS,
         )
     assert cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import envelope
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from test_cli_commands import NOW_MS, ORG, OTHER_ORG, membership, seed
 
+from emulator.payloads import webhook_body
 from models import permissions
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
@@ -147,7 +147,7 @@ def test_a_mirror_change_reaches_a_cached_answer(client: FlaskClient, sqlite_eng
     assert check(client, "user_bob", "acme")["allowed"] is False
     promoted = membership("orgmem_b", "user_bob", "org:admin", NOW_MS)
     with session_scope(make_session_factory(sqlite_engine)) as session:
-        event = parse_event("msg_promote", envelope("organizationMembership.updated", promoted, NOW_MS))
+        event = parse_event("msg_promote", webhook_body("organizationMembership.updated", promoted, NOW_MS))
         apply_events(session, [event], now_ms=NOW_MS)
     assert check(client, "user_bob", "acme")["allowed"] is True
 

@@ -35,7 +35,11 @@ def apply(factory: sessionmaker[Session], events: list[Event]) -> None:
 
 
 def member(org: dict[str, Any], user: str, at: int, role: str = "org:member", **extra: Any) -> dict[str, Any]:
-    return membership_data(f"orgmem_{org['id']}_{user}", org, user, role=role, created_at=at, **extra)
+    null_permissions = "permissions" in extra and extra["permissions"] is None
+    data = membership_data(f"orgmem_{org['id']}_{user}", org, user, role=role, created_at=at, **extra)
+    if null_permissions:  # Clerk may send null; the builder fills in member-level ones instead
+        data["permissions"] = None
+    return data
 
 
 def joined(org: dict[str, Any], user: str, at: int, role: str = "org:member", **extra: Any) -> Event:

@@ -8,10 +8,10 @@ multiplicity or how they were split into batches:
   statements guarded by ``WHERE table.version < excluded.version``;
 * organization, role, permission, user and domain deletions are sticky (Clerk never reuses
   those ids): ``deleted`` is the OR of every write seen, applied even when the deletion's
-  version is older than the row's. A user's deletion moreover never replaces the user's data
-  (the row keeps its newest data write, or is a stub versioned ``STUB_VERSION`` until one
-  arrives): the copies in the user's tombstoned memberships then derive from the same data
-  in every order of delivery;
+  version is older than the row's. A user's or permission's deletion moreover never replaces
+  its data (the row keeps its newest data write, or is a stub versioned ``STUB_VERSION``
+  until one arrives): the copies in a deleted user's tombstoned memberships, and the grants a
+  deleted permission's key leaves, then derive from the same data in every order;
 * membership and invitation tombstones cascade from deleted organizations and users. The
   cascade runs set-based at the end of the batch for every organization and user the batch
   touched, so a membership arriving after its organization's deletion is tombstoned too;
@@ -63,7 +63,9 @@ TABLES: dict[str, Table] = {
 STICKY = frozenset({ORGANIZATIONS, ROLES, PERMISSIONS, USERS, DOMAINS})
 # Upsert order is irrelevant to the result; organizations first keeps lock order stable.
 ORDER = (ORGANIZATIONS, USERS, ROLES, PERMISSIONS, MEMBERSHIPS, INVITATIONS, DOMAINS)
-# The version of a user row known only from its deletion: every write of its data outranks it.
+# Deletions that never replace the data: copies derive from users, live grants from permission keys.
+KEEP_DATA = frozenset({USERS, PERMISSIONS})
+# The version of a row known only from its deletion: every write of its data outranks it.
 STUB_VERSION = ""
 # The fields of ``public_user_data`` the user row decides; other keys stay as embedded.
 USER_COPY_FIELDS = ("identifier", "username", "first_name", "last_name", "image_url", "has_image")
@@ -77,12 +79,12 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
     lock_mirror_writes(session)
     best: dict[str, dict[tuple[str, ...], Write]] = {name: {} for name in TABLES}
     sticky_deleted: dict[str, set[str]] = {name: set() for name in STICKY}
-    stubs: dict[tuple[str, ...], Write] = {}
+    stubs: dict[tuple[str, ...], Write] = {}  # keys of different tables never collide
     for event in events:
         for write in event_writes(event):
-            if write.table == USERS and write.deleted:
-                # A user's deletion keeps the user's last data, the source of its copies.
-                sticky_deleted[USERS].add(write.key[0])
+            if write.table in KEEP_DATA and write.deleted:
+                # The deletion keeps the last data, the source of copies (a stub has none).
+                sticky_deleted[write.table].add(write.key[0])
                 stubs.setdefault(write.key, write)
                 continue
             rows = best[write.table]
@@ -93,9 +95,11 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
                 sticky_deleted[write.table].add(write.key[0])
 
     for key, stub in stubs.items():
-        if key not in best[USERS]:
-            # Versioned below every write: it holds the row until the user's data arrives.
-            best[USERS][key] = Write(USERS, key, STUB_VERSION, dict(stub.values, version=STUB_VERSION))
+        if key not in best[stub.table]:
+            # Versioned below every write: it holds the row until the object's data arrives.
+            best[stub.table][key] = Write(
+                stub.table, key, STUB_VERSION, dict(stub.values, version=STUB_VERSION)
+            )
     touched_orgs: set[str] = set()
     touched_users: set[str] = set()
     copies = Touched()

@@ -207,6 +207,8 @@ class Settings:
     enforce_max_reversals: int = 3
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
+    # The Clerk instance (``ins_...``) whose deliveries this mirror applies; None accepts any.
+    clerk_instance_id: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -249,6 +251,9 @@ class Settings:
             # runs a single worker process, where process memory is shared enough.
             storage = broker_url if broker_url.startswith(("redis://", "rediss://")) else "memory://"
         rules_file = env.get("ORGSYNC_RULES_FILE", "").strip()
+        instance_id = env.get("CLERK_INSTANCE_ID", "").strip() or None
+        if instance_id is not None and not instance_id.startswith("ins_"):
+            raise ConfigError(f"CLERK_INSTANCE_ID must start with 'ins_', got {instance_id!r}")
         return cls(
             database_url=database_url,
             broker_url=broker_url,
@@ -273,4 +278,5 @@ class Settings:
             # Reconciliation's cap on the instance budget: the rest is always left to commands.
             reconcile_share=_fraction(env, "ORGSYNC_RECONCILE_SHARE", 0.5),
             reconcile_interval=_seconds_or_off(env, "ORGSYNC_RECONCILE_INTERVAL"),
+            clerk_instance_id=instance_id,
         )

@@ -192,6 +192,33 @@ def deleted_stub(kind: str, object_id: str, **extra: Any) -> dict[str, Any]:
     return {"object": kind, "id": object_id, "deleted": True, **extra}
 
 
+def domain_data(
+    domain_id: str,
+    org_id: str,
+    *,
+    name: str = "acme.com",
+    created_at: int = T0,
+    updated_at: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """An organization domain as ``organizationDomain.*`` events carry it."""
+    return {
+        "object": "organization_domain",
+        "id": domain_id,
+        "organization_id": org_id,
+        "name": name,
+        "enrollment_mode": "automatic_invitation",
+        "affiliation_email_address": None,
+        "affiliation_verification": {"status": "verified", "strategy": "email_code", "attempts": 1},
+        "total_pending_invitations": 2,
+        "total_pending_suggestions": 0,
+        "public_organization_data": {"id": org_id, "name": "Acme", "slug": "acme"},
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+        **extra,
+    }
+
+
 _counter = iter(range(10**9))
 
 

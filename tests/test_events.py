@@ -11,6 +11,7 @@ from helpers import envelope
 from histories import (
     T0,
     deleted_stub,
+    domain_data,
     invitation_data,
     membership_data,
     organization_data,
@@ -70,23 +71,8 @@ def sample(event_type: str) -> dict[str, Any]:
     if resource == "organizationDomain":
         if action == "deleted":
             return deleted_stub("organization_domain", "orgdmn_1")
-        return DOMAIN
+        return domain_data("orgdmn_1", "org_1")
     return deleted_stub("user", "user_1", external_id="ex_1") if action == "deleted" else user_data("user_1")
-
-
-DOMAIN: dict[str, Any] = {
-    "object": "organization_domain",
-    "id": "orgdmn_1",
-    "organization_id": "org_1",
-    "name": "acme.com",
-    "enrollment_mode": "automatic_invitation",
-    "affiliation_email_address": None,
-    "affiliation_verification": {"status": "verified", "strategy": "email_code", "attempts": 1},
-    "total_pending_invitations": 2,
-    "total_pending_suggestions": 0,
-    "created_at": T0,
-    "updated_at": T0,
-}
 
 
 @pytest.mark.parametrize("event_type", sorted(MIRRORED_EVENT_TYPES))

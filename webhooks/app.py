@@ -161,6 +161,7 @@ def create_app(
                     svix_id=delivery.svix_id,
                     body=delivery.body,
                     received_at=int(time.time() * 1000),
+                    expected_instance=settings.clerk_instance_id,
                 )
         except (RetryableError, OperationalError) as exc:
             # Not acknowledged: Svix delivers it again later.

@@ -68,7 +68,7 @@ KEEP_DATA = frozenset({USERS, PERMISSIONS})
 # The version of a row known only from its deletion: every write of its data outranks it.
 STUB_VERSION = ""
 # The fields of ``public_user_data`` the user row decides; other keys stay as embedded.
-USER_COPY_FIELDS = ("identifier", "username", "first_name", "last_name", "image_url", "has_image")
+USER_COPY_FIELDS = ("identifier", "username", "first_name", "last_name", "image_url", "has_image", "banned")
 # Keeps every statement far below SQLite's and PostgreSQL's bound-parameter limits.
 MAX_PARAMS = 30_000
 MAX_IN = 500
@@ -150,15 +150,18 @@ class Touched:
     invitations: set[str] = field(default_factory=set)  # invitation ids written
 
 
-def refresh_copies(session: Session, touched: Touched, *, now_ms: int) -> None:
-    """Rewrite the user and role data memberships and invitations embed from the live rows."""
-    _refresh_user_copies(session, touched.users | touched.members, now_ms)
-    _refresh_role_copies(session, touched, now_ms)
+def refresh_copies(session: Session, touched: Touched, *, now_ms: int) -> int:
+    """Rewrite the user and role data memberships and invitations embed from the live rows;
+    returns how many memberships changed."""
+    changed = _refresh_user_copies(session, touched.users | touched.members, now_ms)
+    changed |= _refresh_role_copies(session, touched, now_ms)
+    return len(changed)
 
 
-def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> None:
+def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> set[tuple[str, str]]:
     users = TABLES[USERS]
     members = TABLES[MEMBERSHIPS]
+    changed: set[tuple[str, str]] = set()
     for chunk in _chunks(user_ids):
         live = {
             row.id: row
@@ -208,6 +211,8 @@ def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> N
                 changes,
                 execution_options={"synchronize_session": False},
             )
+            changed.update((change["k_org"], change["k_user"]) for change in changes)
+    return changed
 
 
 def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str | None, list[str] | None]]:
@@ -235,7 +240,7 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
     }
 
 
-def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> None:
+def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> set[tuple[str, str]]:
     members = TABLES[MEMBERSHIPS]
     if touched.all_roles:
         roles = _live_roles(session, None)
@@ -258,7 +263,7 @@ def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> Non
         # Membership writes: only those users' rows; a superset of the written rows is harmless.
         scopes += [members.c.user_id.in_(chunk) for chunk in _chunks(touched.members)]
     if not roles:
-        return
+        return set()
     changes: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     for scope in scopes:
@@ -300,6 +305,7 @@ def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> Non
             execution_options={"synchronize_session": False},
         )
     _refresh_invitation_roles(session, touched, roles, now_ms)
+    return {(change["k_org"], change["k_user"]) for change in changes}
 
 
 def _refresh_invitation_roles(

@@ -487,6 +487,46 @@ def create_app(
         limit, offset = _page_args()
         return state.list_user_memberships(user_id, limit=limit, offset=offset).body()
 
+    @v1.patch("/users/<user_id>")
+    def update_user(user_id: str) -> Any:
+        body = _body()
+        return state.update_user(
+            user_id,
+            first_name=_str_field(body, "first_name"),
+            last_name=_str_field(body, "last_name"),
+            username=_str_field(body, "username"),
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.patch("/organization_roles/<role_id>")
+    def update_role(role_id: str) -> Any:
+        body = _body()
+        permissions = body.get("permissions")
+        if permissions is not None and (
+            not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions)
+        ):
+            raise param_format("permissions", "must be a list of permission ids")
+        return state.update_role(
+            role_id,
+            name=_str_field(body, "name"),
+            description=_str_field(body, "description"),
+            permissions=permissions,
+        )
+
+    @v1.post("/organization_permissions")
+    def create_permission() -> Any:
+        body = _body()
+        return state.create_permission(
+            name=_str_field(body, "name") or "",
+            key=_str_field(body, "key") or "",
+            description=_str_field(body, "description") or "",
+        )
+
+    @v1.delete("/organization_permissions/<permission_id>")
+    def delete_permission(permission_id: str) -> Any:
+        return state.delete_permission(permission_id)
+
     # -------------------------------------------------------------- test only
     @test.get("/snapshot")
     def snapshot() -> Any:

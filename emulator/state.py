@@ -60,6 +60,7 @@ MEMBER_PERMISSIONS = ("org:sys_memberships:read",)
 INVITATION_STATUSES = ("pending", "accepted", "revoked", "expired")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _ROLE_KEY_RE = re.compile(r"^org:[a-z0-9_]+$")
+_PERMISSION_KEY_RE = re.compile(r"^org:[a-z0-9_]+:[a-z0-9_]+$")
 _SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 
 EventSink = Callable[[str, Json, int], None]
@@ -1010,6 +1011,107 @@ class State:
             del self._role_keys[role.key]
             data = payloads.deleted("role", role.id)
             self._emit("role.deleted", data)
+            return data
+
+    def update_role(
+        self,
+        role_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        permissions: Iterable[str] | None = None,
+    ) -> Json:
+        """Change what a role is called or grants: ``role.updated`` only, no membership event."""
+        if name is not None and not name.strip():
+            raise param_invalid("name", "must not be empty")
+        with self.lock:
+            role = self._roles.get(role_id)
+            if role is None:
+                raise not_found("role", role_id)
+            if permissions is not None:
+                perm_ids: list[str] = []
+                for ref in permissions:
+                    perm_id = ref if ref in self._permissions else self._permission_keys.get(ref)
+                    if perm_id is None:
+                        raise not_found("permission", ref)
+                    if perm_id not in perm_ids:
+                        perm_ids.append(perm_id)
+                role.permission_ids = perm_ids
+            if name is not None:
+                role.name = name.strip()
+            if description is not None:
+                role.description = description
+            role.updated_at = self.clock.tick()
+            data = self._role_json(role)
+            self._emit("role.updated", data, role.updated_at)
+            return data
+
+    def create_permission(self, *, name: str, key: str, description: str = "") -> Json:
+        if not name:
+            raise param_missing("name")
+        if not key:
+            raise param_missing("key")
+        if not _PERMISSION_KEY_RE.match(key):
+            raise param_format("key", "must look like 'org:<feature>:<action>'")
+        with self.lock:
+            if key in self._permission_keys:
+                raise identifier_exists("key", key)
+            now = self.clock.tick()
+            perm = PermissionRecord(self.ids.new("perm"), key, name, description, "user", now, now)
+            self._permissions[perm.id] = perm
+            self._permission_keys[key] = perm.id
+            data = payloads.permission(perm)
+            self._emit("permission.created", data, now)
+            return data
+
+    def delete_permission(self, permission_id: str) -> Json:
+        """Delete a custom permission; the roles granting it stop granting it, without an event."""
+        with self.lock:
+            perm = self._permissions.get(permission_id)
+            if perm is None:
+                raise not_found("permission", permission_id)
+            if perm.type == "system":
+                raise ClerkError(
+                    400,
+                    "permission_not_deletable",
+                    "System permission",
+                    f"Permission {perm.key} is a system permission and cannot be deleted.",
+                )
+            del self._permissions[perm.id]
+            del self._permission_keys[perm.key]
+            for role in self._roles.values():
+                if perm.id in role.permission_ids:
+                    role.permission_ids.remove(perm.id)
+            data = payloads.deleted("permission", perm.id)
+            self._emit("permission.deleted", data)
+            return data
+
+    def update_user(
+        self,
+        user_id: str,
+        *,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        username: str | None = None,
+        public_metadata: Mapping[str, Any] | None = None,
+        private_metadata: Mapping[str, Any] | None = None,
+    ) -> Json:
+        """Change a user: Clerk sends ``user.updated`` only, never an event of their memberships."""
+        with self.lock:
+            user = self._user(user_id)
+            if first_name is not None:
+                user.first_name = first_name
+            if last_name is not None:
+                user.last_name = last_name
+            if username is not None:
+                user.username = username
+            if public_metadata is not None:
+                user.public_metadata = _metadata(public_metadata, "public_metadata")
+            if private_metadata is not None:
+                user.private_metadata = _metadata(private_metadata, "private_metadata")
+            user.updated_at = self.clock.tick()
+            data = payloads.user(user)
+            self._emit("user.updated", data, user.updated_at)
             return data
 
     # -------------------------------------------------------- scenario views

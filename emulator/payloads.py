@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from emulator.records import (
+    DomainRecord,
     InvitationRecord,
     Json,
     MembershipRecord,
@@ -211,6 +212,73 @@ def user(rec: UserRecord) -> Json:
         "legal_accepted_at": None,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
+    }
+
+
+def domain(rec: DomainRecord, org: OrganizationRecord, *, pending_invitations: int = 0) -> Json:
+    verification = (
+        {
+            "status": "verified",
+            "strategy": "email_code",
+            "attempts": 1,
+            "expire_at": None,
+            "verified_at": None,
+        }
+        if rec.verified
+        else None
+    )
+    return {
+        "object": "organization_domain",
+        "id": rec.id,
+        "organization_id": rec.organization_id,
+        "name": rec.name,
+        "enrollment_mode": rec.enrollment_mode,
+        "affiliation_email_address": None,
+        "affiliation_verification": verification,
+        "ownership_verification": None,
+        "verification": verification,
+        "total_pending_invitations": pending_invitations,
+        "total_pending_suggestions": 0,
+        "public_organization_data": {
+            "id": org.id,
+            "name": org.name,
+            "slug": org.slug,
+            "image_url": f"{IMAGE_BASE}/organization/{org.id}",
+            "has_image": False,
+        },
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+def role_set(key: str, roles: list[RoleRecord], *, default_key: str, creator_key: str) -> Json:
+    """The instance's one role set: every role, with the default and creator roles named."""
+
+    def item(role: RoleRecord) -> Json:
+        return {
+            "object": "role_set_item",
+            "id": role.id,
+            "name": role.name,
+            "key": role.key,
+            "description": role.description,
+            "created_at": role.created_at,
+            "updated_at": role.updated_at,
+        }
+
+    by_key = {role.key: role for role in roles}
+    return {
+        "object": "role_set",
+        "id": "rs_default",
+        "name": "Default",
+        "key": key,
+        "description": None,
+        "roles": [item(role) for role in roles],
+        "default_role": item(by_key[default_key]) if default_key in by_key else None,
+        "creator_role": item(by_key[creator_key]) if creator_key in by_key else None,
+        "type": "initial",
+        "role_set_migration": None,
+        "created_at": min((role.created_at for role in roles), default=0),
+        "updated_at": max((role.updated_at for role in roles), default=0),
     }
 
 

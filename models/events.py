@@ -55,6 +55,7 @@ ROLES = "roles"
 PERMISSIONS = "permissions"
 USERS = "users"
 DOMAINS = "organization_domains"
+ROLE_SETS = "role_sets"
 
 MIRRORED_EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -593,6 +594,41 @@ def _domain_event(event: Event) -> tuple[Write, ...]:
     return (Write(DOMAINS, (domain_id,), version, values),)
 
 
+def _role_key_of(value: Any) -> str | None:
+    key = value.get("key") if isinstance(value, dict) else None
+    return normalize_role_key(key) if isinstance(key, str) else None
+
+
+def role_set_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A listed role set as a row (every column but version, deleted and synced_at).
+
+    Clerk sends no webhook for role sets: they are only listed. Raises ``PayloadError`` when
+    the object has no id or holds a value no column can.
+    """
+    role_set_id = data.get("id")
+    if not isinstance(role_set_id, str) or not role_set_id:
+        raise PayloadError("role set id missing")
+    roles = data.get("roles")
+    keys = [k for k in (_role_key_of(item) for item in roles) if k] if isinstance(roles, list) else None
+    values: dict[str, Any] = {
+        "id": role_set_id,
+        "key": _str(data, "key"),
+        "name": _str(data, "name"),
+        "description": _str(data, "description"),
+        "type": _str(data, "type"),
+        "role_keys": keys,
+        "default_role_key": _role_key_of(data.get("default_role")),
+        "creator_role_key": _role_key_of(data.get("creator_role")),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
+    }
+    try:
+        _check_storable(ROLE_SETS, values)
+    except UnstorableValueError as exc:
+        raise PayloadError(f"{exc} for a role set") from None
+    return values
+
+
 # --- what the database can hold: every row is checked against its table before it is written ---
 
 
@@ -733,7 +769,7 @@ def _check_storable(table: str, values: Mapping[str, Any]) -> None:
 
 _SCHEMAS: dict[str, tuple[_Column, ...]] = {
     name: _schema(name)
-    for name in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, PERMISSIONS, USERS, DOMAINS)
+    for name in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, PERMISSIONS, USERS, DOMAINS, ROLE_SETS)
 }
 
 _BUILDERS = {

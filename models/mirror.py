@@ -12,7 +12,8 @@ multiplicity or how they were split into batches:
   its data (the row keeps its newest data write, or is a stub versioned ``STUB_VERSION``
   until one arrives): the copies in a deleted user's tombstoned memberships, and the grants a
   deleted permission's key leaves, then derive from the same data in every order;
-* membership and invitation tombstones cascade from deleted organizations and users. The
+* membership and invitation tombstones cascade from deleted organizations and users, domain
+  tombstones from deleted organizations. The
   cascade runs set-based at the end of the batch for every organization and user the batch
   touched, so a membership arriving after its organization's deletion is tombstoned too;
 * the user and role data memberships embed are copies, derived at the end of the batch from
@@ -43,6 +44,7 @@ from models.events import (
     MEMBERSHIPS,
     ORGANIZATIONS,
     PERMISSIONS,
+    ROLE_SETS,
     ROLES,
     USERS,
     Event,
@@ -58,13 +60,15 @@ TABLES: dict[str, Table] = {
     PERMISSIONS: tables.Permission.__table__,  # type: ignore[dict-item]
     USERS: tables.User.__table__,  # type: ignore[dict-item]
     DOMAINS: tables.OrganizationDomain.__table__,  # type: ignore[dict-item]
+    ROLE_SETS: tables.RoleSet.__table__,  # type: ignore[dict-item]
 }
 # Objects whose ids Clerk never reuses: once deleted, deleted for good.
 STICKY = frozenset({ORGANIZATIONS, ROLES, PERMISSIONS, USERS, DOMAINS})
 # Upsert order is irrelevant to the result; organizations first keeps lock order stable.
 ORDER = (ORGANIZATIONS, USERS, ROLES, PERMISSIONS, MEMBERSHIPS, INVITATIONS, DOMAINS)
-# Deletions that never replace the data: copies derive from users, live grants from permission keys.
-KEEP_DATA = frozenset({USERS, PERMISSIONS})
+# Deletions that never replace the data: copies derive from users, live grants from permission
+# keys, and a domain's tombstone keeps its organization.
+KEEP_DATA = frozenset({USERS, PERMISSIONS, DOMAINS})
 # The version of a row known only from its deletion: every write of its data outranks it.
 STUB_VERSION = ""
 # The fields of ``public_user_data`` the user row decides; other keys stay as embedded.
@@ -389,7 +393,7 @@ def _cascade(session: Session, org_ids: set[str], user_ids: set[str], now_ms: in
     """Tombstone live memberships and invitations of the deleted organizations and users touched."""
     dead_orgs = _deleted_ids(session, TABLES[ORGANIZATIONS], org_ids)
     dead_users = _deleted_ids(session, TABLES[USERS], user_ids)
-    for name in (MEMBERSHIPS, INVITATIONS):
+    for name in (MEMBERSHIPS, INVITATIONS, DOMAINS):
         table = TABLES[name]
         for chunk in _chunks(dead_orgs):
             session.execute(
@@ -397,7 +401,7 @@ def _cascade(session: Session, org_ids: set[str], user_ids: set[str], now_ms: in
                 .where(table.c.organization_id.in_(chunk), table.c.deleted.is_(False))
                 .values(deleted=True, synced_at=now_ms)
             )
-        for chunk in _chunks(dead_users):
+        for chunk in _chunks(dead_users if name != DOMAINS else ()):
             session.execute(
                 update(table)
                 .where(table.c.user_id.in_(chunk), table.c.deleted.is_(False))

@@ -57,10 +57,12 @@ from models.events import (
     MEMBERSHIPS,
     ORGANIZATIONS,
     PERMISSIONS,
+    ROLE_SETS,
     ROLES,
     USERS,
     Event,
     event_writes,
+    role_set_values,
     storable_text,
 )
 from models.mirror import TABLES, Touched, apply_events, refresh_copies
@@ -69,7 +71,7 @@ from models.versions import row_version
 
 log = logging.getLogger(__name__)
 
-KINDS = (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, USERS, PERMISSIONS, DOMAINS)
+KINDS = (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, USERS, PERMISSIONS, DOMAINS, ROLE_SETS)
 ACTIONS = ("created", "updated", "tombstoned")
 SCOPE_INSTANCE = "instance"
 SCOPE_ORGANIZATION = "organization"
@@ -177,6 +179,13 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def listed_row(kind: str, item: Mapping[str, Any]) -> dict[str, Any]:
     """A listed object as a mirror row (every column but ``synced_at``); ``PayloadError`` if unusable."""
+    if kind == ROLE_SETS:
+        values = role_set_values(item)
+        values["version"] = listing_version(
+            kind, created_at=values["created_at"], updated_at=values["updated_at"]
+        )
+        values["deleted"] = False
+        return values
     data = dict(item)
     if kind == MEMBERSHIPS:
         # The organization is listed (and written) on its own: skip the snapshot's row here.
@@ -464,6 +473,19 @@ def tombstone_objects(
 ) -> Drift:
     """Organizations, roles, users, permissions or domains Clerk confirmed gone: deleted for
     good, with the webhook cascade."""
+    if kind == ROLE_SETS:
+        # No webhook deletes a role set: the tombstone is written here, versioned as a deletion.
+        lock_mirror_writes(session)
+        table = TABLES[kind]
+        result = session.execute(
+            update(table)
+            .where(table.c.id.in_(list(ids)), table.c.deleted.is_(False), table.c.synced_at < listed_since_ms)
+            .values(deleted=True, synced_at=now_ms),
+            execution_options={"synchronize_session": False},
+        )
+        drift = Drift()
+        drift.add(kind, "tombstoned", cast(Any, result).rowcount or 0)
+        return drift
     if kind not in STICKY:
         raise ValueError(f"tombstone_objects takes {', '.join(sorted(STICKY))}, not {kind}")
     lock_mirror_writes(session)

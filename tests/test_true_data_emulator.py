@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from test_emulator_api import raw, start
 
 from emulator import Emulator
 from models.db import make_session_factory, session_scope
-from models.events import USERS, Event, parse_event
+from models.events import ROLE_SETS, USERS, Event, parse_event
 from models.mirror import apply_events
 from models.reconcile import absent_rows, tombstone_objects, write_listing
-from models.tables import Membership, User
+from models.tables import Invitation, Membership, OrganizationDomain, RoleSet, User
 
 NOW = 1_800_000_000_000
 
@@ -34,8 +35,6 @@ class Recorder:
         return [event_type for event_type, _, _ in self.events]
 
     def parsed(self) -> list[Event]:
-        import json
-
         return [
             parse_event(
                 f"msg_{i}",
@@ -169,3 +168,85 @@ def test_reconciliation_repairs_a_stale_copy_and_a_missed_user_deletion(
         gone = session.get(User, jane)
         assert gone is not None and gone.deleted
     assert member(engine, org_id, jane).deleted
+
+
+def test_domains_enroll_new_users_with_invitations_no_command_asked_for(
+    emu: Emulator, world: tuple[Recorder, str, str], engine: Engine
+) -> None:
+    recorder, org_id, _ = world
+    status, _, created = raw(
+        emu,
+        "POST",
+        f"/v1/organizations/{org_id}/domains",
+        {"name": "Acme.com", "enrollment_mode": "automatic_invitation"},
+    )
+    assert (status, created["name"], created["enrollment_mode"]) == (200, "acme.com", "automatic_invitation")
+    status, _, refused = raw(emu, "POST", f"/v1/organizations/{org_id}/domains", {"name": "acme.com"})
+    assert (status, refused["errors"][0]["code"]) == (422, "form_identifier_exists")
+    status, _, refused = raw(
+        emu, "POST", f"/v1/organizations/{org_id}/domains", {"name": "x", "enrollment_mode": "any"}
+    )
+    assert status == 422
+
+    before = len(recorder.events)
+    emu.state.create_user(email_address="new@acme.com")
+    emu.state.create_user(email_address="someone@elsewhere.io")
+    assert recorder.types()[before:] == ["user.created", "organizationInvitation.created", "user.created"]
+    assert recorder.events[before + 1][1]["email_address"] == "new@acme.com"
+
+    status, _, updated = raw(
+        emu,
+        "PATCH",
+        f"/v1/organizations/{org_id}/domains/{created['id']}",
+        {"enrollment_mode": "manual_invitation"},
+    )
+    assert (status, updated["enrollment_mode"], updated["total_pending_invitations"]) == (
+        200,
+        "manual_invitation",
+        1,
+    )
+    status, _, listed = raw(emu, "GET", "/v1/organization_domains")
+    assert (status, [d["id"] for d in listed["data"]], listed["total_count"]) == (200, [created["id"]], 1)
+
+    apply(engine, recorder.parsed())
+    with Session(engine) as session:
+        stored = session.get(OrganizationDomain, created["id"])
+        assert stored is not None
+        assert (stored.organization_id, stored.enrollment_mode, stored.deleted) == (
+            org_id,
+            "manual_invitation",
+            False,
+        )
+        invited = session.scalars(select(Invitation).where(Invitation.email_address == "new@acme.com")).all()
+        assert [i.status for i in invited] == ["pending"]
+
+    status, _, _ = raw(emu, "DELETE", f"/v1/organizations/{org_id}/domains/{created['id']}")
+    assert status == 200
+    assert recorder.types()[-1] == "organizationDomain.deleted"
+    apply(engine, recorder.parsed()[-1:])
+    with Session(engine) as session:
+        gone = session.get(OrganizationDomain, created["id"])
+        assert gone is not None and gone.deleted and gone.organization_id == org_id
+
+
+def test_role_sets_are_listed_and_reconciled(
+    emu: Emulator, world: tuple[Recorder, str, str], engine: Engine
+) -> None:
+    status, _, listed = raw(emu, "GET", "/v1/role_sets")
+    assert status == 200 and listed["total_count"] == 1
+    role_set = listed["data"][0]
+    assert role_set["key"] == "role_set:default"
+    assert {"org:admin", "org:member", "org:editor"} <= {r["key"] for r in role_set["roles"]}
+    with session_scope(make_session_factory(engine)) as session:
+        drift = write_listing(session, ROLE_SETS, listed["data"], now_ms=NOW)
+        again = write_listing(session, ROLE_SETS, listed["data"], now_ms=NOW + 1)
+    assert (drift.counts[ROLE_SETS]["created"], again.total) == (1, 0)
+    with Session(engine) as session:
+        stored = session.get(RoleSet, role_set["id"])
+        assert stored is not None
+        assert (stored.key, stored.default_role_key, stored.creator_role_key) == (
+            "role_set:default",
+            "org:member",
+            "org:admin",
+        )
+        assert stored.role_keys is not None and "org:editor" in stored.role_keys

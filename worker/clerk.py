@@ -676,12 +676,14 @@ class ClerkClient:
         params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
         return _page(self._get_json("/organization_permissions", params, purpose, page=True))
 
-    def list_role_sets(self, *, limit: int = 100, offset: int = 0, purpose: str = "read") -> ApiPage:
-        params: Params = {"limit": limit, "offset": offset}
+    def list_role_sets(
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
+    ) -> ApiPage:
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
         return _page(self._get_json("/role_sets", params, purpose, page=True))
 
     def list_organization_domains(
-        self, *, limit: int = 100, offset: int = 0, purpose: str = "read"
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
     ) -> ApiPage:
-        params: Params = {"limit": limit, "offset": offset}
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
         return _page(self._get_json("/organization_domains", params, purpose, page=True))

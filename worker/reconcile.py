@@ -1,9 +1,10 @@
 """Reconciliation against the Backend API: list everything, write what is newer, re-check what is missing.
 
-A run lists users, permissions and roles, then organizations page by page (``+created_at``, 500 a page); each
-organization's memberships and invitations (every status: one call for any organization with
-fewer than 500, and accepted or revoked ones are repaired without a GET each) are fetched by a
-few threads while this thread writes finished organizations in batches, in listing order.
+A run lists users, permissions, roles, role sets and domains, then organizations page by page
+(``+created_at``, 500 a page); each organization's memberships and invitations (every status:
+one call for any organization with fewer than 500, and accepted or revoked ones are repaired
+without a GET each) are fetched by a few threads while this thread writes finished
+organizations in batches, in listing order.
 Versions (``models.reconcile``) make every write newer-only, so webhooks applied meanwhile are
 never overwritten by an older listing. Rows missing from a complete listing are re-checked
 (memberships a hundred users per filtered list, invitations with a GET each) and tombstoned
@@ -38,7 +39,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.clock import now_ms
 from models.db import session_scope
 from models.errors import ConfigError, OrganizationNotFoundError, RetryableError
-from models.events import INVITATIONS, MEMBERSHIPS, ORGANIZATIONS, PERMISSIONS, ROLES, USERS
+from models.events import (
+    DOMAINS,
+    INVITATIONS,
+    MEMBERSHIPS,
+    ORGANIZATIONS,
+    PERMISSIONS,
+    ROLE_SETS,
+    ROLES,
+    USERS,
+)
 from models.reconcile import (
     SCOPE_INSTANCE,
     SCOPE_ORGANIZATION,
@@ -414,6 +424,9 @@ class Reconciler:
                 self._sync_listed(USERS, self._client.list_users)
                 self._sync_listed(PERMISSIONS, self._client.list_permissions)
                 self._sync_roles()
+                # Who may join and with which roles: role sets and domain enrollment.
+                self._sync_listed(ROLE_SETS, self._client.list_role_sets)
+                self._sync_listed(DOMAINS, self._client.list_organization_domains)
                 self._sync_organizations()
             self._phase = "done"
         except (SyncInterruptedError, RetryableError, KeyboardInterrupt) as exc:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import truncate_all
-from helpers import new_msg_id
+from helpers import new_msg_id, signed_headers
 from histories import (
     T0,
     deleted_stub,
@@ -26,9 +28,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from models.db import make_session_factory, session_scope
+from models.errors import ConfigError
 from models.events import Event
 from models.inbox import store_delivery
 from models.mirror import apply_events
+from models.settings import Settings
 from models.tables import (
     InboxEvent,
     InboxStatus,
@@ -38,6 +42,7 @@ from models.tables import (
     OrganizationDomain,
     User,
 )
+from webhooks.app import create_app, get_state
 
 NOW = 1_800_000_000_000
 ORG = organization_data("org_1", slug="acme", name="Acme")
@@ -323,3 +328,40 @@ def test_user_and_role_changes_in_any_order_converge(
     stored = get(engine, Membership, "org_1", "user_1")
     assert stored.public_user_data["first_name"] == expected["first_name"]
     assert (stored.role_name, stored.permissions) == (expected["role_name"], expected["permissions"])
+
+
+def test_clerk_instance_id_setting(tmp_path: Path) -> None:
+    assert Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)}).clerk_instance_id is None
+    found = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path), "CLERK_INSTANCE_ID": " ins_prod "})
+    assert found.clerk_instance_id == "ins_prod"
+    with pytest.raises(ConfigError, match="CLERK_INSTANCE_ID must start with 'ins_'"):
+        Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path), "CLERK_INSTANCE_ID": "prod"})
+
+
+def test_the_intake_acknowledges_another_instance_and_never_applies_it(
+    tmp_path: Path, sqlite_url: str, sqlite_engine: Engine, signing_secret: str
+) -> None:
+    settings = Settings(
+        database_url=sqlite_url,
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        data_dir=tmp_path,
+        webhook_secrets=(signing_secret,),
+        clerk_instance_id="ins_prod",
+    )
+    sent: list[list[int]] = []
+    app = create_app(settings, engine=sqlite_engine, send=sent.append, broker_check=lambda: None)
+    try:
+        body = envelope("ins_dev")
+        response = app.test_client().post(
+            "/webhooks/clerk", data=body, headers=signed_headers(signing_secret, body)
+        )
+    finally:
+        get_state(app).close()
+    assert response.status_code == 200, response.get_data(as_text=True)
+    payload = response.get_json()
+    assert payload["status"] == InboxStatus.REJECTED and "wrong_instance" in payload["reason"]
+    assert sent == []
+    with Session(sqlite_engine) as session:
+        (row,) = session.scalars(select(InboxEvent))
+        assert (row.status, row.instance_id) == (InboxStatus.REJECTED, "ins_dev")
+        assert session.get(User, "user_1") is None

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,13 +15,25 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import RetryableError
 
+log = logging.getLogger(__name__)
+
 # Any number works; it only has to be the same in every process that applies events.
 APPLY_LOCK_KEY = 0x6F7267_73796E63
+# Bounds for every PostgreSQL connection, whatever the process. A statement may legitimately
+# run long in the worker (a big batch, a wait on the mirror lock), so only processes that pass
+# ``timeout`` get a statement timeout; these only turn a dead peer into an error.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# Data the server never acknowledges, and an idle connection whose keepalive probes go
+# unanswered (30 s idle, then 3 probes 10 s apart), end the connection instead of a hang.
+DEFAULT_TCP_USER_TIMEOUT_S = 30.0
+_CUT = "orgsync_cut"
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 def is_sqlite(engine_or_url: Engine | str) -> bool:
@@ -23,8 +41,16 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    """Create the process's engine; SQLite gets WAL, a busy timeout and immediate transactions."""
+def create_db_engine(url: str, *, timeout: float | None = None, **kwargs: Any) -> Engine:
+    """Create the process's engine; SQLite gets WAL, a busy timeout and immediate transactions.
+
+    PostgreSQL connections always get a connect timeout and TCP keepalives. ``timeout`` (seconds,
+    for processes that answer requests) also bounds the wait for a pooled connection, each
+    statement on the server, and how long a connection may be held at all: past that its
+    socket is shut down, so that a server that accepted the connection but never answers (a
+    stuck proxy) fails the caller with ``OperationalError`` instead of hanging it. ``timeout``
+    does not apply to SQLite, whose busy timeout already bounds waiting for the one writer.
+    """
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -52,9 +78,124 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     # No pre-ping: it costs a round trip per checkout on the hot intake path. A connection that
     # went stale fails its statement, is invalidated, and the caller retries (503 or task retry).
     kwargs.setdefault("pool_recycle", 1800)
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    if "poolclass" not in kwargs:
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 20)
+    bounds: dict[str, Any] = {
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        "connect_timeout": max(2, math.ceil(timeout if timeout is not None else DEFAULT_CONNECT_TIMEOUT_S)),
+        "tcp_user_timeout": int((timeout if timeout is not None else DEFAULT_TCP_USER_TIMEOUT_S) * 1000),
+        **_KEEPALIVES,
+    }
+    if timeout is not None:
+        # Added to any options the URL carries, which connect_args would otherwise replace.
+        given = make_url(url).query.get("options")
+        options = f"-c statement_timeout={int(timeout * 1000)}"
+        bounds["options"] = f"{given} {options}" if isinstance(given, str) else options
+        kwargs.setdefault("pool_timeout", timeout)
+    kwargs["connect_args"] = {**bounds, **kwargs.get("connect_args", {})}
+    engine = create_engine(url, **kwargs)
+    if timeout is not None:
+        _hold_at_most(engine, timeout)
+    return engine
+
+
+def _hold_at_most(engine: Engine, seconds: float) -> None:
+    """Shut down the socket of any connection checked out for longer than ``seconds``.
+
+    statement_timeout is enforced by the server, so it cannot help when the server never got
+    the statement (a proxy that accepts and then forwards nothing); libpq waits for an answer
+    forever then. Shutting the socket down wakes the waiting thread with a connection error,
+    and the pool discards the connection.
+    """
+    watchdog = _Watchdog(seconds)
+    held: dict[int, int] = {}
+
+    @event.listens_for(engine, "checkout")
+    def _arm(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop(_CUT, False):
+            # Cut while held, by a holder that then saw no error (it had nothing left to send):
+            # the pool discards it and checks out another.
+            raise DisconnectionError("connection was cut after outliving its deadline")
+        held[id(record)] = watchdog.arm(dbapi_connection)
+
+    @event.listens_for(engine, "checkin")
+    def _disarm(_dbapi_connection: Any, record: Any) -> None:
+        token = held.pop(id(record), None)
+        if token is not None and not watchdog.disarm(token):
+            record.info[_CUT] = True
+
+
+class _Watchdog:
+    """One thread per engine that cuts connections held past their deadline.
+
+    Every deadline is "now + seconds", so they expire in the order they were armed and the
+    thread only ever waits for the oldest one.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._condition = threading.Condition()
+        self._armed: dict[int, tuple[float, Any]] = {}
+        self._next_token = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, dbapi_connection: Any) -> int:
+        with self._condition:
+            if self._thread is None or not self._thread.is_alive():
+                # Started on first use, so in the process that uses the engine (after any fork).
+                self._thread = threading.Thread(target=self._run, name="orgsync-db-deadline", daemon=True)
+                self._thread.start()
+            self._next_token += 1
+            token = self._next_token
+            if not self._armed:
+                self._condition.notify()
+            self._armed[token] = (time.monotonic() + self.seconds, dbapi_connection)
+            return token
+
+    def disarm(self, token: int) -> bool:
+        """False when it is too late: the connection was cut."""
+        with self._condition:
+            return self._armed.pop(token, None) is not None
+
+    def _run(self) -> None:
+        with self._condition:
+            while True:
+                if not self._armed:
+                    self._condition.wait()
+                    continue
+                token, (deadline, dbapi_connection) = next(iter(self._armed.items()))
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._condition.wait(remaining)
+                    continue
+                del self._armed[token]
+                # Under the lock: the connection cannot be checked in (and reused) meanwhile.
+                if _cut(dbapi_connection):
+                    log.warning("a database connection was held over %.1f s: cut", self.seconds)
+
+
+def _cut(dbapi_connection: Any) -> bool:
+    """Shut the connection's socket down; a closed connection has no socket left to cut."""
+    if getattr(dbapi_connection, "closed", True):
+        return False
+    try:
+        # A duplicate descriptor: shutdown acts on the socket both share, and closing the
+        # duplicate leaves libpq's own descriptor for libpq to close.
+        duplicate = os.dup(dbapi_connection.fileno())
+    except Exception:
+        return False
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return False
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+    return True
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -78,8 +219,8 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True for failures worth retrying: unreachable server, dropped connection, lock timeout."""
-    if isinstance(exc, OperationalError):
+    """True for failures worth retrying: unreachable server, dropped connection, lock or pool timeout."""
+    if isinstance(exc, OperationalError | PoolTimeoutError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
@@ -103,3 +244,5 @@ def ping(engine: Engine) -> None:
             connection.execute(text("SELECT 1"))
     except DBAPIError as exc:
         raise RetryableError(f"database unavailable: {type(exc.orig).__name__}") from exc
+    except PoolTimeoutError as exc:
+        raise RetryableError("database unavailable: no connection free in time") from exc

@@ -207,6 +207,7 @@ class Settings:
     enforce_max_reversals: int = 3
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
+    db_timeout: float = 5.0
     # The Clerk instance (``ins_...``) whose deliveries this mirror applies; None accepts any.
     clerk_instance_id: str | None = None
 
@@ -278,5 +279,8 @@ class Settings:
             # Reconciliation's cap on the instance budget: the rest is always left to commands.
             reconcile_share=_fraction(env, "ORGSYNC_RECONCILE_SHARE", 0.5),
             reconcile_interval=_seconds_or_off(env, "ORGSYNC_RECONCILE_INTERVAL"),
+            # The web process's bound on the database: Svix gives up on a delivery after
+            # about 15 s, so a 503 with Retry-After must come well before.
+            db_timeout=_float(env, "ORGSYNC_DB_TIMEOUT", 5.0),
             clerk_instance_id=instance_id,
         )

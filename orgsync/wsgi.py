@@ -26,7 +26,7 @@ def build_web_app(settings: Settings) -> Flask:
     from webhooks import create_app  # noqa: PLC0415  (Flask loads only in web processes)
     from worker.app import check_broker, create_celery, make_sender  # noqa: PLC0415
 
-    engine = create_db_engine(settings.database_url)
+    engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)
     celery = create_celery(settings)
 
     def broker_check() -> None:

@@ -2,6 +2,8 @@
 
 Integration fixtures skip with the reason when a server cannot be reached, and fail the run
 instead under ``CI=true``: CI has these servers, so a skip there would hide a broken setup.
+Property tests run the ``ci`` Hypothesis profile there (five times the examples), ``dev`` elsewhere;
+``HYPOTHESIS_PROFILE`` picks one explicitly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import NoReturn
 import psycopg
 import pytest
 import redis
+from hypothesis import settings
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +31,22 @@ PG_ADMIN_DSN = os.environ.get(
 )
 PG_HOST_URL = os.environ.get("ORGSYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_HOST_URL = os.environ.get("ORGSYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+# Local runs keep Hypothesis' default count; CI, with time to spare, searches five times deeper.
+settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
+)
+
+
+def examples(base: int) -> int:
+    """``base`` examples under the dev profile, scaled like the loaded profile's ``max_examples``.
+
+    A test that sets ``max_examples`` itself overrides the profile, so it states its count through this.
+    """
+    return max(1, base * settings().max_examples // 100)
+
 
 # A fixed example secret for tests, in the format Clerk hands out.
 TEST_SIGNING_SECRET = "whsec_dGVzdC1zaWduaW5nLXNlY3JldC1mb3Itb3Jnc3luYw=="

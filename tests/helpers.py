@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from svix.webhooks import Webhook
+
+T = TypeVar("T")
+
+
+def wait_until(what: str, probe: Callable[[], T | None], bound: float = 60.0) -> T:
+    """Poll ``probe`` until it returns a value; ``bound`` only turns a hang into a failure."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {bound:.0f} s")
+        time.sleep(0.05)
 
 
 def new_msg_id() -> str:
@@ -46,3 +62,13 @@ def envelope(event_type: str, data: dict[str, Any], timestamp_ms: int) -> str:
             "instance_id": "ins_test",
         }
     )
+
+
+def assert_no_secrets(text: str, *secrets: str) -> None:
+    """None of ``secrets`` in ``text``, nor a ``whsec_`` secret's base64 body; names the line, masked."""
+    for secret in secrets:
+        for form in {secret, secret.removeprefix("whsec_")}:
+            for number, line in enumerate(text.splitlines(), 1):
+                if form in line:
+                    shown = line.replace(form, "<SECRET>")
+                    raise AssertionError(f"a secret ({secret[:8]}...) leaked, line {number}: {shown[:300]}")

@@ -251,8 +251,31 @@ class _Invite:
     email: str
     created_at: int
     updated_at: int
+    expires_at: int
     status: str = "pending"
     user_id: str | None = None
+
+
+@dataclass
+class _User:
+    email: str
+    first_name: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass
+class _Role:
+    key: str
+    name: str
+    permissions: list[str]
+    created_at: int
+    updated_at: int
+
+
+# Invitations either lapse within the history (a few steps) or outlive it, so both show when compared.
+SHORT_EXPIRY_MS = (5, 150)
+LONG_EXPIRY_MS = 7 * 86_400_000
 
 
 @dataclass
@@ -264,10 +287,14 @@ class ClerkSimulator:
     events: list[Event] = field(default_factory=list)
     users: set[str] = field(default_factory=set)
     deleted_users: set[str] = field(default_factory=set)
+    profiles: dict[str, _User] = field(default_factory=dict)
     orgs: dict[str, _Org] = field(default_factory=dict)
     members: dict[tuple[str, str], _Member] = field(default_factory=dict)
     invites: dict[str, _Invite] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
+    role_details: dict[str, _Role] = field(default_factory=dict)
+    deleted_orgs: dict[str, _Org] = field(default_factory=dict)
+    deleted_roles: dict[str, str] = field(default_factory=dict)
     serial: int = 0
     seconds: bool = False
 
@@ -297,7 +324,7 @@ class ClerkSimulator:
         )
 
     def _member_payload(self, org_id: str, user_id: str, member: _Member) -> dict[str, Any]:
-        return membership_data(
+        data = membership_data(
             member.id,
             self._org_payload(self.orgs[org_id]),
             user_id,
@@ -305,26 +332,48 @@ class ClerkSimulator:
             created_at=member.created_at,
             updated_at=member.updated_at,
         )
+        profile = self.profiles.get(user_id)
+        if profile is not None:
+            # Clerk embeds the user's public data as it is when the membership event fires.
+            data["public_user_data"] = user_public_data(
+                user_id, first_name=profile.first_name, identifier=profile.email
+            )
+        return data
+
+    def _user_payload(self, user_id: str) -> dict[str, Any]:
+        profile = self.profiles[user_id]
+        return user_data(
+            user_id,
+            first_name=profile.first_name,
+            created_at=profile.created_at,
+            updated_at=profile.updated_at,
+            emails=[profile.email],
+        )
 
     # --- actions: each returns without emitting when it does not apply ---
 
-    def create_user(self) -> None:
+    def create_user(self, email: str | None = None) -> str:
         user_id = self._next("user")
         now = self._tick()
         self.users.add(user_id)
-        self._emit("user.created", user_data(user_id, created_at=now))
+        self.profiles[user_id] = _User(email or f"{user_id}@example.com", "John", now, now)
+        self._emit("user.created", self._user_payload(user_id))
+        return user_id
 
     def update_user(self) -> None:
         if self.users:
             user_id = self.rng.choice(sorted(self.users))
-            now = self._tick()
-            data = user_data(user_id, first_name=f"Name{now}", created_at=T0, updated_at=now)
-            self._emit("user.updated", data)
+            profile = self.profiles[user_id]
+            profile.updated_at = self._tick()
+            profile.first_name = f"Name{profile.updated_at}"
+            if self.rng.random() < 0.3:
+                profile.email = f"{user_id}.{profile.updated_at}@example.com"
+            self._emit("user.updated", self._user_payload(user_id))
 
-    def delete_user(self) -> None:
+    def delete_user(self, user_id: str | None = None) -> None:
         if not self.users:
             return
-        user_id = self.rng.choice(sorted(self.users))
+        user_id = user_id or self.rng.choice(sorted(self.users))
         self.users.discard(user_id)
         self.deleted_users.add(user_id)
         gone = [key for key in self.members if key[1] == user_id]
@@ -339,18 +388,31 @@ class ClerkSimulator:
             if invite.user_id == user_id:
                 invite.status = "gone"
 
-    def create_org(self) -> None:
+    def recreate_user(self) -> None:
+        """A deleted person signs up again: a new user id with the old email, in one former organization."""
         if not self.users:
             return
+        old_id = self.rng.choice(sorted(self.users))
+        email = self.profiles[old_id].email
+        orgs = sorted(org_id for org_id, user_id in self.members if user_id == old_id)
+        self.delete_user(old_id)
+        user_id = self.create_user(email)
+        if orgs:
+            self._join(self.rng.choice(orgs), user_id, self.rng.choice(["org:member", "org:admin"]))
+
+    def create_org(self, name: str | None = None, slug: str | None = None) -> str | None:
+        if not self.users:
+            return None
         creator = self.rng.choice(sorted(self.users))
         org_id = self._next("org")
         now = self._tick()
-        org = _Org(org_id, f"Org {org_id}", org_id.replace("_", "-"), now, now)
+        org = _Org(org_id, name or f"Org {org_id}", slug or org_id.replace("_", "-"), now, now)
         self.orgs[org_id] = org
         self._emit("organization.created", self._org_payload(org))
         member = _Member(self._next("orgmem"), "org:admin", now, now)
         self.members[(org_id, creator)] = member
         self._emit("organizationMembership.created", self._member_payload(org_id, creator, member))
+        return org_id
 
     def update_org(self) -> None:
         if self.orgs:
@@ -359,10 +421,10 @@ class ClerkSimulator:
             org.name = f"Renamed {org.updated_at}"
             self._emit("organization.updated", self._org_payload(org))
 
-    def delete_org(self) -> None:
+    def delete_org(self, org_id: str | None = None) -> None:
         if not self.orgs:
             return
-        org_id = self.rng.choice(sorted(self.orgs))
+        org_id = org_id or self.rng.choice(sorted(self.orgs))
         org = self.orgs[org_id]
         announce = self.rng.random() < 0.5
         gone = [key for key in self.members if key[0] == org_id]
@@ -371,11 +433,30 @@ class ClerkSimulator:
             if announce:
                 self._emit("organizationMembership.deleted", self._member_payload(org_id, key[1], member))
             del self.members[key]
-        del self.orgs[org_id]
+        self.deleted_orgs[org_id] = self.orgs.pop(org_id)
         self._emit("organization.deleted", deleted_stub("organization", org_id, slug=org.slug))
         for invite in self.invites.values():
             if invite.org_id == org_id:
                 invite.status = "gone"
+
+    def recreate_org(self) -> None:
+        """An organization deleted and set up again under its old name and slug (new id); members rejoin."""
+        if not self.orgs:
+            return
+        old_id = self.rng.choice(sorted(self.orgs))
+        old = self.orgs[old_id]
+        former = sorted(user_id for org_id, user_id in self.members if org_id == old_id)
+        self.delete_org(old_id)
+        org_id = self.create_org(old.name, old.slug)
+        for user_id in former:
+            if org_id is not None and (org_id, user_id) not in self.members and self.rng.random() < 0.7:
+                self._join(org_id, user_id, self.rng.choice(["org:member", "org:admin"]))
+
+    def _join(self, org_id: str, user_id: str, role: str) -> None:
+        now = self._tick()
+        member = _Member(self._next("orgmem"), role, now, now)
+        self.members[(org_id, user_id)] = member
+        self._emit("organizationMembership.created", self._member_payload(org_id, user_id, member))
 
     def add_member(self) -> None:
         if not self.orgs or not self.users:
@@ -384,12 +465,17 @@ class ClerkSimulator:
         user_id = self.rng.choice(sorted(self.users))
         if (org_id, user_id) in self.members:
             return
-        now = self._tick()
-        member = _Member(
-            self._next("orgmem"), self.rng.choice(["org:member", "basic_member", "org:admin"]), now, now
-        )
-        self.members[(org_id, user_id)] = member
-        self._emit("organizationMembership.created", self._member_payload(org_id, user_id, member))
+        self._join(org_id, user_id, self.rng.choice(["org:member", "basic_member", "org:admin"]))
+
+    def readd_member(self) -> None:
+        """Removed and added back: a new generation (new ``orgmem_`` id, later created_at) of one key."""
+        if self.members:
+            org_id, user_id = self.rng.choice(sorted(self.members))
+            self._emit(
+                "organizationMembership.deleted",
+                self._member_payload(org_id, user_id, self.members.pop((org_id, user_id))),
+            )
+            self._join(org_id, user_id, self.rng.choice(["org:member", "org:admin"]))
 
     def change_role(self) -> None:
         if self.members:
@@ -410,7 +496,10 @@ class ClerkSimulator:
         if self.orgs:
             org_id = self.rng.choice(sorted(self.orgs))
             now = self._tick()
-            invite = _Invite(self._next("orginv"), org_id, f"guest{self.serial}@example.com", now, now)
+            lifetime = self.rng.choice([self.rng.randint(*SHORT_EXPIRY_MS), LONG_EXPIRY_MS])
+            invite = _Invite(
+                self._next("orginv"), org_id, f"guest{self.serial}@example.com", now, now, now + lifetime
+            )
             self.invites[invite.id] = invite
             self._emit("organizationInvitation.created", self._invite_payload(invite))
 
@@ -423,11 +512,17 @@ class ClerkSimulator:
             status=status,
             created_at=invite.created_at,
             updated_at=invite.updated_at,
+            expires_at=invite.expires_at,
             user_id=invite.user_id,
         )
 
     def _pending(self) -> list[_Invite]:
-        return [invite for _id, invite in sorted(self.invites.items()) if invite.status == "pending"]
+        """Invitations that can still be accepted or revoked: Clerk refuses both once one expired."""
+        return [
+            invite
+            for _id, invite in sorted(self.invites.items())
+            if invite.status == "pending" and invite.expires_at > self.clock
+        ]
 
     def accept(self) -> None:
         pending = self._pending()
@@ -456,20 +551,51 @@ class ClerkSimulator:
             invite.status, invite.updated_at = "revoked", self._tick()
             self._emit("organizationInvitation.revoked", self._invite_payload(invite))
 
-    def create_role(self) -> None:
-        role_id = self._next("role")
-        key = f"org:custom{self.serial}"
-        self.roles[role_id] = key
-        self._emit("role.created", role_data(role_id, key, created_at=self._tick()))
+    def _role_payload(self, role_id: str) -> dict[str, Any]:
+        role = self.role_details[role_id]
+        return role_data(
+            role_id,
+            role.key,
+            name=role.name,
+            permissions=role.permissions,
+            created_at=role.created_at,
+            updated_at=role.updated_at,
+        )
 
-    def delete_role(self) -> None:
+    def create_role(self, key: str | None = None) -> None:
+        role_id = self._next("role")
+        key = key or f"org:custom{self.serial}"
+        now = self._tick()
+        self.roles[role_id] = key
+        self.role_details[role_id] = _Role(key, "Editor", ["org:posts:edit"], now, now)
+        self._emit("role.created", self._role_payload(role_id))
+
+    def update_role(self) -> None:
         if self.roles:
             role_id = self.rng.choice(sorted(self.roles))
+            role = self.role_details[role_id]
+            role.updated_at = self._tick()
+            role.name = f"Editor {role.updated_at}"
+            role.permissions = self.rng.sample(["org:posts:edit", "org:posts:read", "org:posts:delete"], 2)
+            self._emit("role.updated", self._role_payload(role_id))
+
+    def delete_role(self, role_id: str | None = None) -> None:
+        if self.roles:
+            role_id = role_id or self.rng.choice(sorted(self.roles))
             key = self.roles.pop(role_id)
+            self.deleted_roles[role_id] = key
             if self.rng.random() < 0.5:
                 self._emit("role.deleted", deleted_stub("role", role_id, slug=None))
             else:
-                self._emit("role.deleted", {**role_data(role_id, key), "deleted": True})
+                self._emit("role.deleted", {**self._role_payload(role_id), "deleted": True})
+
+    def recreate_role(self) -> None:
+        """A role deleted and defined again: its key comes back under a new id."""
+        if self.roles:
+            role_id = self.rng.choice(sorted(self.roles))
+            key = self.roles[role_id]
+            self.delete_role(role_id)
+            self.create_role(key)
 
     ACTIONS = (
         "create_user",
@@ -486,8 +612,13 @@ class ClerkSimulator:
         "revoke",
         "create_role",
         "delete_role",
+        "recreate_user",
+        "recreate_org",
+        "readd_member",
+        "update_role",
+        "recreate_role",
     )
-    WEIGHTS = (4, 1, 1, 3, 1, 1, 6, 4, 3, 3, 2, 1, 1, 1)
+    WEIGHTS = (4, 1, 1, 3, 1, 1, 6, 4, 3, 3, 2, 1, 1, 1, 1, 1, 2, 1, 1)
 
     def run(self, steps: int) -> list[Event]:
         for _ in range(steps):
@@ -499,8 +630,20 @@ class ClerkSimulator:
         legacy = {"basic_member": "org:member"}
         return {key: (m.id, legacy.get(m.role, m.role)) for key, m in self.members.items()}
 
-    def live_invitations(self) -> dict[str, str]:
-        return {i.id: i.status for i in self.invites.values() if i.status != "gone"}
+    def live_invitations(self, now_ms: int) -> dict[str, str]:
+        """Invitation id -> status as Clerk reports it at ``now_ms``: ``expired`` once past expiry."""
+        return {
+            i.id: "expired" if i.status == "pending" and i.expires_at <= now_ms else i.status
+            for i in self.invites.values()
+            if i.status != "gone"
+        }
+
+    def live_users(self) -> dict[str, tuple[str, str]]:
+        """User id -> (identifier, first name)."""
+        return {
+            user_id: (self.profiles[user_id].email, self.profiles[user_id].first_name)
+            for user_id in self.users
+        }
 
 
 def generate_history(seed: int, steps: int) -> ClerkSimulator:

@@ -32,6 +32,9 @@ T = TypeVar("T")
 START_BOUND_S = 90.0
 SETTLE_BOUND_S = 180.0
 STOP_BOUND_S = 30.0
+# pytest's own timeout for a test that runs processes: above a start, two settles and the stops
+# (90 + 2 * 180 + 3 * 30 = 540 s), so that a bounded wait above fails first, with the logs.
+TEST_BOUND_S = 600.0
 # The sweeper runs often in tests, so that a broker outage ends in seconds, not minutes.
 FAST_SWEEPS = {"ORGSYNC_SWEEP_INTERVAL": "0.5", "ORGSYNC_SWEEP_GRACE": "0.5"}
 
@@ -86,11 +89,26 @@ def request(
     *,
     timeout: float = 10.0,
 ) -> tuple[int, bytes]:
+    status, _, content = exchange(port, method, path, body, headers, timeout=timeout)
+    return status, content
+
+
+def exchange(
+    port: int,
+    method: str,
+    path: str,
+    body: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; the status, the response headers (names in lower case) and the body."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=dict(headers or {}))
         response = connection.getresponse()
-        return response.status, response.read()
+        content = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, content
     finally:
         connection.close()
 
@@ -130,8 +148,11 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_web(self, *, threads: int = 8) -> None:
-        """``orgsync serve`` (gunicorn, one gthread worker) on the loopback port; waits for /healthz."""
+    def start_web(self, *, threads: int = 8, env: Mapping[str, str] | None = None) -> None:
+        """``orgsync serve`` (gunicorn, one gthread worker) on the loopback port; waits for /healthz.
+
+        On ``env`` if given (another database URL, say), else the stack's.
+        """
         self.spawn(
             "web",
             "serve",
@@ -143,6 +164,7 @@ class Stack:
             "1",
             "--threads",
             str(threads),
+            env=env,
         )
 
         def healthy() -> bool | None:
@@ -163,12 +185,23 @@ class Stack:
         if beat:
             self.spawn("beat", "beat", env=env)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of process ``name``: it and every child at once, with no
+        chance to clean up. It is forgotten (its log stays), so that it can be started again."""
+        proc = next(p for p in reversed(self.procs) if p.name == name)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.process.pid, signal.SIGKILL)
+        proc.process.wait(timeout=STOP_BOUND_S)
+        self.procs.remove(proc)
+
     def check_alive(self) -> None:
         for proc in self.procs:
             if proc.process.poll() is not None:
                 pytest.fail(f"{proc.name} exited with {proc.process.returncode}:\n{self.output()}")
 
-    def wait_for(self, what: str, probe: Callable[[], T | None], bound: float = SETTLE_BOUND_S) -> T:
+    def wait_for(
+        self, what: str, probe: Callable[[], T | None], bound: float = SETTLE_BOUND_S, *, every: float = 0.2
+    ) -> T:
         """Poll ``probe`` until it returns a value; fail with every process's output if a process
         dies or ``bound`` seconds pass."""
         deadline = time.monotonic() + bound
@@ -179,7 +212,7 @@ class Stack:
                 return value
             if time.monotonic() > deadline:
                 pytest.fail(f"gave up waiting for {what} after {bound:.0f} s:\n{self.output()}")
-            time.sleep(0.2)
+            time.sleep(every)
 
     def output(self, lines: int = 40) -> str:
         return "\n".join(f"--- {p.name} ({p.log_path})\n{log_tail(p.log_path, lines)}" for p in self.procs)

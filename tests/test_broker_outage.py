@@ -15,6 +15,7 @@ from helpers import envelope
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from stack import START_BOUND_S, TEST_BOUND_S
 from test_worker_e2e import T0, membership_body, running_worker, statuses, store, wait_for, worker_env
 
 from models.db import make_session_factory, session_scope
@@ -23,7 +24,7 @@ from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus, Membership
 from worker.app import QUEUE, check_broker, create_celery, make_sender
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 SWEEPING = {"ORGSYNC_SWEEP_INTERVAL": "0.5", "ORGSYNC_SWEEP_GRACE": "0.1"}
 
@@ -145,7 +146,8 @@ def start_redis(port: int) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-    for _ in range(200):
+    deadline = time.monotonic() + START_BOUND_S
+    while time.monotonic() < deadline:
         try:
             client.ping()
             return process

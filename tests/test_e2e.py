@@ -20,7 +20,7 @@ from conftest import free_port, truncate_all
 from helpers import envelope, new_msg_id
 from sqlalchemy import Engine, Table, func, select
 from sqlalchemy.orm import Session
-from stack import FAST_SWEEPS, Stack, hermetic_env, request, running_stack
+from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, request, running_stack
 
 from models import queries, tables
 from models.db import make_session_factory, session_scope
@@ -28,7 +28,7 @@ from models.events import parse_event
 from models.mirror import apply_events
 from models.tables import InboxEvent, InboxStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 ORG = "org_e2eAcme"
 SLUG = "e2e-acme"

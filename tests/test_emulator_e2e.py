@@ -20,7 +20,7 @@ import redis
 from conftest import truncate_all
 from mirror_compare import SHAPE, RowKey, as_mirrored, describe, differences, mirror_snapshot
 from sqlalchemy import Engine, select
-from stack import FAST_SWEEPS, Stack, hermetic_env, running_stack
+from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, running_stack
 
 from emulator import ChaosConfig, Emulator, EmulatorConfig
 from models.db import make_session_factory, session_scope
@@ -28,7 +28,7 @@ from models.events import event_writes, parse_event
 from models.mirror import apply_events
 from models.tables import InboxEvent, InboxStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 STEPS = 2500
 RATE = 500.0  # scenario steps per second: deliveries overlap with the activity producing them

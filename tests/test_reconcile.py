@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import truncate_all
+from conftest import examples, truncate_all
 from helpers import envelope
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -541,7 +541,7 @@ operations = st.lists(
 
 
 @settings(
-    max_examples=120,
+    max_examples=examples(120),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -21,6 +21,7 @@ from conftest import free_port
 from mirror_compare import SHAPE, RowKey, as_mirrored, describe, differences, mirror_snapshot
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from stack import TEST_BOUND_S
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from emulator import DEFAULT_SECRET_KEY, ChaosConfig, Emulator, EmulatorConfig
@@ -34,7 +35,7 @@ from worker.apply import apply_inbox
 from worker.clerk import ClerkClient
 from worker.reconcile import CountingLimiter, run_reconcile
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TEST_BOUND_S)]
 
 STEPS = 1500
 RATE = 500.0

@@ -19,14 +19,15 @@ import redis
 from clerk_backend_api import Clerk
 from clerk_backend_api.utils.retries import BackoffStrategy, RetryConfig
 from conftest import free_port, truncate_all
+from helpers import assert_no_secrets
 from sqlalchemy import Engine, select
-from stack import FAST_SWEEPS, Stack, hermetic_env, running_stack
+from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, running_stack
 
 from emulator import Emulator, EmulatorConfig
 from models.db import make_session_factory, session_scope
 from models.tables import ApiCall, Command, CommandStatus, Membership, RuleState
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 SECRET_KEY = "sk_test_rules_e2e"
 NO_RETRIES = RetryConfig("none", BackoffStrategy(1, 1, 1.0, 1), retry_connection_errors=False)
@@ -119,6 +120,8 @@ def world(
         log = RequestLog(emu)
         with emu:
             yield stack, emu, log
+    # Every rule action, reversal and refusal the processes logged: never the key or the signing secret.
+    assert_no_secrets(stack.output(lines=1_000_000), SECRET_KEY, signing_secret)
 
 
 def human(emu: Emulator) -> Clerk:
@@ -176,6 +179,13 @@ def test_on_join_enforce_with_reversal_stop_and_dry_run(
 
     [promotion] = stack.wait_for("the on_join command confirmed", lambda: confirmed("acme-admins", 1))
     assert (promotion.user_id, promotion.role, promotion.requested_by) == (alice, ADMIN, "rule:acme-admins")
+    # Only once bob's join is applied (the rules run right after its batch) does "not promoted" mean anything.
+    stack.wait_for(
+        "bob's membership mirrored",
+        lambda: (
+            rows(database, Membership, Membership.organization_id == acme, Membership.user_id == bob) or None
+        ),
+    )
     assert role_in_clerk(emu, acme, bob) == MEMBER
 
     # enforce: the lead must stay admin; a human keeps demoting them.
@@ -227,5 +237,8 @@ def test_on_join_enforce_with_reversal_stop_and_dry_run(
         ),
     )
     assert log.touching(f"/memberships/{carol}") == []
+    # Long after bob's join was applied, still nothing was planned or sent for him.
+    assert rows(database, Command, Command.user_id == bob) == []
+    assert role_in_clerk(emu, acme, bob) == MEMBER
     assert role_in_clerk(emu, sandbox, carol) == MEMBER
     assert rows(database, Command, Command.rule_name == "sandbox-admins")[0].status == CommandStatus.PLANNED

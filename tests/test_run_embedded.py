@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from conftest import TEST_SIGNING_SECRET, free_port
 from helpers import envelope, new_msg_id, signed_headers
-from stack import request
+from stack import TEST_BOUND_S, request
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on waiting for real processes; a test never asserts how fast anything is.
@@ -28,7 +28,7 @@ APPLY_BOUND_S = 60.0
 STOP_BOUND_S = 60.0
 T = TypeVar("T")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TEST_BOUND_S)]
 
 
 def wait_for(what: str, probe: Callable[[], T | None], bound: float, alive: Callable[[], None]) -> T:

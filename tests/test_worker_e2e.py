@@ -16,7 +16,7 @@ import redis
 from helpers import envelope, new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
-from stack import log_tail, stop_process
+from stack import TEST_BOUND_S, log_tail, stop_process
 
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
@@ -24,7 +24,7 @@ from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus, Membership
 from worker.app import create_celery, make_sender
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(TEST_BOUND_S)]
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000_000

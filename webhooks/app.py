@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from flask import Flask, Response, request
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from models.db import create_db_engine, ping
+from models.clock import now_ms
+from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
 from models.settings import Settings
@@ -114,7 +113,7 @@ def create_app(
     verifier = SignatureVerifier(settings.webhook_secrets)
     owns_engine = engine is None
     if engine is None:
-        engine = create_db_engine(settings.database_url)
+        engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)
     state = WebhookState(
         settings=settings,
         engine=engine,
@@ -160,11 +159,15 @@ def create_app(
                     connection,
                     svix_id=delivery.svix_id,
                     body=delivery.body,
-                    received_at=int(time.time() * 1000),
+                    received_at=now_ms(),
                     expected_instance=settings.clerk_instance_id,
                 )
-        except (RetryableError, OperationalError) as exc:
-            # Not acknowledged: Svix delivers it again later.
+        except Exception as exc:
+            if not (isinstance(exc, RetryableError) or is_connection_error(exc)):
+                raise
+            # Unreachable, dropped, timed out or no pooled connection free in time. Not
+            # acknowledged: Svix delivers it again later. The insert may have committed before
+            # the connection was lost; the redelivery then finds it and is answered "duplicate".
             logger.warning(
                 "webhook %s not stored, database unavailable: %s", delivery.svix_id, type(exc).__name__
             )

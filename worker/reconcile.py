@@ -64,6 +64,7 @@ from models.reconcile import (
     tombstone_rows,
     write_listing,
 )
+from models.redact import describe_error
 from models.settings import Settings
 from models.tables import Organization, SyncStatus
 from worker.clerk import PAGE_LIMIT, ApiPage, CallRecord, ClerkClient, ClerkRefusalError, ClerkTransientError
@@ -430,10 +431,10 @@ class Reconciler:
                 self._sync_organizations()
             self._phase = "done"
         except (SyncInterruptedError, RetryableError, KeyboardInterrupt) as exc:
-            status, error = SyncStatus.INTERRUPTED, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            status, error = SyncStatus.INTERRUPTED, describe_error(exc)[:MAX_ERROR_CHARS]
         except Exception as exc:
             log.exception("reconciliation run %d failed", self._run_id)
-            status, error = SyncStatus.FAILED, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            status, error = SyncStatus.FAILED, describe_error(exc)[:MAX_ERROR_CHARS]
         finally:
             self._abort.set()
         with self._session() as session:

@@ -140,7 +140,7 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
                 elif write.values["role"]:
                     copies.invitations.add(write.key[0])
     _cascade(session, touched_orgs, touched_users, now_ms)
-    refresh_copies(session, copies, now_ms=now_ms)
+    refresh_copies(session, copies)
 
 
 @dataclass
@@ -154,15 +154,19 @@ class Touched:
     invitations: set[str] = field(default_factory=set)  # invitation ids written
 
 
-def refresh_copies(session: Session, touched: Touched, *, now_ms: int) -> int:
+def refresh_copies(session: Session, touched: Touched) -> int:
     """Rewrite the user and role data memberships and invitations embed from the live rows;
-    returns how many memberships changed."""
-    changed = _refresh_user_copies(session, touched.users | touched.members, now_ms)
-    changed |= _refresh_role_copies(session, touched, now_ms)
+    returns how many memberships changed.
+
+    ``synced_at`` stays: it says when Clerk last showed the row, which reconciliation's
+    missed-delete check relies on, and a derived copy is no such evidence.
+    """
+    changed = _refresh_user_copies(session, touched.users | touched.members)
+    changed |= _refresh_role_copies(session, touched)
     return len(changed)
 
 
-def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> set[tuple[str, str]]:
+def _refresh_user_copies(session: Session, user_ids: set[str]) -> set[tuple[str, str]]:
     users = TABLES[USERS]
     members = TABLES[MEMBERSHIPS]
     changed: set[tuple[str, str]] = set()
@@ -198,7 +202,6 @@ def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> s
                         "k_user": row.user_id,
                         "identifier": user.identifier,
                         "public_user_data": data,
-                        "synced_at": now_ms,
                     }
                 )
         if changes:
@@ -210,7 +213,6 @@ def _refresh_user_copies(session: Session, user_ids: set[str], now_ms: int) -> s
                 .values(
                     identifier=bindparam("identifier"),
                     public_user_data=bindparam("public_user_data"),
-                    synced_at=bindparam("synced_at"),
                 ),
                 changes,
                 execution_options={"synchronize_session": False},
@@ -244,7 +246,7 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
     }
 
 
-def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> set[tuple[str, str]]:
+def _refresh_role_copies(session: Session, touched: Touched) -> set[tuple[str, str]]:
     members = TABLES[MEMBERSHIPS]
     if touched.all_roles:
         roles = _live_roles(session, None)
@@ -293,7 +295,6 @@ def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> set
                         "k_user": key[1],
                         "role_name": name,
                         "permissions": granted,
-                        "synced_at": now_ms,
                     }
                 )
     if changes:
@@ -303,17 +304,16 @@ def _refresh_role_copies(session: Session, touched: Touched, now_ms: int) -> set
             .values(
                 role_name=bindparam("role_name"),
                 permissions=bindparam("permissions"),
-                synced_at=bindparam("synced_at"),
             ),
             changes,
             execution_options={"synchronize_session": False},
         )
-    _refresh_invitation_roles(session, touched, roles, now_ms)
+    _refresh_invitation_roles(session, touched, roles)
     return {(change["k_org"], change["k_user"]) for change in changes}
 
 
 def _refresh_invitation_roles(
-    session: Session, touched: Touched, roles: dict[str, tuple[str | None, list[str] | None]], now_ms: int
+    session: Session, touched: Touched, roles: dict[str, tuple[str | None, list[str] | None]]
 ) -> None:
     invitations = TABLES[INVITATIONS]
     if touched.all_roles or touched.role_keys:
@@ -333,12 +333,12 @@ def _refresh_invitation_roles(
             seen.add(row.id)
             name = roles[row.role][0]
             if name != row.role_name:
-                changes.append({"k_id": row.id, "role_name": name, "synced_at": now_ms})
+                changes.append({"k_id": row.id, "role_name": name})
     if changes:
         session.execute(
             update(invitations)
             .where(invitations.c.id == bindparam("k_id"))
-            .values(role_name=bindparam("role_name"), synced_at=bindparam("synced_at")),
+            .values(role_name=bindparam("role_name")),
             changes,
             execution_options={"synchronize_session": False},
         )

@@ -331,7 +331,7 @@ def write_listing(session: Session, kind: str, items: Iterable[Mapping[str, Any]
         _upsert_newer(session, kind, writes)
     # By content, not only by version: a copy that no longer matches the user or role row it
     # derives from is rewritten even when nothing listed was newer.
-    drift.add(MEMBERSHIPS, "updated", refresh_copies(session, _touched(kind, best), now_ms=now_ms))
+    drift.add(MEMBERSHIPS, "updated", refresh_copies(session, _touched(kind, best)))
     return drift
 
 

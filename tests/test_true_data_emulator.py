@@ -14,7 +14,7 @@ from test_emulator_api import raw, start
 
 from emulator import Emulator
 from models.db import make_session_factory, session_scope
-from models.events import ROLE_SETS, USERS, Event, parse_event
+from models.events import PERMISSIONS, ROLE_SETS, USERS, Event, parse_event
 from models.mirror import apply_events
 from models.reconcile import absent_rows, tombstone_objects, write_listing
 from models.tables import Invitation, Membership, OrganizationDomain, RoleSet, User
@@ -250,3 +250,28 @@ def test_role_sets_are_listed_and_reconciled(
             "org:admin",
         )
         assert stored.role_keys is not None and "org:editor" in stored.role_keys
+
+
+def test_reconciliation_finds_a_missed_permission_deletion(
+    emu: Emulator, world: tuple[Recorder, str, str], engine: Engine
+) -> None:
+    recorder, org_id, user_id = world
+    apply(engine, recorder.parsed())
+    assert member(engine, org_id, user_id).permissions == ["org:posts:publish"]
+    publish = next(p for p in emu.state.snapshot()["permissions"] if p["key"] == "org:posts:publish")
+    emu.state.delete_permission(publish["id"])  # its webhook is lost
+
+    listing = emu.state.snapshot()["permissions"]
+    with session_scope(make_session_factory(engine)) as session:
+        drift = write_listing(session, PERMISSIONS, listing, now_ms=NOW + 1)
+        missing = absent_rows(
+            session, PERMISSIONS, seen={(p["id"],) for p in listing}, listed_since_ms=NOW + 1
+        )
+        drift.merge(
+            tombstone_objects(
+                session, PERMISSIONS, [m.key[0] for m in missing], listed_since_ms=NOW + 1, now_ms=NOW + 2
+            )
+        )
+    assert drift.counts[PERMISSIONS]["tombstoned"] == 1
+    # The role row still names the key (no role.updated came): the membership's grants drop it anyway.
+    assert member(engine, org_id, user_id).permissions == []

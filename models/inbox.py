@@ -21,6 +21,8 @@ KNOWN_EVENT_TYPES = MIRRORED_EVENT_TYPES
 _TABLE = InboxEvent.__table__
 _TYPE_LENGTH = 128  # inbox_events.event_type is String(128)
 _INSTANCE_LENGTH = 128  # inbox_events.instance_id is String(128)
+# The reason's prefix on a delivery from an instance other than CLERK_INSTANCE_ID.
+WRONG_INSTANCE = "wrong_instance:"
 _SVIX_ID_LENGTH = 128
 
 
@@ -77,7 +79,7 @@ def _classify(body: str, expected_instance: str | None = None) -> _Classified:
         return _Classified(
             InboxStatus.REJECTED,
             event_type,
-            f"wrong_instance: sent by {instance_id or 'an unnamed instance'!s}, "
+            f"{WRONG_INSTANCE} sent by {instance_id or 'an unnamed instance'!s}, "
             f"this mirror follows {expected_instance}",
             instance_id,
         )
@@ -190,10 +192,16 @@ def reset_for_replay(session: Session, refs: Sequence[str]) -> list[int]:
         return []
     numeric = [int(ref) for ref in wanted if ref.isdigit()]
     rows = session.execute(
-        select(InboxEvent.id, InboxEvent.svix_id).where(
+        select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.last_error).where(
             or_(InboxEvent.svix_id.in_(wanted), InboxEvent.id.in_(numeric))
         )
     ).all()
+    foreign = [row.svix_id for row in rows if (row.last_error or "").startswith(WRONG_INSTANCE)]
+    if foreign:
+        # A development and a production instance must never mix in one mirror, replay or not.
+        raise PermanentError(
+            f"inbox events from another Clerk instance are never applied: {', '.join(foreign)}"
+        )
     by_svix = {row.svix_id: int(row.id) for row in rows}
     by_id = {int(row.id) for row in rows}
     ids: list[int] = []

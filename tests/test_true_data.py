@@ -28,9 +28,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from models.db import make_session_factory, session_scope
-from models.errors import ConfigError
+from models.errors import ConfigError, PermanentError
 from models.events import Event
-from models.inbox import store_delivery
+from models.inbox import reset_for_replay, store_delivery
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import (
@@ -279,6 +279,8 @@ def test_the_instance_is_recorded_and_another_instance_rejected(engine: Engine) 
     assert rows[plain.inbox_id].instance_id == "ins_dev"
     assert rows[other.inbox_id].instance_id == "ins_dev"
     assert rows[other.inbox_id].last_error == other.reason
+    with session_scope(factory) as session, pytest.raises(PermanentError, match="another Clerk instance"):
+        reset_for_replay(session, [str(other.inbox_id)])
 
 
 # ------------------------------------------------------------------ any order converges

@@ -238,8 +238,20 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
                 found[row.key] = (row.version, row.name, row.permissions)
     if not found:
         return {}
-    live_keys = set(session.scalars(select(permissions.c.key).where(permissions.c.deleted.is_(False))))
-    dead_keys = set(session.scalars(select(permissions.c.key).where(permissions.c.deleted))) - live_keys
+    # A key is dead when only deleted permissions hold it (a key may come back under a new id).
+    dead_keys = set(
+        session.scalars(
+            select(permissions.c.key).where(permissions.c.deleted, permissions.c.key.is_not(None)).distinct()
+        )
+    )
+    if dead_keys:
+        dead_keys -= set(
+            session.scalars(
+                select(permissions.c.key).where(
+                    permissions.c.deleted.is_(False), permissions.c.key.in_(dead_keys)
+                )
+            )
+        )
     return {
         key: (name, None if granted is None else [p for p in granted if p not in dead_keys])
         for key, (_, name, granted) in found.items()

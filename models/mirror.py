@@ -135,6 +135,8 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
                 touched_orgs.add(write.values["organization_id"])
                 if write.values["user_id"]:
                     touched_users.add(write.values["user_id"])
+                if write.values["role"]:
+                    copies.written_roles.add(write.values["role"])
                 if name == MEMBERSHIPS:
                     copies.members.add(write.values["user_id"])
                 elif write.values["role"]:
@@ -152,6 +154,7 @@ class Touched:
     all_roles: bool = False  # a permission changed: every role's holders
     members: set[str] = field(default_factory=set)  # users whose memberships were written
     invitations: set[str] = field(default_factory=set)  # invitation ids written
+    written_roles: set[str] = field(default_factory=set)  # role keys the written rows name
 
 
 def refresh_copies(session: Session, touched: Touched) -> int:
@@ -264,19 +267,9 @@ def _refresh_role_copies(session: Session, touched: Touched) -> set[tuple[str, s
         roles = _live_roles(session, None)
         scopes: list[Any] = [members.c.role.in_(chunk) for chunk in _chunks(roles)]
     else:
-        wanted_keys = set(touched.role_keys)
-        if touched.members:
-            for chunk in _chunks(touched.members):
-                wanted_keys.update(
-                    session.scalars(select(members.c.role).where(members.c.user_id.in_(chunk)).distinct())
-                )
-        invitations = TABLES[INVITATIONS]
-        for chunk in _chunks(touched.invitations):
-            wanted_keys.update(
-                session.scalars(select(invitations.c.role).where(invitations.c.id.in_(chunk)).distinct())
-            )
-        wanted_keys.discard(None)
-        roles = _live_roles(session, wanted_keys)
+        # The roles the written rows name: a row whose write lost keeps a copy derived when
+        # its winning write (or, since, its role) was applied.
+        roles = _live_roles(session, touched.role_keys | touched.written_roles)
         scopes = [members.c.role.in_(chunk) for chunk in _chunks(touched.role_keys & set(roles))]
         # Membership writes: only those users' rows; a superset of the written rows is harmless.
         scopes += [members.c.user_id.in_(chunk) for chunk in _chunks(touched.members)]

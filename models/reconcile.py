@@ -345,8 +345,10 @@ def _touched(kind: str, rows: Mapping[tuple[str, ...], Mapping[str, Any]]) -> To
         touched.all_roles = True
     elif kind == MEMBERSHIPS:
         touched.members.update(key[1] for key in rows)
+        touched.written_roles.update(row["role"] for row in rows.values() if row["role"])
     elif kind == INVITATIONS:
         touched.invitations.update(key[0] for key in rows)
+        touched.written_roles.update(row["role"] for row in rows.values() if row["role"])
     return touched
 
 

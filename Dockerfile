@@ -14,6 +14,7 @@ COPY models ./models
 COPY webhooks ./webhooks
 COPY worker ./worker
 COPY emulator ./emulator
+COPY api ./api
 RUN pip install . \
     && useradd --system --home-dir /var/lib/orgsync --create-home orgsync
 

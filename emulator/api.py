@@ -156,6 +156,12 @@ def _int_arg(name: str, default: int) -> int:
         raise param_invalid(name, "must be an integer") from None
 
 
+def _optional_int_arg(name: str) -> int | None:
+    if not request.args.get(name):
+        return None
+    return _int_arg(name, 0)
+
+
 def _bool_arg(name: str) -> bool:
     return request.args.get(name, "").lower() in ("1", "true", "yes")
 
@@ -277,6 +283,8 @@ def create_app(
             order_by=request.args.get("order_by"),
             query=request.args.get("query"),
             include_members_count=_bool_arg("include_members_count"),
+            user_ids=_list_arg("user_id"),
+            organization_ids=_list_arg("organization_id"),
         ).body()
 
     @v1.post("/organizations")
@@ -322,8 +330,7 @@ def create_app(
         return state.delete_organization(org_id)
 
     # ------------------------------------------------------------ memberships
-    @v1.get("/organizations/<org_id>/memberships")
-    def list_memberships(org_id: str) -> Any:
+    def memberships(org_id: str | None) -> Any:
         limit, offset = _page_args()
         return state.list_memberships(
             org_id,
@@ -332,6 +339,25 @@ def create_app(
             order_by=request.args.get("order_by"),
             roles=_list_arg("role"),
             user_ids=_list_arg("user_id"),
+            email_addresses=_list_arg("email_address"),
+            usernames=_list_arg("username"),
+            query=request.args.get("query") or None,
+            email_address_query=request.args.get("email_address_query") or None,
+            username_query=request.args.get("username_query") or None,
+            name_query=request.args.get("name_query") or None,
+            created_at_before=_optional_int_arg("created_at_before"),
+            created_at_after=_optional_int_arg("created_at_after"),
+        ).body()
+
+    @v1.get("/organizations/<org_id>/memberships")
+    def list_memberships(org_id: str) -> Any:
+        return memberships(org_id)
+
+    @v1.get("/organization_memberships")
+    def list_instance_memberships() -> Any:
+        limit, offset = _page_args()
+        return state.list_memberships(
+            None, limit=limit, offset=offset, order_by=request.args.get("order_by")
         ).body()
 
     @v1.post("/organizations/<org_id>/memberships")
@@ -375,10 +401,30 @@ def create_app(
         limit, offset = _page_args()
         return state.list_invitations(
             org_id,
-            status=request.args.get("status") or None,
+            status=_list_arg("status"),
             limit=limit,
             offset=offset,
             order_by=request.args.get("order_by"),
+            email_address=request.args.get("email_address") or None,
+        ).body()
+
+    @v1.get("/organization_invitations")
+    def list_instance_invitations() -> Any:
+        limit, offset = _page_args()
+        return state.list_invitations(
+            None,
+            status=_list_arg("status"),
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+            query=request.args.get("query") or None,
+        ).body()
+
+    @v1.get("/users/<user_id>/organization_invitations")
+    def list_user_invitations(user_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_invitations(
+            None, user_id=user_id, status=_list_arg("status"), limit=limit, offset=offset
         ).body()
 
     @v1.get("/organizations/<org_id>/invitations/pending")
@@ -440,6 +486,17 @@ def create_app(
             permissions=permissions,
         )
 
+    @v1.get("/organization_permissions")
+    def list_permissions() -> Any:
+        limit, offset = _page_args()
+        return state.list_permissions(
+            limit=limit, offset=offset, order_by=request.args.get("order_by"), query=request.args.get("query")
+        ).body()
+
+    @v1.get("/organization_permissions/<permission_id>")
+    def get_permission(permission_id: str) -> Any:
+        return state.get_permission(permission_id)
+
     @v1.get("/organization_roles/<role_id>")
     def get_role(role_id: str) -> Any:
         return state.get_role(role_id)
@@ -472,6 +529,22 @@ def create_app(
             username=_str_field(body, "username"),
             public_metadata=body.get("public_metadata"),
             private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.get("/users")
+    def list_users() -> Any:
+        limit, offset = _page_args()
+        return state.list_users(
+            limit=limit,
+            offset=offset,
+            order_by=request.args.get("order_by"),
+            user_ids=_list_arg("user_id"),
+            email_addresses=_list_arg("email_address"),
+            usernames=_list_arg("username"),
+            organization_ids=_list_arg("organization_id"),
+            query=request.args.get("query") or None,
+            created_at_before=_optional_int_arg("created_at_before"),
+            created_at_after=_optional_int_arg("created_at_after"),
         )
 
     @v1.get("/users/<user_id>")

@@ -98,6 +98,19 @@ def check_page(limit: int, offset: int) -> None:
         raise param_invalid("offset", "must be greater than or equal to 0")
 
 
+def _signed(values: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Clerk's ``+id`` (include, also the default) and ``-id`` (exclude) list filters."""
+    include = {v.removeprefix("+") for v in values if not v.startswith("-")}
+    exclude = {v[1:] for v in values if v.startswith("-")}
+    return include, exclude
+
+
+def _partial(query: str, *fields: str | None) -> bool:
+    """Clerk's partial match: case-insensitive containment in any of the fields."""
+    q = query.lower()
+    return any(f is not None and q in f.lower() for f in fields)
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     # None sorts first in either direction's base order, like a database's NULLS FIRST.
     return (0, "") if value is None else (1, value)
@@ -298,7 +311,10 @@ class State:
         role_id = self._role_keys.get(inv.role)
         role_name = self._roles[role_id].name if role_id else inv.role
         inviter = self._users.get(inv.inviter_id) if inv.inviter_id else None
-        return payloads.invitation(inv, role_name=role_name, inviter=inviter)
+        data = payloads.invitation(inv, role_name=role_name, inviter=inviter)
+        # No event marks an expiry, but Clerk's reads show it, as its ``status=expired`` filter.
+        data["status"] = _effective_status(inv, self.clock.peek())
+        return data
 
     # ------------------------------------------------------------------ users
     def create_user(
@@ -343,6 +359,64 @@ class State:
     def get_user(self, user_id: str) -> Json:
         with self.lock:
             return payloads.user(self._user(user_id))
+
+    def list_users(
+        self,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        order_by: str | None = None,
+        user_ids: Sequence[str] = (),
+        email_addresses: Sequence[str] = (),
+        usernames: Sequence[str] = (),
+        organization_ids: Sequence[str] = (),
+        query: str | None = None,
+        created_at_before: int | None = None,
+        created_at_after: int | None = None,
+    ) -> list[Json]:
+        """Clerk's user list (a bare array) with the filters about what the emulator holds."""
+        check_page(limit, offset)
+        field, descending = parse_order(
+            order_by,
+            ("created_at", "updated_at", "email_address", "first_name", "last_name", "username"),
+            "-created_at",
+        )
+        include, exclude = _signed(user_ids)
+        include_orgs, exclude_orgs = _signed(organization_ids)
+        with self.lock:
+            users = list(self._users.values())
+            if include:
+                users = [u for u in users if u.id in include]
+            if exclude:
+                users = [u for u in users if u.id not in exclude]
+            if email_addresses:
+                emails = {e.lower() for e in email_addresses}
+                users = [u for u in users if u.email_address.lower() in emails]
+            if usernames:
+                names = set(usernames)
+                users = [u for u in users if u.username in names]
+            if include_orgs:
+                users = [u for u in users if include_orgs & self._user_orgs[u.id]]
+            if exclude_orgs:
+                users = [u for u in users if not exclude_orgs & self._user_orgs[u.id]]
+            if query:
+                users = [
+                    u
+                    for u in users
+                    if u.id == query
+                    or _partial(query, u.email_address, u.username, u.first_name, u.last_name)
+                ]
+            if created_at_before is not None:
+                users = [u for u in users if u.created_at < created_at_before]
+            if created_at_after is not None:
+                users = [u for u in users if u.created_at > created_at_after]
+
+            def key(user: UserRecord) -> tuple[Any, ...]:
+                value = user.email_address if field == "email_address" else getattr(user, field)
+                return (_sort_key(value), user.created_at, user.id)
+
+            users.sort(key=key, reverse=descending)
+            return [payloads.user(u) for u in users[offset : offset + limit]]
 
     def find_user_id(self, email_address: str) -> str | None:
         with self.lock:
@@ -437,14 +511,26 @@ class State:
         order_by: str | None = None,
         query: str | None = None,
         include_members_count: bool = False,
+        user_ids: Sequence[str] = (),
+        organization_ids: Sequence[str] = (),
     ) -> ListedPage:
         check_page(limit, offset)
         field, descending = parse_order(order_by, ("created_at", "name", "members_count"), "-created_at")
+        include_users, exclude_users = _signed(user_ids)
+        include_orgs, exclude_orgs = _signed(organization_ids)
         with self.lock:
             orgs = list(self._orgs.values())
             if query:
                 q = query.lower()
                 orgs = [o for o in orgs if o.id == query or q in o.name.lower() or q in o.slug]
+            if include_users:
+                orgs = [o for o in orgs if include_users & self._members[o.id].keys()]
+            if exclude_users:
+                orgs = [o for o in orgs if not exclude_users & self._members[o.id].keys()]
+            if include_orgs:
+                orgs = [o for o in orgs if o.id in include_orgs]
+            if exclude_orgs:
+                orgs = [o for o in orgs if o.id not in exclude_orgs]
 
             def key(org: OrganizationRecord) -> tuple[Any, ...]:
                 value: Any = len(self._members[org.id]) if field == "members_count" else getattr(org, field)
@@ -643,32 +729,81 @@ class State:
 
     def list_memberships(
         self,
-        org_id: str,
+        org_id: str | None,
         *,
         limit: int = 10,
         offset: int = 0,
         order_by: str | None = None,
         roles: Sequence[str] = (),
         user_ids: Sequence[str] = (),
+        email_addresses: Sequence[str] = (),
+        usernames: Sequence[str] = (),
+        query: str | None = None,
+        email_address_query: str | None = None,
+        username_query: str | None = None,
+        name_query: str | None = None,
+        created_at_before: int | None = None,
+        created_at_after: int | None = None,
     ) -> ListedPage:
+        """Memberships of one organization, or of the whole instance when ``org_id`` is None.
+
+        The user filters are Clerk's: ``query`` matches the user id exactly or the email,
+        username or names in part; the created-at bounds are about the user's creation.
+        """
         check_page(limit, offset)
         field, descending = parse_order(
             order_by,
             ("created_at", "email_address", "first_name", "last_name", "username", "phone_number"),
             "-created_at",
         )
+        include, exclude = _signed(user_ids)
         with self.lock:
-            org = self._org(org_id)
-            members = list(self._members[org.id].values())
+            if org_id is None:
+                members = [m for per_org in self._members.values() for m in per_org.values()]
+            else:
+                members = list(self._members[self._org(org_id).id].values())
             if roles:
                 wanted_roles = set(roles)
                 members = [m for m in members if m.role in wanted_roles]
-            include = {u.lstrip("+") for u in user_ids if not u.startswith("-")}
-            exclude = {u[1:] for u in user_ids if u.startswith("-")}
             if include:
                 members = [m for m in members if m.user_id in include]
             if exclude:
                 members = [m for m in members if m.user_id not in exclude]
+
+            def user_of(mem: MembershipRecord) -> UserRecord:
+                return self._users[mem.user_id]
+
+            if email_addresses:
+                emails = {e.lower() for e in email_addresses}
+                members = [m for m in members if user_of(m).email_address.lower() in emails]
+            if usernames:
+                names = set(usernames)
+                members = [m for m in members if user_of(m).username in names]
+            if query:
+                members = [
+                    m
+                    for m in members
+                    if m.user_id == query
+                    or _partial(
+                        query,
+                        user_of(m).email_address,
+                        user_of(m).username,
+                        user_of(m).first_name,
+                        user_of(m).last_name,
+                    )
+                ]
+            if email_address_query:
+                members = [m for m in members if _partial(email_address_query, user_of(m).email_address)]
+            if username_query:
+                members = [m for m in members if _partial(username_query, user_of(m).username)]
+            if name_query:
+                members = [
+                    m for m in members if _partial(name_query, user_of(m).first_name, user_of(m).last_name)
+                ]
+            if created_at_before is not None:
+                members = [m for m in members if user_of(m).created_at < created_at_before]
+            if created_at_after is not None:
+                members = [m for m in members if user_of(m).created_at > created_at_after]
 
             def key(mem: MembershipRecord) -> tuple[Any, ...]:
                 user = self._users[mem.user_id]
@@ -824,26 +959,52 @@ class State:
 
     def list_invitations(
         self,
-        org_id: str,
+        org_id: str | None,
         *,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         limit: int = 10,
         offset: int = 0,
         order_by: str | None = None,
+        email_address: str | None = None,
+        query: str | None = None,
+        user_id: str | None = None,
     ) -> ListedPage:
+        """Invitations of one organization, of one user (sent to their email or accepted by them),
+        or of the whole instance; the last two carry ``public_organization_data`` as Clerk's."""
         check_page(limit, offset)
-        if status is not None and status not in INVITATION_STATUSES:
+        statuses = {status} if isinstance(status, str) else set(status or ())
+        if not statuses <= set(INVITATION_STATUSES):
             raise param_invalid("status", f"must be one of {', '.join(INVITATION_STATUSES)}")
         field, descending = parse_order(order_by, ("created_at", "email_address"), "-created_at")
         with self.lock:
-            org = self._org(org_id)
+            if org_id is not None:
+                invs = list(self._org_invitations[self._org(org_id).id].values())
+            else:
+                invs = list(self._invitations.values())
+            if user_id is not None:
+                email = self._user(user_id).email_address.lower()
+                invs = [i for i in invs if i.user_id == user_id or i.email_address.lower() == email]
             now = self.clock.peek()
-            invs = list(self._org_invitations[org.id].values())
-            if status is not None:
-                invs = [i for i in invs if _effective_status(i, now) == status]
+            if statuses:
+                invs = [i for i in invs if _effective_status(i, now) in statuses]
+            if email_address:
+                invs = [i for i in invs if i.email_address.lower() == email_address.lower()]
+            if query:
+                invs = [i for i in invs if _partial(query, i.email_address)]
             invs.sort(key=lambda i: (getattr(i, field), i.created_at, i.id), reverse=descending)
             page = invs[offset : offset + limit]
-            return ListedPage([self._invitation_json(i) for i in page], len(invs))
+            data = [self._invitation_json(i) for i in page]
+            if org_id is None:
+                for item, inv in zip(data, page, strict=True):
+                    org = self._orgs[inv.organization_id]
+                    item["public_organization_data"] = {
+                        "id": org.id,
+                        "name": org.name,
+                        "slug": org.slug,
+                        "image_url": payloads.organization(org)["image_url"],
+                        "has_image": False,
+                    }
+            return ListedPage(data, len(invs))
 
     def _not_pending(self, inv: InvitationRecord) -> ClerkError:
         return ClerkError(
@@ -950,6 +1111,26 @@ class State:
             roles.sort(key=lambda r: (getattr(r, field), r.created_at, r.id), reverse=descending)
             page = roles[offset : offset + limit]
             return ListedPage([self._role_json(r) for r in page], len(roles))
+
+    def list_permissions(
+        self, *, limit: int = 10, offset: int = 0, order_by: str | None = None, query: str | None = None
+    ) -> ListedPage:
+        check_page(limit, offset)
+        field, descending = parse_order(order_by, ("created_at", "name", "key"), "-created_at")
+        with self.lock:
+            perms = list(self._permissions.values())
+            if query:
+                perms = [p for p in perms if p.id == query or _partial(query, p.name, p.key)]
+            perms.sort(key=lambda p: (getattr(p, field), p.created_at, p.id), reverse=descending)
+            page = perms[offset : offset + limit]
+            return ListedPage([payloads.permission(p) for p in page], len(perms))
+
+    def get_permission(self, permission_id: str) -> Json:
+        with self.lock:
+            perm = self._permissions.get(permission_id)
+            if perm is None:
+                raise not_found("permission", permission_id)
+            return payloads.permission(perm)
 
     def get_role(self, role_id: str) -> Json:
         with self.lock:

@@ -108,6 +108,18 @@ def parse_signing_secrets(raw: str, name: str = "CLERK_WEBHOOK_SIGNING_SECRET") 
     return tuple(entries)
 
 
+def parse_api_tokens(raw: str, name: str = "ORGSYNC_API_TOKENS") -> tuple[str, ...]:
+    """Split one or more bearer tokens (several during rotation); errors never quote a token."""
+    entries = tuple(part for part in re.split(r"[\s,]+", raw.strip()) if part)
+    for position, token in enumerate(entries, start=1):
+        if len(token) < 16:
+            raise ConfigError(
+                f"{name}: entry {position} of {len(entries)} is shorter than 16 characters; "
+                "use a long random value"
+            )
+    return entries
+
+
 def normalize_database_url(url: str) -> str:
     """Point bare PostgreSQL URLs at psycopg 3, the driver orgsync installs."""
     for prefix in ("postgres://", "postgresql://"):
@@ -208,6 +220,7 @@ class Settings:
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
     db_timeout: float = 5.0
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
     # The Clerk instance (``ins_...``) whose deliveries this mirror applies; None accepts any.
     clerk_instance_id: str | None = None
 
@@ -282,5 +295,7 @@ class Settings:
             # The web process's bound on the database: Svix gives up on a delivery after
             # about 15 s, so a 503 with Retry-After must come well before.
             db_timeout=_float(env, "ORGSYNC_DB_TIMEOUT", 5.0),
+            # The read API is served only when at least one token is configured.
+            api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
             clerk_instance_id=instance_id,
         )

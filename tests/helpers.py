@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from svix.webhooks import Webhook
 
@@ -49,19 +48,6 @@ def signed_headers(
         f"{prefix}-signature": signature,
         "content-type": "application/json",
     }
-
-
-def envelope(event_type: str, data: dict[str, Any], timestamp_ms: int) -> str:
-    """A Clerk webhook body."""
-    return json.dumps(
-        {
-            "type": event_type,
-            "object": "event",
-            "data": data,
-            "timestamp": timestamp_ms,
-            "instance_id": "ins_test",
-        }
-    )
 
 
 def assert_no_secrets(text: str, *secrets: str) -> None:

@@ -6,217 +6,19 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers import envelope
-
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
+    invitation_data,
+    membership_data,
+    organization_data,
+    role_data,
+    user_data,
+    user_public_data,
+    webhook_body,
+)
 from models.events import Event, parse_event
 
 T0 = 1_716_883_200_000
-
-
-def organization_data(
-    org_id: str,
-    *,
-    name: str = "Acme Corp",
-    slug: str | None = None,
-    created_at: int = T0,
-    updated_at: int | None = None,
-    members_count: int = 1,
-    **extra: Any,
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "object": "organization",
-        "id": org_id,
-        "name": name,
-        "slug": slug if slug is not None else org_id.replace("_", "-"),
-        "image_url": "https://img.clerk.com/org",
-        "has_image": True,
-        "members_count": members_count,
-        "missing_member_with_elevated_permissions": False,
-        "pending_invitations_count": 0,
-        "max_allowed_memberships": 5,
-        "admin_delete_enabled": True,
-        "public_metadata": {},
-        "private_metadata": {},
-        "created_by": "user_creator",
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-    data.update(extra)
-    return data
-
-
-def user_public_data(
-    user_id: str, *, first_name: str = "Jane", identifier: str | None = None
-) -> dict[str, Any]:
-    return {
-        "user_id": user_id,
-        "first_name": first_name,
-        "last_name": "Doe",
-        "profile_image_url": "https://img.clerk.com/u",
-        "image_url": "https://img.clerk.com/u",
-        "has_image": True,
-        "identifier": identifier or f"{user_id}@example.com",
-    }
-
-
-def membership_data(
-    membership_id: str,
-    org: dict[str, Any],
-    user_id: str,
-    *,
-    role: str = "org:member",
-    created_at: int = T0,
-    updated_at: int | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "object": "organization_membership",
-        "id": membership_id,
-        "role": role,
-        "role_name": role.removeprefix("org:").replace("_", " ").title(),
-        "permissions": ["org:sys_memberships:read"],
-        "public_metadata": {},
-        "private_metadata": {},
-        "organization": org,
-        "public_user_data": user_public_data(user_id),
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-    data.update(extra)
-    return data
-
-
-def invitation_data(
-    invitation_id: str,
-    org_id: str,
-    *,
-    email: str = "jane.doe@acme.com",
-    status: str = "pending",
-    role: str = "org:member",
-    created_at: int = T0,
-    updated_at: int | None = None,
-    expires_at: int | None = None,
-    user_id: str | None = None,
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "object": "organization_invitation",
-        "id": invitation_id,
-        "email_address": email,
-        "role": role,
-        "role_name": "Member",
-        "organization_id": org_id,
-        "status": status,
-        "public_metadata": {},
-        "private_metadata": {},
-        "url": "https://accounts.acme.com/accept-invitation?token=abc123",
-        "expires_at": created_at + 7 * 86_400_000 if expires_at is None else expires_at,
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-    if user_id is not None:
-        data["user_id"] = user_id
-    return data
-
-
-def permission_data(
-    perm_id: str, key: str, *, created_at: int = T0, updated_at: int | None = None
-) -> dict[str, Any]:
-    return {
-        "object": "permission",
-        "id": perm_id,
-        "name": key.rpartition(":")[2].title(),
-        "key": key,
-        "description": f"Ability to {key}",
-        "type": "custom",
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-
-
-def role_data(
-    role_id: str,
-    key: str,
-    *,
-    name: str = "Editor",
-    permissions: list[str] | None = None,
-    created_at: int = T0,
-    updated_at: int | None = None,
-) -> dict[str, Any]:
-    return {
-        "object": "role",
-        "id": role_id,
-        "name": name,
-        "key": key,
-        "description": f"The {name} role",
-        "is_creator_eligible": False,
-        "permissions": [permission_data(f"perm_{k}", k) for k in permissions or ["org:posts:edit"]],
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-
-
-def user_data(
-    user_id: str,
-    *,
-    first_name: str = "John",
-    created_at: int = T0,
-    updated_at: int | None = None,
-    emails: list[str] | None = None,
-    primary: int = 0,
-) -> dict[str, Any]:
-    addresses = [
-        {"object": "email_address", "id": f"idn_{user_id}_{i}", "email_address": email}
-        for i, email in enumerate(emails if emails is not None else [f"{user_id}@example.com"])
-    ]
-    return {
-        "object": "user",
-        "id": user_id,
-        "external_id": None,
-        "primary_email_address_id": addresses[primary]["id"] if addresses else None,
-        "username": None,
-        "first_name": first_name,
-        "last_name": "Doe",
-        "image_url": "https://img.clerk.com/u",
-        "has_image": True,
-        "public_metadata": {},
-        "private_metadata": {"secret": "never mirrored"},
-        "unsafe_metadata": {},
-        "email_addresses": addresses,
-        "phone_numbers": [{"id": "idn_phone", "phone_number": "+15555550100"}],
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-    }
-
-
-def deleted_stub(kind: str, object_id: str, **extra: Any) -> dict[str, Any]:
-    return {"object": kind, "id": object_id, "deleted": True, **extra}
-
-
-def domain_data(
-    domain_id: str,
-    org_id: str,
-    *,
-    name: str = "acme.com",
-    created_at: int = T0,
-    updated_at: int | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """An organization domain as ``organizationDomain.*`` events carry it."""
-    return {
-        "object": "organization_domain",
-        "id": domain_id,
-        "organization_id": org_id,
-        "name": name,
-        "enrollment_mode": "automatic_invitation",
-        "affiliation_email_address": None,
-        "affiliation_verification": {"status": "verified", "strategy": "email_code", "attempts": 1},
-        "total_pending_invitations": 2,
-        "total_pending_suggestions": 0,
-        "public_organization_data": {"id": org_id, "name": "Acme", "slug": "acme"},
-        "created_at": created_at,
-        "updated_at": created_at if updated_at is None else updated_at,
-        **extra,
-    }
 
 
 _counter = iter(range(10**9))
@@ -224,7 +26,7 @@ _counter = iter(range(10**9))
 
 def make_event(event_type: str, data: dict[str, Any], timestamp_ms: int, svix_id: str | None = None) -> Event:
     """An event exactly as the worker gets it: a JSON body through ``parse_event``."""
-    return parse_event(svix_id or f"msg_{next(_counter):08d}", envelope(event_type, data, timestamp_ms))
+    return parse_event(svix_id or f"msg_{next(_counter):08d}", webhook_body(event_type, data, timestamp_ms))
 
 
 @dataclass

@@ -1,10 +1,15 @@
-"""The benchmark runs end to end in its quick form and reports every figure beside its baseline."""
+"""The benchmark runs end to end in its quick form and reports every figure beside its baseline.
+
+Its modules (bench/workload.py, client.py, procs.py, report.py) are checked on their own first,
+without servers: the workload is what orgsync accepts, the report computes ratios and verdicts.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,10 +17,21 @@ from pathlib import Path
 
 import pytest
 from conftest import PG_ADMIN_DSN, PG_HOST_URL
+from sqlalchemy import inspect
+from svix.webhooks import Webhook
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+from models.db import create_db_engine
+from models.events import parse_event
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/ is a package beside the installed ones, run from a checkout: its parent must be importable.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import procs, report  # noqa: E402
+from bench.client import LoadResult  # noqa: E402
+from bench.workload import MessageIds, Workload, signed_requests  # noqa: E402
+
 # Only a guard against a hung run: nothing here depends on how fast it is.
 RUN_LIMIT_S = 240
 
@@ -39,6 +55,99 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def test_workload_events_are_accepted_as_clerk_sends_them() -> None:
+    workload = Workload(random.Random(7), organizations=5, users=40, start_ms=1_700_000_000_000)
+    bodies = workload.bodies(300)
+    events = [parse_event(f"msg_{n}", body) for n, body in enumerate(bodies)]
+    assert {event.type for event in events} == {
+        "organizationMembership.created",
+        "organizationMembership.updated",
+        "organizationMembership.deleted",
+    }
+    # A removal carries the membership as it last was: the same id as its creation.
+    created = {event.data["id"] for event in events if event.action == "created"}
+    assert all(event.data["id"] in created for event in events if event.action == "deleted")
+    new_bodies, user_ids = workload.created_for_new_users(10, "t")
+    assert len(set(user_ids)) == 10
+    assert [parse_event("msg_x", body).data["public_user_data"]["user_id"] for body in new_bodies] == user_ids
+
+
+def test_signed_requests_verify_with_the_secret() -> None:
+    secret = procs.new_secret()
+    body = Workload(random.Random(1), 2, 3, 1_700_000_000_000).bodies(1)[0]
+    (request,) = signed_requests(secret, MessageIds(), [body], port=8000)
+    head, _, raw = request.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    assert raw.decode() == body
+    assert int(headers["Content-Length"]) == len(raw)
+    Webhook(secret).verify(raw, {key: value for key, value in headers.items() if key.startswith("svix-")})
+
+
+def test_latency_summary_and_load_result_rate() -> None:
+    result = LoadResult(
+        status=[200, 200, 0, 500],
+        scheduled_ns=[0, 0, 0, 0],
+        sent_ns=[0, 1_000_000, 0, 2_000_000],
+        done_ns=[4_000_000, 3_000_000, 0, 6_000_000],
+        start_ns=0,
+    )
+    assert result.completed == [0, 1, 3]
+    assert result.ok_count() == 2
+    assert result.rate() == pytest.approx(3 / 0.006)
+    latencies = result.latencies_ms(from_schedule=False)
+    assert latencies == [2.0, 4.0, 4.0]
+    assert report.latency_summary(latencies) == {"p50_ms": 4.0, "p90_ms": 4.0, "p99_ms": 4.0, "max_ms": 4.0}
+    assert report.latency_summary([])["p99_ms"] is None
+
+
+def test_figure_ratio_and_verdict() -> None:
+    higher = report.figure("rate", "events/s", 2000.0, 500.0, better="higher", target=1800.0, detail="")
+    assert (higher["ratio"], higher["met"], higher["target_text"]) == (4.0, True, ">= 1800 events/s")
+    lower = report.figure("p99", "ms", 400.0, 100.0, better="lower", target=300.0, detail="")
+    assert (lower["ratio"], lower["met"], lower["target_text"]) == (4.0, False, "<= 300 ms")
+    # A figure that could not be measured misses its target; without a baseline there is no ratio.
+    missing = report.figure("p99", "ms", None, 100.0, better="lower", target=300.0, detail="")
+    assert (missing["ratio"], missing["met"]) == (None, False)
+    alone = report.figure("rss", "MB", 90.0, None, better="lower", target=200.0, detail="")
+    assert (alone["ratio"], alone["met"]) == (None, True)
+    table = report.render_table({entry["name"]: entry for entry in (higher, lower, alone)})
+    assert table.splitlines()[0].split() == ["figure", "orgsync", "baseline", "ratio", "target", "met?"]
+    assert "4.00x" in table
+    assert "NO" in table
+
+
+def test_reconcile_verdict_against_the_bound() -> None:
+    assert report.reconcile_met({"ratio_to_bound": 1.05}) == "yes"
+    assert report.reconcile_met({"ratio_to_bound": 1.3}) == "NO"
+    assert report.reconcile_met({}) == "-"
+
+
+def test_bench_reads_the_tests_postgres_admin_variable() -> None:
+    # One name for the admin URL, in bench/run.py, bench/reconcile.py and the tests' fixtures.
+    assert procs.PG_ADMIN_ENV == "ORGSYNC_TEST_PG_ADMIN"
+    assert procs.PG_ADMIN_DSN == PG_ADMIN_DSN
+    # Only procs.py reads server addresses from the environment.
+    for path in (ROOT / "bench").glob("*.py"):
+        if path.name != "procs.py":
+            assert "os.environ.get(" not in path.read_text(), path.name
+
+
+def test_fresh_sqlite_database_is_migrated_and_removed() -> None:
+    with procs.fresh_database("orgsync_bench_test", kind="sqlite") as database:
+        assert database.dsn is None
+        engine = create_db_engine(database.url)
+        try:
+            assert "inbox_events" in inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+        path = Path(database.name)
+        assert path.exists()
+    assert not path.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_path: Path) -> None:
     # pg_url and redis_url skip (or fail under CI=true) through conftest.unavailable when a
     # server is unreachable; the benchmark creates and drops a database of its own.

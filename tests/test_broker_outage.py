@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import free_port, unavailable
-from helpers import envelope
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import START_BOUND_S, TEST_BOUND_S
 from test_worker_e2e import T0, membership_body, running_worker, statuses, store, wait_for, worker_env
 
+from emulator.payloads import BARE_MEMBERSHIP, OMIT, membership_data, webhook_body
 from models.db import make_session_factory, session_scope
 from models.errors import RetryableError
 from models.settings import Settings
@@ -39,16 +39,17 @@ def outage_events() -> list[str]:
     bodies = [membership_body(f"org_{n % 4}", f"user_{n}") for n in range(40)]
     bodies.append(membership_body("org_0", "user_0", "org:admin", updated_at=T0 + 1_000))
     bodies.append(
-        envelope(
+        webhook_body(
             "organizationMembership.deleted",
-            {
-                "id": "orgmem_org_1_user_1",
-                "role": "org:member",
-                "organization": {"id": "org_1"},
-                "public_user_data": {"user_id": "user_1"},
-                "created_at": T0,
-                "updated_at": T0,
-            },
+            membership_data(
+                "orgmem_org_1_user_1",
+                {"id": "org_1"},
+                "user_1",
+                public_user_data={"user_id": "user_1"},
+                created_at=T0,
+                object=OMIT,
+                **BARE_MEMBERSHIP,
+            ),
             T0 + 2_000,
         )
     )

@@ -14,11 +14,18 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from conftest import TEST_SIGNING_SECRET, free_port
-from helpers import envelope
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 import orgsync.wsgi
+from emulator.payloads import (
+    OMIT,
+    invitation_data,
+    membership_data,
+    organization_data,
+    user_public_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.inbox import store_delivery
@@ -38,59 +45,51 @@ ORG = "org_2abcACME"
 OTHER_ORG = "org_2abcGLOBEX"
 
 
+# Only the fields these tests read: what a payload leaves out (OMIT) the mirror stores as null.
 def organization(org_id: str, slug: str, name: str, at: int) -> dict[str, Any]:
-    return {
-        "object": "organization",
-        "id": org_id,
-        "name": name,
-        "slug": slug,
-        "has_image": False,
-        "max_allowed_memberships": 5,
-        "admin_delete_enabled": True,
-        "public_metadata": {},
-        "created_at": at,
-        "updated_at": at,
-    }
+    return organization_data(
+        org_id,
+        name=name,
+        slug=slug,
+        image_url=OMIT,
+        has_image=False,
+        members_count=OMIT,
+        missing_member_with_elevated_permissions=OMIT,
+        pending_invitations_count=OMIT,
+        private_metadata=OMIT,
+        created_by=OMIT,
+        created_at=at,
+    )
 
 
 def membership(
     member_id: str, user_id: str, email: str, role: str, at: int, *, org_id: str = ORG
 ) -> dict[str, Any]:
-    return {
-        "object": "organization_membership",
-        "id": member_id,
-        "role": role,
-        "permissions": [],
-        "public_metadata": {},
-        "organization": organization(org_id, "acme" if org_id == ORG else "globex", "Acme", NOW_MS - DAY_MS),
-        "public_user_data": {
-            "user_id": user_id,
-            "identifier": email,
-            "first_name": email.split("@", maxsplit=1)[0].capitalize(),
-            "last_name": None,
-            "image_url": "https://img.example/x.png",
-            "has_image": False,
-        },
-        "created_at": at,
-        "updated_at": at,
-    }
+    return membership_data(
+        member_id,
+        organization(org_id, "acme" if org_id == ORG else "globex", "Acme", NOW_MS - DAY_MS),
+        user_id,
+        role=role,
+        role_name=OMIT,
+        permissions=[],
+        private_metadata=OMIT,
+        public_user_data=user_public_data(
+            user_id,
+            identifier=email,
+            first_name=email.split("@", maxsplit=1)[0].capitalize(),
+            last_name=None,
+            image_url="https://img.example/x.png",
+            profile_image_url=OMIT,
+            has_image=False,
+        ),
+        created_at=at,
+    )
 
 
 def invitation(inv_id: str, email: str, at: int, *, expires_at: int) -> dict[str, Any]:
-    return {
-        "object": "organization_invitation",
-        "id": inv_id,
-        "email_address": email,
-        "role": "org:member",
-        "role_name": "Member",
-        "organization_id": ORG,
-        "status": "pending",
-        "public_metadata": {},
-        "url": None,
-        "expires_at": expires_at,
-        "created_at": at,
-        "updated_at": at,
-    }
+    return invitation_data(
+        inv_id, ORG, email=email, private_metadata=OMIT, url=None, expires_at=expires_at, created_at=at
+    )
 
 
 def history() -> list[tuple[str, dict[str, Any]]]:
@@ -139,7 +138,7 @@ def history() -> list[tuple[str, dict[str, Any]]]:
 
 def seed(engine: Engine) -> None:
     events = [
-        parse_event(f"msg_seed_{index}", envelope(kind, data, NOW_MS - DAY_MS + index))
+        parse_event(f"msg_seed_{index}", webhook_body(kind, data, NOW_MS - DAY_MS + index))
         for index, (kind, data) in enumerate(history())
     ]
     with session_scope(make_session_factory(engine)) as session:
@@ -416,7 +415,7 @@ def store(engine: Engine, count: int) -> list[str]:
     svix_ids = [f"msg_inbox_{index}" for index in range(count)]
     with session_scope(make_session_factory(engine)) as session:
         for index, svix_id in enumerate(svix_ids):
-            body = envelope(
+            body = webhook_body(
                 "organization.created", organization(f"org_inbox_{index}", f"s{index}", "X", NOW_MS), NOW_MS
             )
             store_delivery(session, svix_id=svix_id, body=body, received_at=NOW_MS + index)

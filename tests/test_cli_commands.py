@@ -11,10 +11,19 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from conftest import free_port
-from helpers import envelope
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from emulator.payloads import (
+    OMIT,
+    invitation_data,
+    membership_data,
+    organization_data,
+    permission_data,
+    role_data,
+    user_public_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.mirror import apply_events
@@ -39,67 +48,62 @@ MEMBER_PERMISSIONS = ["org:sys_memberships:read"]
 # -- a small mirror ------------------------------------------------------------------------
 
 
+# Only the fields these tests read: what a payload leaves out (OMIT) the mirror stores as null.
 def organization(org_id: str, slug: str, at: int) -> dict[str, Any]:
-    return {
-        "object": "organization",
-        "id": org_id,
-        "name": slug.capitalize(),
-        "slug": slug,
-        "has_image": False,
-        "max_allowed_memberships": 10,
-        "admin_delete_enabled": True,
-        "public_metadata": {},
-        "created_at": at,
-        "updated_at": at,
-    }
+    return organization_data(
+        org_id,
+        name=slug.capitalize(),
+        slug=slug,
+        image_url=OMIT,
+        has_image=False,
+        members_count=OMIT,
+        missing_member_with_elevated_permissions=OMIT,
+        pending_invitations_count=OMIT,
+        max_allowed_memberships=10,
+        private_metadata=OMIT,
+        created_by=OMIT,
+        created_at=at,
+    )
 
 
 def membership(member_id: str, user_id: str, role: str, at: int, *, org_id: str = ORG) -> dict[str, Any]:
     slug = "acme" if org_id == ORG else "globex"
-    return {
-        "object": "organization_membership",
-        "id": member_id,
-        "role": role,
-        "permissions": ADMIN_PERMISSIONS if role == "org:admin" else MEMBER_PERMISSIONS,
-        "public_metadata": {},
-        "organization": organization(org_id, slug, NOW_MS - DAY_MS),
-        "public_user_data": {
-            "user_id": user_id,
-            "identifier": f"{user_id.removeprefix('user_')}@{slug}.test",
-            "first_name": None,
-            "last_name": None,
-            "image_url": "https://img.example/x.png",
-            "has_image": False,
-        },
-        "created_at": at,
-        "updated_at": at,
-    }
+    return membership_data(
+        member_id,
+        organization(org_id, slug, NOW_MS - DAY_MS),
+        user_id,
+        role=role,
+        role_name=OMIT,
+        permissions=ADMIN_PERMISSIONS if role == "org:admin" else MEMBER_PERMISSIONS,
+        private_metadata=OMIT,
+        public_user_data=user_public_data(
+            user_id,
+            identifier=f"{user_id.removeprefix('user_')}@{slug}.test",
+            first_name=None,
+            last_name=None,
+            image_url="https://img.example/x.png",
+            profile_image_url=OMIT,
+            has_image=False,
+        ),
+        created_at=at,
+    )
 
 
 def role(key: str, permissions: list[str], at: int) -> dict[str, Any]:
-    return {
-        "object": "role",
-        "id": f"role_{key.removeprefix('org:')}",
-        "name": key.removeprefix("org:").capitalize(),
-        "key": key,
-        "description": None,
-        "is_creator_eligible": key == "org:admin",
-        "permissions": [
-            {
-                "object": "permission",
-                "id": f"perm_{index}",
-                "name": permission,
-                "key": permission,
-                "description": None,
-                "type": "system",
-                "created_at": at,
-                "updated_at": at,
-            }
+    return role_data(
+        f"role_{key.removeprefix('org:')}",
+        key,
+        name=key.removeprefix("org:").capitalize(),
+        description=None,
+        is_creator_eligible=key == "org:admin",
+        permissions=[
+            permission_data(
+                f"perm_{index}", permission, name=permission, description=None, type="system", created_at=at
+            )
             for index, permission in enumerate(permissions)
         ],
-        "created_at": at,
-        "updated_at": at,
-    }
+        created_at=at,
+    )
 
 
 def history() -> list[tuple[str, dict[str, Any]]]:
@@ -117,27 +121,22 @@ def history() -> list[tuple[str, dict[str, Any]]]:
         ),
         (
             "organizationInvitation.created",
-            {
-                "object": "organization_invitation",
-                "id": "orginv_dan",
-                "email_address": "dan@acme.test",
-                "role": "org:member",
-                "role_name": "Member",
-                "organization_id": ORG,
-                "status": "pending",
-                "public_metadata": {},
-                "url": None,
-                "expires_at": NOW_MS + DAY_MS,
-                "created_at": t + 40,
-                "updated_at": t + 40,
-            },
+            invitation_data(
+                "orginv_dan",
+                ORG,
+                email="dan@acme.test",
+                private_metadata=OMIT,
+                url=None,
+                expires_at=NOW_MS + DAY_MS,
+                created_at=t + 40,
+            ),
         ),
     ]
 
 
 def seed(engine: Engine) -> None:
     events = [
-        parse_event(f"msg_cmd_{index}", envelope(kind, data, NOW_MS - DAY_MS + index))
+        parse_event(f"msg_cmd_{index}", webhook_body(kind, data, NOW_MS - DAY_MS + index))
         for index, (kind, data) in enumerate(history())
     ]
     with session_scope(make_session_factory(engine)) as session:

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator import Emulator, EmulatorConfig
+from emulator.payloads import OMIT, webhook_body
 from models.commands import CommandNotFoundError, InvalidCommandError
 from models.db import session_scope
 from models.events import parse_event
@@ -60,7 +61,7 @@ class Mirror:
         events = [
             parse_event(
                 f"msg_{next(self._ids)}_{uuid.uuid4().hex[:6]}",
-                json.dumps({"type": kind, "object": "event", "data": data, "timestamp": ts}),
+                webhook_body(kind, data, ts, instance_id=OMIT),
             )
             for kind, data, ts in batch
         ]

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import free_port, truncate_all
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from histories import generate_history
 from mirror_compare import describe, differences, mirror_snapshot
 from sqlalchemy import Engine, func, select, text
@@ -36,6 +36,7 @@ from stack import FAST_SWEEPS, hermetic_env, running_stack
 from test_run_embedded import processes_with
 from test_worker_e2e import membership_body
 
+from emulator.payloads import webhook_body
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.events import parse_event
 from models.inbox import store_delivery
@@ -87,7 +88,7 @@ WORKER_TRANSACTION = text(
 def history() -> dict[str, str]:
     """svix id -> body, in the order Clerk emitted them."""
     events = generate_history(HISTORY_SEED, HISTORY_STEPS).events
-    return {new_msg_id(): envelope(e.type, e.data, e.timestamp_ms) for e in events}
+    return {new_msg_id(): webhook_body(e.type, e.data, e.timestamp_ms) for e in events}
 
 
 def in_order_result(engine: Engine, deliveries: dict[str, str]) -> dict[str, list[dict[str, Any]]]:

@@ -17,11 +17,12 @@ from typing import Any, cast
 import pytest
 import redis
 from conftest import free_port, truncate_all
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, Table, func, select
 from sqlalchemy.orm import Session
 from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, request, running_stack
 
+from emulator.payloads import OMIT, invitation_data, membership_data, organization_data, webhook_body
 from models import queries, tables
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
@@ -40,57 +41,54 @@ DAY_MS = 86_400_000
 # -- Clerk-shaped payloads -------------------------------------------------------------------
 
 
+# Only the fields these tests read: what a payload leaves out (OMIT) the mirror stores as null.
 def organization(*, updated: int = T, name: str = "Acme", org: str = ORG) -> dict[str, Any]:
-    return {
-        "object": "organization",
-        "id": org,
-        "name": name,
-        "slug": SLUG if org == ORG else org.lower(),
-        "has_image": False,
-        "max_allowed_memberships": 0,
-        "admin_delete_enabled": True,
-        "public_metadata": {},
-        "private_metadata": {},
-        "created_at": T,
-        "updated_at": updated,
-    }
+    return organization_data(
+        org,
+        name=name,
+        slug=SLUG if org == ORG else org.lower(),
+        image_url=OMIT,
+        has_image=False,
+        members_count=OMIT,
+        missing_member_with_elevated_permissions=OMIT,
+        pending_invitations_count=OMIT,
+        max_allowed_memberships=0,
+        created_by=OMIT,
+        created_at=T,
+        updated_at=updated,
+    )
 
 
 def membership(
     member_id: str, user: str, role: str, created: int, updated: int | None = None, *, org: str = ORG
 ) -> dict[str, Any]:
-    return {
-        "object": "organization_membership",
-        "id": member_id,
-        "role": role,
-        "permissions": [],
-        "public_metadata": {},
-        "private_metadata": {},
-        "organization": organization(org=org),
-        "public_user_data": {"user_id": user, "identifier": f"{user}@acme.test", "first_name": user},
-        "created_at": created,
-        "updated_at": created if updated is None else updated,
-    }
+    return membership_data(
+        member_id,
+        organization(org=org),
+        user,
+        role=role,
+        role_name=OMIT,
+        permissions=[],
+        public_user_data={"user_id": user, "identifier": f"{user}@acme.test", "first_name": user},
+        created_at=created,
+        updated_at=updated,
+    )
 
 
 def invitation(
     inv_id: str, email: str, status: str, created: int, updated: int, *, user: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "object": "organization_invitation",
-        "id": inv_id,
-        "email_address": email,
-        "role": "org:member",
-        "role_name": "Member",
-        "organization_id": ORG,
-        "status": status,
-        "user_id": user,
-        "public_metadata": {},
-        "private_metadata": {},
-        "expires_at": T + 30 * DAY_MS,
-        "created_at": created,
-        "updated_at": updated,
-    }
+    return invitation_data(
+        inv_id,
+        ORG,
+        email=email,
+        status=status,
+        url=OMIT,
+        expires_at=T + 30 * DAY_MS,
+        created_at=created,
+        updated_at=updated,
+        user_id=user,
+    )
 
 
 def lifecycle() -> list[tuple[str, dict[str, Any]]]:
@@ -123,7 +121,7 @@ def lifecycle() -> list[tuple[str, dict[str, Any]]]:
 
 
 def bodies(history: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    return [envelope(kind, data, T + 100 * n) for n, (kind, data) in enumerate(history)]
+    return [webhook_body(kind, data, T + 100 * n) for n, (kind, data) in enumerate(history)]
 
 
 # -- fixtures and probes ---------------------------------------------------------------------

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import envelope
-from histories import (
-    T0,
-    deleted_stub,
+from histories import T0
+
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
     domain_data,
     invitation_data,
     membership_data,
@@ -18,8 +18,8 @@ from histories import (
     permission_data,
     role_data,
     user_data,
+    webhook_body,
 )
-
 from models.errors import PayloadError, PermanentError
 from models.events import (
     MEMBERSHIPS,
@@ -42,7 +42,7 @@ ORG = organization_data("org_1", slug="acme")
 
 
 def body(event_type: str, data: dict[str, Any], timestamp: int = T0) -> str:
-    return envelope(event_type, data, timestamp)
+    return webhook_body(event_type, data, timestamp)
 
 
 def sample(event_type: str) -> dict[str, Any]:
@@ -69,9 +69,11 @@ def sample(event_type: str) -> dict[str, Any]:
             else permission_data("perm_1", "org:posts:edit")
         )
     if resource == "organizationDomain":
-        if action == "deleted":
-            return deleted_stub("organization_domain", "orgdmn_1")
-        return domain_data("orgdmn_1", "org_1")
+        return (
+            deleted_stub("organization_domain", "orgdmn_1")
+            if action == "deleted"
+            else domain_data("orgdmn_1", "org_1")
+        )
     return deleted_stub("user", "user_1", external_id="ex_1") if action == "deleted" else user_data("user_1")
 
 

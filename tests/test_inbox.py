@@ -6,16 +6,17 @@ import json
 import threading
 
 import pytest
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.errors import PermanentError
 from models.inbox import KNOWN_EVENT_TYPES, due_pending_ids, list_events, reset_for_replay, store_delivery
 from models.tables import InboxEvent, InboxStatus
 
-MEMBERSHIP = envelope("organizationMembership.created", {"id": "orgmem_1"}, 1_700_000_000_000)
+MEMBERSHIP = webhook_body("organizationMembership.created", {"id": "orgmem_1"}, 1_700_000_000_000)
 
 
 def store(factory: sessionmaker[Session], body: str, *, svix_id: str | None = None, at: int = 1000) -> int:
@@ -114,7 +115,7 @@ def test_nul_in_a_rejected_body_is_kept_readably(session_factory: sessionmaker[S
 
 
 def test_unknown_type_is_stored_ignored(session_factory: sessionmaker[Session]) -> None:
-    body = envelope("session.created", {"id": "sess_1"}, 1)
+    body = webhook_body("session.created", {"id": "sess_1"}, 1)
     with session_scope(session_factory) as session:
         stored = store_delivery(session, svix_id=new_msg_id(), body=body, received_at=5)
     assert stored.status == InboxStatus.IGNORED

@@ -17,7 +17,7 @@ import pytest
 from models.errors import OrgsyncError, PermanentError, RetryableError
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("orgsync", "models", "webhooks", "worker", "emulator")
+PACKAGES = ("orgsync", "models", "webhooks", "worker", "emulator", "api")
 # Importing these builds a Celery app from the environment or runs the command line.
 SKIP = frozenset({"worker.main", "orgsync.__main__"})
 # The emulator stands in for Clerk and imports nothing of orgsync: its errors are Clerk's.

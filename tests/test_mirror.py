@@ -5,20 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from histories import (
-    T0,
-    deleted_stub,
+from histories import T0, make_event
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
     invitation_data,
-    make_event,
     membership_data,
     organization_data,
     permission_data,
     role_data,
     user_data,
 )
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
-
 from models.db import make_session_factory, session_scope
 from models.errors import PayloadError
 from models.events import Event

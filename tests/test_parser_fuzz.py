@@ -9,9 +9,13 @@ import uuid
 from typing import Any
 
 import pytest
-from histories import (
-    T0,
-    deleted_stub,
+from histories import T0
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.orm import Session, sessionmaker
+
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
     domain_data,
     invitation_data,
     membership_data,
@@ -20,10 +24,6 @@ from histories import (
     role_data,
     user_data,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from sqlalchemy.orm import Session, sessionmaker
-
 from models.errors import PayloadError
 from models.events import MIRRORED_EVENT_TYPES, event_writes, parse_event
 from models.inbox import store_delivery

@@ -5,19 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from histories import (
-    T0,
-    deleted_stub,
-    invitation_data,
-    make_event,
-    membership_data,
-    organization_data,
-    permission_data,
-    role_data,
-)
+from histories import T0, make_event
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import invitation_data, membership_data, organization_data, permission_data, role_data
 from models.db import make_session_factory, session_scope
 from models.errors import PermanentError
 from models.events import Event

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import examples, truncate_all
-from helpers import envelope
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mirror_compare import describe, differences, mirror_snapshot
@@ -20,6 +19,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator import DEFAULT_SECRET_KEY, Emulator, EmulatorConfig
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.events import (
     INVITATION_RANK,
@@ -373,27 +380,29 @@ def test_orgsync_sync_prints_the_drift_and_json(emu: Emulator, sqlite_url: str, 
 
 
 def test_events_for_an_unseen_organization_ask_for_its_reconciliation(factory: sessionmaker[Session]) -> None:
+    def organization(org_id: str, name: str) -> dict[str, Any]:
+        return organization_data(org_id, name=name, slug=name, created_at=OMIT, **BARE_ORGANIZATION)
+
     def membership(org_id: str, user_id: str) -> dict[str, Any]:
-        return {
-            "object": "organization_membership",
-            "id": f"orgmem_{org_id}_{user_id}",
-            "role": "org:member",
-            "organization": {"object": "organization", "id": org_id, "name": org_id, "slug": org_id},
-            "public_user_data": {"user_id": user_id},
-            "created_at": 10,
-            "updated_at": 10,
-        }
+        return membership_data(
+            f"orgmem_{org_id}_{user_id}",
+            organization(org_id, org_id),
+            user_id,
+            public_user_data={"user_id": user_id},
+            created_at=10,
+            **BARE_MEMBERSHIP,
+        )
 
     bodies = [
         ("organizationMembership.created", membership("org_old", "user_1")),
         ("organizationMembership.created", membership("org_old", "user_2")),
-        ("organization.created", {"object": "organization", "id": "org_new", "name": "n", "slug": "n"}),
+        ("organization.created", organization("org_new", "n")),
         ("organizationMembership.created", membership("org_new", "user_1")),
     ]
     with session_scope(factory) as session:
         ids = [
             store_delivery(
-                session, svix_id=f"msg_{n}", body=envelope(kind, data, 1_000 + n), received_at=1
+                session, svix_id=f"msg_{n}", body=webhook_body(kind, data, 1_000 + n), received_at=1
             ).inbox_id
             for n, (kind, data) in enumerate(bodies)
         ]
@@ -405,7 +414,7 @@ def test_events_for_an_unseen_organization_ask_for_its_reconciliation(factory: s
     with session_scope(factory) as session:
         kind, data = bodies[1]
         more = store_delivery(
-            session, svix_id="msg_9", body=envelope(kind, data, 5_000), received_at=1
+            session, svix_id="msg_9", body=webhook_body(kind, data, 5_000), received_at=1
         ).inbox_id
     apply_inbox(factory, [more], now_ms=6_000, max_attempts=3, on_unseen_organizations=asked.append)
     assert asked == [["org_old"]]
@@ -455,21 +464,18 @@ class World:
         current = self.truth.get(user)
         if kind == "join" and current is None:
             self.messages += 1
-            self.truth[user] = {
-                "object": "organization_membership",
-                "id": f"orgmem_{self.messages}",
-                "role": role,
-                "organization": {
-                    "object": "organization",
-                    "id": ORG,
-                    "name": "P",
-                    "slug": "p",
-                    "updated_at": 1,
-                },
-                "public_user_data": {"user_id": user, "identifier": f"{user}@example.com"},
-                "created_at": now,
-                "updated_at": now,
-            }
+            organization = organization_data(
+                ORG, name="P", slug="p", created_at=OMIT, updated_at=1, **BARE_ORGANIZATION
+            )
+            self.truth[user] = membership_data(
+                f"orgmem_{self.messages}",
+                organization,
+                user,
+                role=role,
+                public_user_data={"user_id": user, "identifier": f"{user}@example.com"},
+                created_at=now,
+                **BARE_MEMBERSHIP,
+            )
             self.emit("created", self.truth[user], now)
         elif kind == "change" and current is not None:
             current["role"], current["updated_at"] = role, now

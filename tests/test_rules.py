@@ -13,6 +13,15 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from emulator.payloads import (
+    OMIT,
+    invitation_data,
+    membership_data,
+    organization_data,
+    permission_data,
+    role_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.events import Event
 from models.inbox import store_delivery
@@ -371,18 +380,26 @@ def test_the_first_matching_rule_wins() -> None:
 _counter = iter(range(1, 10**9))
 
 
+# Only the fields these tests read: what a payload leaves out (OMIT) the mirror stores as null.
 def org_data(
     org: str = "org_acme", slug: str = "acme", metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    return {
-        "object": "organization",
-        "id": org,
-        "name": slug.title(),
-        "slug": slug,
-        "public_metadata": metadata or {},
-        "created_at": NOW - 10_000,
-        "updated_at": NOW - 10_000,
-    }
+    return organization_data(
+        org,
+        name=slug.title(),
+        slug=slug,
+        image_url=OMIT,
+        has_image=OMIT,
+        members_count=OMIT,
+        missing_member_with_elevated_permissions=OMIT,
+        pending_invitations_count=OMIT,
+        max_allowed_memberships=OMIT,
+        admin_delete_enabled=OMIT,
+        public_metadata=metadata,
+        private_metadata=OMIT,
+        created_by=OMIT,
+        created_at=NOW - 10_000,
+    )
 
 
 def membership_event(
@@ -398,47 +415,55 @@ def membership_event(
     metadata: dict[str, Any] | None = None,
 ) -> Event:
     created = NOW + generation * 1_000_000
-    data = {
-        "object": "organization_membership",
-        "id": f"orgmem_{org}_{user}_{generation}",
-        "role": role,
-        "permissions": [],
-        "public_metadata": metadata or {},
-        "organization": org_data(org, slug),
-        "public_user_data": {"user_id": user, "identifier": email or f"{user}@acme.test"},
-        "created_at": created,
-        "updated_at": created + at,
-    }
+    data = membership_data(
+        f"orgmem_{org}_{user}_{generation}",
+        org_data(org, slug),
+        user,
+        role=role,
+        role_name=OMIT,
+        permissions=[],
+        public_metadata=metadata,
+        private_metadata=OMIT,
+        public_user_data={"user_id": user, "identifier": email or f"{user}@acme.test"},
+        created_at=created,
+        updated_at=created + at,
+    )
     return Event(f"msg_{next(_counter)}", f"organizationMembership.{action}", created + at, data)
 
 
 def invitation_accepted(user: str, *, org: str = "org_acme", at: int, metadata: dict[str, Any]) -> Event:
-    data = {
-        "object": "organization_invitation",
-        "id": f"orginv_{user}",
-        "email_address": f"{user}@acme.test",
-        "role": MEMBER,
-        "organization_id": org,
-        "status": "accepted",
-        "user_id": user,
-        "public_metadata": metadata,
-        "private_metadata": {},
-        "created_at": at - 5_000,
-        "updated_at": at,
-    }
+    data = invitation_data(
+        f"orginv_{user}",
+        org,
+        email=f"{user}@acme.test",
+        role=MEMBER,
+        role_name=OMIT,
+        status="accepted",
+        user_id=user,
+        public_metadata=metadata,
+        url=OMIT,
+        expires_at=OMIT,
+        created_at=at - 5_000,
+        updated_at=at,
+    )
     return Event(f"msg_{next(_counter)}", "organizationInvitation.accepted", at, data)
 
 
 def role_event(key: str, permissions: list[str]) -> Event:
-    data = {
-        "object": "role",
-        "id": f"role_{key}",
-        "key": key,
-        "name": key,
-        "permissions": [{"object": "permission", "key": p, "id": f"perm_{p}"} for p in permissions],
-        "created_at": NOW,
-        "updated_at": NOW,
-    }
+    data = role_data(
+        f"role_{key}",
+        key,
+        name=key,
+        description=OMIT,
+        is_creator_eligible=OMIT,
+        permissions=[
+            permission_data(
+                f"perm_{p}", p, name=OMIT, description=OMIT, type=OMIT, created_at=OMIT, updated_at=OMIT
+            )
+            for p in permissions
+        ],
+        created_at=NOW,
+    )
     return Event(f"msg_{next(_counter)}", "role.created", NOW, data)
 
 
@@ -753,9 +778,7 @@ def store(factory: sessionmaker[Session], *events: Event) -> list[int]:
     ids = []
     with session_scope(factory) as session:
         for event in events:
-            body = json.dumps(
-                {"type": event.type, "object": "event", "timestamp": event.timestamp_ms, "data": event.data}
-            )
+            body = webhook_body(event.type, event.data, event.timestamp_ms, instance_id=OMIT)
             ids.append(store_delivery(session, svix_id=event.svix_id, body=body, received_at=NOW).inbox_id)
     return ids
 

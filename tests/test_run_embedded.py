@@ -18,8 +18,16 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import TEST_SIGNING_SECRET, free_port
-from helpers import envelope, new_msg_id, signed_headers
+from helpers import new_msg_id, signed_headers
 from stack import TEST_BOUND_S, request
+
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on waiting for real processes; a test never asserts how fast anything is.
@@ -106,7 +114,7 @@ def running(
 
 
 def post_event(port: int, event_type: str, data: dict[str, Any], *, msg_id: str | None = None) -> int:
-    body = envelope(event_type, data, int(time.time() * 1000))
+    body = webhook_body(event_type, data, int(time.time() * 1000))
     status, _ = request(
         port,
         "POST",
@@ -118,28 +126,26 @@ def post_event(port: int, event_type: str, data: dict[str, Any], *, msg_id: str 
 
 
 def organization(at: int) -> dict[str, Any]:
-    return {
-        "object": "organization",
-        "id": "org_e2e",
-        "name": "End to End",
-        "slug": "e2e",
-        "public_metadata": {},
-        "created_at": at,
-        "updated_at": at,
-    }
+    return organization_data(
+        "org_e2e",
+        name="End to End",
+        slug="e2e",
+        created_at=at,
+        **{**BARE_ORGANIZATION, "public_metadata": {}},
+    )
 
 
 def membership(member_id: str, user_id: str, role: str, at: int, updated: int) -> dict[str, Any]:
-    return {
-        "object": "organization_membership",
-        "id": member_id,
-        "role": role,
-        "organization": organization(at),
-        "public_user_data": {"user_id": user_id, "identifier": f"{user_id}@e2e.test"},
-        "public_metadata": {},
-        "created_at": at,
-        "updated_at": updated,
-    }
+    return membership_data(
+        member_id,
+        organization(at),
+        user_id,
+        role=role,
+        public_user_data={"user_id": user_id, "identifier": f"{user_id}@e2e.test"},
+        created_at=at,
+        updated_at=updated,
+        **{**BARE_MEMBERSHIP, "public_metadata": {}},
+    )
 
 
 def orgsync(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

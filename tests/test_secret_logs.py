@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import redis
 from conftest import free_port, truncate_all
-from helpers import assert_no_secrets, envelope, signed_headers
+from helpers import assert_no_secrets, signed_headers
 from sqlalchemy import Engine, select
 from stack import FAST_SWEEPS, ROOT, TEST_BOUND_S, hermetic_env, request, running_stack
 
 from emulator import Emulator, EmulatorConfig
+from emulator.payloads import webhook_body
 from models.db import make_session_factory, session_scope
 from models.settings import Settings
 from models.tables import Command, CommandKind, CommandStatus, Membership
@@ -136,10 +137,10 @@ def test_debug_logs_and_tracebacks_carry_no_secret(
                 stack.wait_for("both commands to end", final)
 
                 # Deliveries that are unsigned, signed with another secret, or not what Clerk sends.
-                body = envelope("organization.updated", {"object": "organization"}, now)
+                body = webhook_body("organization.updated", {"object": "organization"}, now)
                 assert request(stack.port, "POST", "/webhooks/clerk", body, {})[0] == 400
                 assert stack.post(body, OTHER_SIGNING_SECRET) == 400
-                for bad in ("{not json", body, envelope("user.exploded", {"id": "user_x"}, now)):
+                for bad in ("{not json", body, webhook_body("user.exploded", {"id": "user_x"}, now)):
                     status, _ = request(
                         stack.port, "POST", "/webhooks/clerk", bad, signed_headers(signing_secret, bad)
                     )

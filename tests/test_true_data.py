@@ -9,12 +9,16 @@ from typing import Any
 import pytest
 from conftest import truncate_all
 from helpers import new_msg_id, signed_headers
-from histories import (
-    T0,
-    deleted_stub,
+from histories import T0, make_event
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from emulator.payloads import deleted as deleted_stub
+from emulator.payloads import (
     domain_data,
     invitation_data,
-    make_event,
     membership_data,
     organization_data,
     permission_data,
@@ -22,11 +26,6 @@ from histories import (
     user_data,
     user_public_data,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
-
 from models.db import make_session_factory, session_scope
 from models.errors import ConfigError, PermanentError
 from models.events import Event

@@ -20,12 +20,13 @@ import pytest
 from conftest import free_port
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import envelope, new_msg_id, signed_headers
+from helpers import new_msg_id, signed_headers
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
+from emulator.payloads import webhook_body
 from models.db import create_db_engine, make_session_factory
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
@@ -34,7 +35,7 @@ from worker.apply import apply_inbox
 
 PATH = "/webhooks/clerk"
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-for-the-rotation!").decode()
-BODY = envelope(
+BODY = webhook_body(
     "organizationMembership.created",
     {"object": "organization_membership", "id": "orgmem_1", "role": "org:admin"},
     1_700_000_000_000,
@@ -319,7 +320,7 @@ def test_verified_garbage_is_stored_rejected_and_acknowledged(
 def test_unknown_type_is_stored_ignored_and_acknowledged(
     client: FlaskClient, sqlite_engine: Engine, signing_secret: str, sent: Sent
 ) -> None:
-    body = envelope("session.created", {"id": "sess_1"}, 1_700_000_000_000)
+    body = webhook_body("session.created", {"id": "sess_1"}, 1_700_000_000_000)
     response = post(client, body, signed_headers(signing_secret, body))
     assert response.status_code == 200
     assert response.get_json()["status"] == "ignored"
@@ -393,7 +394,7 @@ def test_accepted_and_duplicate_on_both_databases(
 def organization_body(**changes: Any) -> str:
     data = {"object": "organization", "id": "org_1", "name": "Acme", "slug": "acme", "created_at": 1}
     data.update(changes)
-    return envelope("organization.created", data, 1_700_000_000_000)
+    return webhook_body("organization.created", data, 1_700_000_000_000)
 
 
 UNSTORABLE = [
@@ -407,7 +408,7 @@ UNSTORABLE = [
     (organization_body().replace("1700000000000", "Infinity"), "timestamp is not a finite number"),
     (organization_body().replace("1700000000000", "NaN"), "timestamp is not a finite number"),
     (
-        envelope("role.created", {"id": "role_1", "key": "org:" + "k" * 200}, 1_700_000_000_000),
+        webhook_body("role.created", {"id": "role_1", "key": "org:" + "k" * 200}, 1_700_000_000_000),
         "roles.key is longer than 128 characters",
     ),
 ]

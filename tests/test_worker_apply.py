@@ -7,12 +7,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.apply
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import RetryableError
 from models.events import Event
@@ -34,23 +42,24 @@ T0 = 1_700_000_000_000
 
 
 def membership_body(org: str, user: str, role: str = "org:member", *, at: int = T0) -> str:
-    return envelope(
+    organization = organization_data(org, name=org, slug=org, created_at=T0, object=OMIT, **BARE_ORGANIZATION)
+    return webhook_body(
         "organizationMembership.created",
-        {
-            "object": "organization_membership",
-            "id": f"orgmem_{org}_{user}",
-            "role": role,
-            "organization": {"id": org, "name": org, "slug": org, "created_at": T0, "updated_at": T0},
-            "public_user_data": {"user_id": user, "identifier": f"{user}@example.com"},
-            "created_at": at,
-            "updated_at": at,
-        },
+        membership_data(
+            f"orgmem_{org}_{user}",
+            organization,
+            user,
+            role=role,
+            public_user_data={"user_id": user, "identifier": f"{user}@example.com"},
+            created_at=at,
+            **BARE_MEMBERSHIP,
+        ),
         at,
     )
 
 
 # A valid envelope of a known type (the inbox stores it as pending) that the full parser refuses.
-NO_ROLE = envelope(
+NO_ROLE = webhook_body(
     "organizationMembership.created",
     {"id": "orgmem_x", "organization": {"id": "org_x"}, "public_user_data": {"user_id": "user_x"}},
     T0,

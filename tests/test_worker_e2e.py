@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import envelope, new_msg_id
+from helpers import new_msg_id
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import TEST_BOUND_S, log_tail, stop_process
 
+from emulator.payloads import (
+    BARE_MEMBERSHIP,
+    BARE_ORGANIZATION,
+    OMIT,
+    membership_data,
+    organization_data,
+    webhook_body,
+)
 from models.db import make_session_factory, session_scope
 from models.inbox import store_delivery
 from models.settings import Settings
@@ -38,17 +46,19 @@ def membership_body(
     event_type = (
         "organizationMembership.created" if updated_at == created_at else "organizationMembership.updated"
     )
-    return envelope(
+    organization = organization_data(org, name=org, slug=org, created_at=T0, object=OMIT, **BARE_ORGANIZATION)
+    return webhook_body(
         event_type,
-        {
-            "object": "organization_membership",
-            "id": f"orgmem_{org}_{user}",
-            "role": role,
-            "organization": {"id": org, "name": org, "slug": org, "created_at": T0, "updated_at": T0},
-            "public_user_data": {"user_id": user, "identifier": f"{user}@example.com"},
-            "created_at": created_at,
-            "updated_at": updated_at,
-        },
+        membership_data(
+            f"orgmem_{org}_{user}",
+            organization,
+            user,
+            role=role,
+            public_user_data={"user_id": user, "identifier": f"{user}@example.com"},
+            created_at=created_at,
+            updated_at=updated_at,
+            **BARE_MEMBERSHIP,
+        ),
         updated_at,
     )
 
@@ -141,7 +151,7 @@ def test_worker_applies_events_sent_through_the_broker(
     )
     unparseable = store(
         factory,
-        [envelope("organizationMembership.created", {"id": "orgmem_bad", "role": "org:member"}, T0)],
+        [webhook_body("organizationMembership.created", {"id": "orgmem_bad", "role": "org:member"}, T0)],
         received_at=now,
     )
 

@@ -12,6 +12,7 @@ from flask import Flask, Response, request
 from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 
+from api import create_api_blueprint
 from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
@@ -207,6 +208,9 @@ def create_app(
             logger.warning("not ready: %s", ", ".join(f"{name} {checks[name]}" for name in failed))
             return _json(503, {"status": "unavailable", "failed": failed, "checks": checks})
         return _json(200, {"status": "ok", "checks": checks})
+
+    if settings.api_tokens:
+        app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))
 
     app.add_url_rule(WEBHOOK_PATH, "receive_webhook", receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])

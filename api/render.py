@@ -1,0 +1,166 @@
+"""Views of the read layer rendered in Clerk's JSON shapes (snake_case, epoch milliseconds).
+
+Fields the mirror does not hold are left out where Clerk's schema makes them optional
+(``role_set_key``, ``last_active_at``, ``missing_member_with_elevated_permissions``) and
+given their empty value where it requires them (a user's email addresses, phone numbers,
+web3 wallets, passkeys and external accounts are empty lists, its security flags false and
+its activity timestamps null): the mirror keeps users' public data only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.queries import MembershipView, OrganizationView, PermissionView, RoleView
+from models.reads import CountedOrganizationView, InvitationDetailView, PublicUserView, TimedPermissionView
+
+Json = dict[str, Any]
+
+
+def organization(org: OrganizationView, *, counts: bool) -> Json:
+    data: Json = {
+        "object": "organization",
+        "id": org.id,
+        "name": org.name or "",
+        "slug": org.slug or "",
+        "has_image": org.has_image,
+        # Clerk's defaults when a payload lacked them: no limit, deletion by admins allowed.
+        "max_allowed_memberships": org.max_allowed_memberships or 0,
+        "admin_delete_enabled": True if org.admin_delete_enabled is None else org.admin_delete_enabled,
+        "public_metadata": org.public_metadata,
+        "private_metadata": org.private_metadata,
+        "created_at": org.created_at,
+        "updated_at": org.updated_at,
+    }
+    if org.image_url is not None:
+        data["image_url"] = org.image_url
+    if org.created_by is not None:
+        data["created_by"] = org.created_by
+    if counts:
+        data["members_count"] = org.members_count
+        if isinstance(org, CountedOrganizationView):
+            data["pending_invitations_count"] = org.pending_invitations_count
+    return data
+
+
+def public_user_data(data: Json) -> Json:
+    result = dict(data)
+    for key in ("first_name", "last_name"):
+        result.setdefault(key, None)
+    result.setdefault("image_url", result.get("profile_image_url") or "")
+    result.setdefault("profile_image_url", result["image_url"])
+    result.setdefault("has_image", False)
+    return result
+
+
+def membership(mem: MembershipView) -> Json:
+    return {
+        "object": "organization_membership",
+        "id": mem.id,
+        "role": mem.role,
+        "role_name": mem.role_name,
+        "permissions": mem.permissions,
+        "public_metadata": mem.public_metadata,
+        "private_metadata": mem.private_metadata,
+        "organization": None if mem.organization is None else organization(mem.organization, counts=True),
+        "public_user_data": public_user_data(mem.public_user_data),
+        "created_at": mem.created_at,
+        "updated_at": mem.updated_at,
+    }
+
+
+def invitation(inv: InvitationDetailView, *, with_organization: bool = False) -> Json:
+    data: Json = {
+        "object": "organization_invitation",
+        "id": inv.id,
+        "email_address": inv.email_address,
+        "role": inv.role,
+        "role_name": inv.role_name,
+        "organization_id": inv.organization_id,
+        "inviter_id": inv.inviter_id,
+        "public_inviter_data": inv.public_inviter_data,
+        "status": inv.status,
+        "public_metadata": inv.public_metadata,
+        "private_metadata": inv.private_metadata,
+        "url": inv.url,
+        "expires_at": inv.expires_at,
+        "created_at": inv.created_at,
+        "updated_at": inv.updated_at,
+    }
+    if inv.user_id is not None:
+        data["user_id"] = inv.user_id
+    if with_organization and inv.public_organization_data is not None:
+        data["public_organization_data"] = inv.public_organization_data
+    return data
+
+
+def permission(perm: PermissionView) -> Json:
+    data: Json = {
+        "object": "permission",
+        "id": perm.id,
+        "name": perm.name,
+        "key": perm.key,
+        "description": perm.description,
+        "type": perm.type,
+    }
+    if isinstance(perm, TimedPermissionView):
+        data["created_at"] = perm.created_at
+        data["updated_at"] = perm.updated_at
+    return data
+
+
+def role(rec: RoleView) -> Json:
+    return {
+        "object": "role",
+        "id": rec.id,
+        "name": rec.name,
+        "key": rec.key,
+        "description": rec.description,
+        "is_creator_eligible": bool(rec.is_creator_eligible),
+        "permissions": [permission(p) for p in rec.permissions],
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+def user(rec: PublicUserView) -> Json:
+    image = rec.image_url or ""
+    return {
+        "object": "user",
+        "id": rec.id,
+        "external_id": None,
+        "primary_email_address_id": None,
+        "primary_phone_number_id": None,
+        "primary_web3_wallet_id": None,
+        "username": rec.username,
+        "first_name": rec.first_name,
+        "last_name": rec.last_name,
+        "image_url": image,
+        "profile_image_url": image,
+        "has_image": rec.has_image,
+        "public_metadata": rec.public_metadata,
+        "email_addresses": [],
+        "phone_numbers": [],
+        "web3_wallets": [],
+        "passkeys": [],
+        "password_enabled": False,
+        "two_factor_enabled": False,
+        "totp_enabled": False,
+        "backup_code_enabled": False,
+        "mfa_enabled_at": None,
+        "mfa_disabled_at": None,
+        "external_accounts": [],
+        "saml_accounts": [],
+        "enterprise_accounts": [],
+        "last_sign_in_at": None,
+        "banned": False,
+        "locked": False,
+        "lockout_expires_in_seconds": None,
+        "verification_attempts_remaining": None,
+        "delete_self_enabled": False,
+        "create_organization_enabled": False,
+        "last_active_at": None,
+        "legal_accepted_at": None,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }

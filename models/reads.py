@@ -1,0 +1,773 @@
+"""Clerk's list calls over the mirror: typed filters in, typed views and a total count out.
+
+One read layer for every entry point (HTTP, Python, CLI): each function takes a session and
+the filters of the matching Backend API endpoint, with Clerk's paging (``limit`` 1..500,
+``offset`` >= 0) and ordering (``order_by``: a field, optionally prefixed by ``+`` or ``-``;
+ties broken by ``created_at`` then id, in the same direction, as Clerk's listings). Each
+list costs a fixed number of queries whatever the page size: rows, total, then one query per
+kind of related data (organizations, counts, inviters), never one per row.
+
+An unknown organization or user yields ``None`` from the call that needs it, so that the
+HTTP layer can answer Clerk's 404; bad filters raise ``InvalidParameterError`` naming the
+parameter. Fields the mirror does not hold are left out here and listed in ``api.render``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select
+from sqlalchemy.orm import Session
+
+from models.queries import (
+    INVITATION_STATUSES,
+    MAX_PAGE_SIZE,
+    InvalidQueryError,
+    InvitationView,
+    MembershipView,
+    OrganizationView,
+    PermissionView,
+    RoleView,
+    invitation_status,
+)
+from models.tables import Invitation, Membership, Organization, Permission, Role, User
+
+T = TypeVar("T")
+
+MAX_FILTER_VALUES = 100
+ORGANIZATION_ORDER = ("created_at", "name", "members_count")
+MEMBERSHIP_ORDER = ("created_at", "email_address", "first_name", "last_name", "username", "phone_number")
+INVITATION_ORDER = ("created_at", "email_address")
+ROLE_ORDER = ("created_at", "name", "key")
+PERMISSION_ORDER = ("created_at", "name", "key")
+USER_ORDER = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
+
+
+class InvalidParameterError(InvalidQueryError):
+    """A filter or paging argument out of range; ``param`` names it as Clerk's API does."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param} {message}")
+        self.param = param
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class Listing(Generic[T]):
+    """One page of a list and the number of matches across all pages (Clerk's ``total_count``)."""
+
+    data: list[T]
+    total_count: int
+
+
+@dataclass(frozen=True)
+class Order:
+    field: str
+    descending: bool
+
+
+@dataclass(frozen=True)
+class CountedOrganizationView(OrganizationView):
+    """An organization with the counts Clerk adds on request and inside memberships."""
+
+    pending_invitations_count: int = 0
+
+
+@dataclass(frozen=True)
+class TimedPermissionView(PermissionView):
+    created_at: int | None = None
+    updated_at: int | None = None
+
+
+@dataclass(frozen=True)
+class InvitationDetailView(InvitationView):
+    """An invitation with its inviter's public data (from the mirrored users) and its organization's."""
+
+    public_inviter_data: dict[str, Any] | None = None
+    public_organization_data: dict[str, Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class PublicUserView:
+    """A user's public data, as the mirror holds it (no email list, phones or private metadata)."""
+
+    id: str
+    identifier: str | None
+    username: str | None
+    first_name: str | None
+    last_name: str | None
+    image_url: str | None
+    has_image: bool
+    public_metadata: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+
+
+# ------------------------------------------------------------------ arguments
+def check_window(limit: int, offset: int) -> None:
+    """Clerk's paging: ``1 <= limit <= 500`` and ``offset >= 0``."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidParameterError("limit", f"must be a whole number from 1 to {MAX_PAGE_SIZE}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidParameterError("offset", "must be a whole number greater than or equal to 0")
+
+
+def parse_order(order_by: str | None, allowed: Sequence[str], default: str = "-created_at") -> Order:
+    """``name``, ``+name`` (ascending) or ``-name`` (descending), ``name`` one of ``allowed``."""
+    value = (order_by or default).strip()
+    descending = value.startswith("-")
+    name = value[1:] if value[:1] in "+-" and value else value
+    if name not in allowed:
+        raise InvalidParameterError(
+            "order_by", f"must be one of {', '.join(allowed)}, optionally prefixed by + or -"
+        )
+    return Order(name, descending)
+
+
+def _values(param: str, values: Iterable[str]) -> list[str]:
+    items = [value for value in values if value]
+    if len(items) > MAX_FILTER_VALUES:
+        raise InvalidParameterError(param, f"accepts at most {MAX_FILTER_VALUES} values")
+    return items
+
+
+def _split_signed(param: str, values: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Clerk's ``+id`` (include, also the default) and ``-id`` (exclude) lists."""
+    include: list[str] = []
+    exclude: list[str] = []
+    for value in _values(param, values):
+        if value.startswith("-"):
+            exclude.append(value[1:])
+        else:
+            include.append(value.removeprefix("+"))
+    return include, exclude
+
+
+def _contains(column: Any, text: str) -> ColumnElement[bool]:
+    result: ColumnElement[bool] = func.lower(column).contains(text.lower(), autoescape=True)
+    return result
+
+
+def _ordered(query: Select[Any], order: Order, key: Any, created_at: Any, ident: Any) -> Select[Any]:
+    # Clerk's order: NULLs first ascending (last descending), then created_at and id the same way.
+    if order.descending:
+        return query.order_by(key.desc().nulls_last(), created_at.desc().nulls_last(), ident.desc())
+    return query.order_by(key.asc().nulls_first(), created_at.asc().nulls_first(), ident.asc())
+
+
+def _window(session: Session, query: Select[Any], limit: int, offset: int) -> tuple[list[Any], int]:
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+    rows = list(session.scalars(query.limit(limit).offset(offset))) if total > offset else []
+    return rows, int(total)
+
+
+# -------------------------------------------------------------- organizations
+def _live_org_row(session: Session, id_or_slug: str) -> Organization | None:
+    live = Organization.deleted.is_(False)
+    row = session.scalars(select(Organization).where(Organization.id == id_or_slug, live)).first()
+    if row is None:
+        row = session.scalars(
+            select(Organization)
+            .where(Organization.slug == id_or_slug, live)
+            .order_by(Organization.created_at.desc(), Organization.id)
+        ).first()
+    return row
+
+
+def _member_counts(session: Session, org_ids: Sequence[str]) -> dict[str, int]:
+    if not org_ids:
+        return {}
+    rows = session.execute(
+        select(Membership.organization_id, func.count())
+        .where(Membership.organization_id.in_(org_ids), Membership.deleted.is_(False))
+        .group_by(Membership.organization_id)
+    )
+    return {org_id: int(count) for org_id, count in rows}
+
+
+def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> dict[str, int]:
+    if not org_ids:
+        return {}
+    rows = session.execute(
+        select(Invitation.organization_id, func.count())
+        .where(
+            Invitation.organization_id.in_(org_ids),
+            Invitation.deleted.is_(False),
+            Invitation.status == "pending",
+            or_(Invitation.expires_at.is_(None), Invitation.expires_at > now_ms),
+        )
+        .group_by(Invitation.organization_id)
+    )
+    return {org_id: int(count) for org_id, count in rows}
+
+
+def _organization_records(
+    session: Session, rows: Sequence[Organization], now_ms: int
+) -> dict[str, CountedOrganizationView]:
+    ids = [row.id for row in rows]
+    members = _member_counts(session, ids)
+    pending = _pending_counts(session, ids, now_ms)
+    return {
+        row.id: CountedOrganizationView(
+            id=row.id,
+            name=row.name,
+            slug=row.slug,
+            image_url=row.image_url,
+            has_image=bool(row.has_image),
+            max_allowed_memberships=row.max_allowed_memberships,
+            admin_delete_enabled=row.admin_delete_enabled,
+            members_count=members.get(row.id, 0),
+            created_by=row.created_by,
+            public_metadata=dict(row.public_metadata or {}),
+            private_metadata=dict(row.private_metadata or {}),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            pending_invitations_count=pending.get(row.id, 0),
+        )
+        for row in rows
+    }
+
+
+def _now(now_ms: int | None) -> int:
+    return int(time.time() * 1000) if now_ms is None else now_ms
+
+
+def get_organization(
+    session: Session, id_or_slug: str, *, now_ms: int | None = None
+) -> CountedOrganizationView | None:
+    """The live organization with this id or slug, or None."""
+    row = _live_org_row(session, id_or_slug)
+    if row is None:
+        return None
+    return _organization_records(session, [row], _now(now_ms))[row.id]
+
+
+def list_organizations(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    query: str | None = None,
+    user_ids: Sequence[str] = (),
+    organization_ids: Sequence[str] = (),
+    now_ms: int | None = None,
+) -> Listing[CountedOrganizationView]:
+    """Live organizations; ``query`` matches the id exactly or the name or slug in part."""
+    check_window(limit, offset)
+    order = parse_order(order_by, ORGANIZATION_ORDER)
+    include_users, exclude_users = _split_signed("user_id", user_ids)
+    include_orgs, exclude_orgs = _split_signed("organization_id", organization_ids)
+    conditions: list[ColumnElement[bool]] = [Organization.deleted.is_(False)]
+    if query:
+        conditions.append(
+            or_(
+                Organization.id == query,
+                _contains(Organization.name, query),
+                _contains(Organization.slug, query),
+            )
+        )
+
+    def with_member(users: list[str]) -> Select[Any]:
+        return select(Membership.organization_id).where(
+            Membership.user_id.in_(users), Membership.deleted.is_(False)
+        )
+
+    if include_users:
+        conditions.append(Organization.id.in_(with_member(include_users)))
+    if exclude_users:
+        conditions.append(Organization.id.not_in(with_member(exclude_users)))
+    if include_orgs:
+        conditions.append(Organization.id.in_(include_orgs))
+    if exclude_orgs:
+        conditions.append(Organization.id.not_in(exclude_orgs))
+    statement = select(Organization).where(*conditions)
+    key: Any
+    if order.field == "members_count":
+        counts = (
+            select(Membership.organization_id.label("org_id"), func.count().label("n"))
+            .where(Membership.deleted.is_(False))
+            .group_by(Membership.organization_id)
+            .subquery()
+        )
+        statement = statement.outerjoin(counts, counts.c.org_id == Organization.id)
+        key = func.coalesce(counts.c.n, 0)
+    else:
+        key = getattr(Organization, order.field)
+    statement = _ordered(statement, order, key, Organization.created_at, Organization.id)
+    rows, total = _window(session, statement, limit, offset)
+    records = _organization_records(session, rows, _now(now_ms))
+    return Listing([records[row.id] for row in rows], total)
+
+
+# ---------------------------------------------------------------- memberships
+def _user_data_field(name: str) -> Any:
+    return Membership.public_user_data[name].as_string()
+
+
+def _membership_views(
+    session: Session, rows: Sequence[Any], now_ms: int, org: Organization | None = None
+) -> list[MembershipView]:
+    """Views of membership rows: ORM objects or plain rows with the same column names."""
+    org_ids = sorted({row.organization_id for row in rows})
+    if org is not None and org_ids == [org.id]:
+        org_rows = [org]  # one organization's page: already read, no second query
+    elif org_ids:
+        org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(org_ids))))
+    else:
+        org_rows = []
+    orgs = _organization_records(session, org_rows, now_ms)
+    views = []
+    for row in rows:
+        user_data = dict(row.public_user_data or {})
+        user_data["user_id"] = row.user_id
+        user_data.setdefault("identifier", row.identifier)
+        views.append(
+            MembershipView(
+                id=row.id,
+                organization_id=row.organization_id,
+                user_id=row.user_id,
+                role=row.role,
+                role_name=row.role_name,
+                permissions=list(row.permissions or []),
+                public_metadata=dict(row.public_metadata or {}),
+                private_metadata=dict(row.private_metadata or {}),
+                public_user_data=user_data,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                organization=orgs.get(row.organization_id),
+            )
+        )
+    return views
+
+
+def _user_exists(session: Session, user_id: str) -> bool:
+    live_user = select(User.id).where(User.id == user_id, User.deleted.is_(False))
+    if session.scalar(live_user) is not None:
+        return True
+    member = select(Membership.user_id).where(Membership.user_id == user_id, Membership.deleted.is_(False))
+    return session.scalar(member.limit(1)) is not None
+
+
+def list_memberships(
+    session: Session,
+    *,
+    organization: str | None = None,
+    user: str | None = None,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    roles: Sequence[str] = (),
+    user_ids: Sequence[str] = (),
+    email_addresses: Sequence[str] = (),
+    usernames: Sequence[str] = (),
+    query: str | None = None,
+    email_address_query: str | None = None,
+    username_query: str | None = None,
+    name_query: str | None = None,
+    created_at_before: int | None = None,
+    created_at_after: int | None = None,
+    now_ms: int | None = None,
+) -> Listing[MembershipView] | None:
+    """Live memberships: of one organization (id or slug), of one user, or of the whole instance.
+
+    None when the organization or user named is unknown. ``created_at_before``/``_after``
+    are about the user's creation, as Clerk's, so they match only users the mirror holds.
+    """
+    check_window(limit, offset)
+    order = parse_order(order_by, MEMBERSHIP_ORDER)
+    include_users, exclude_users = _split_signed("user_id", user_ids)
+    wanted_roles = _values("role", roles)
+    emails = [email.lower() for email in _values("email_address", email_addresses)]
+    names = _values("username", usernames)
+    conditions: list[ColumnElement[bool]] = [Membership.deleted.is_(False)]
+    org: Organization | None = None
+    if organization is not None:
+        org = _live_org_row(session, organization)
+        if org is None:
+            return None
+        conditions.append(Membership.organization_id == org.id)
+    if user is not None:
+        if not _user_exists(session, user):
+            return None
+        conditions.append(Membership.user_id == user)
+    if wanted_roles:
+        conditions.append(Membership.role.in_(wanted_roles))
+    if include_users:
+        conditions.append(Membership.user_id.in_(include_users))
+    if exclude_users:
+        conditions.append(Membership.user_id.not_in(exclude_users))
+    if emails:
+        conditions.append(func.lower(Membership.identifier).in_(emails))
+    if names:
+        conditions.append(_user_data_field("username").in_(names))
+    if query:
+        conditions.append(
+            or_(
+                Membership.user_id == query,
+                _contains(Membership.identifier, query),
+                *(
+                    _contains(_user_data_field(name), query)
+                    for name in ("username", "first_name", "last_name")
+                ),
+            )
+        )
+    if email_address_query:
+        conditions.append(_contains(Membership.identifier, email_address_query))
+    if username_query:
+        conditions.append(_contains(_user_data_field("username"), username_query))
+    if name_query:
+        conditions.append(
+            or_(*(_contains(_user_data_field(name), name_query) for name in ("first_name", "last_name")))
+        )
+    # Plain rows, with the total of the whole selection on each: one round trip, no ORM objects.
+    statement = select(*Membership.__table__.c, func.count().over().label("total_count"))
+    if created_at_before is not None or created_at_after is not None:
+        statement = statement.join(User, and_(User.id == Membership.user_id, User.deleted.is_(False)))
+        if created_at_before is not None:
+            conditions.append(User.created_at < created_at_before)
+        if created_at_after is not None:
+            conditions.append(User.created_at > created_at_after)
+    key: Any
+    if order.field == "created_at":
+        key = Membership.created_at
+    elif order.field == "email_address":
+        key = Membership.identifier
+    elif order.field == "phone_number":
+        key = null()  # the mirror holds no phone numbers: all tie
+    else:
+        key = _user_data_field(order.field)
+    statement = _ordered(statement.where(*conditions), order, key, Membership.created_at, Membership.id)
+    rows = list(session.execute(statement.limit(limit).offset(offset)))
+    if rows:
+        total = int(rows[0].total_count)
+    elif offset == 0:
+        total = 0
+    else:  # past the end: the rows that would carry the total are not there
+        total = int(session.scalar(select(func.count()).select_from(statement.subquery())) or 0)
+    return Listing(_membership_views(session, rows, _now(now_ms), org), total)
+
+
+# ---------------------------------------------------------------- invitations
+def _status_condition(status: str, now_ms: int) -> ColumnElement[bool]:
+    not_expired = or_(Invitation.expires_at.is_(None), Invitation.expires_at > now_ms)
+    if status == "pending":
+        return and_(Invitation.status == "pending", not_expired)
+    if status == "expired":
+        return and_(Invitation.status == "pending", Invitation.expires_at <= now_ms)
+    return Invitation.status == status
+
+
+def _public_users(session: Session, user_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    ids = sorted(set(user_ids))
+    if not ids:
+        return {}
+    rows = session.scalars(select(User).where(User.id.in_(ids), User.deleted.is_(False)))
+    return {
+        row.id: {
+            "user_id": row.id,
+            "first_name": row.first_name,
+            "last_name": row.last_name,
+            "image_url": row.image_url,
+            "has_image": bool(row.has_image),
+            "identifier": row.identifier,
+        }
+        for row in rows
+    }
+
+
+def _invitation_records(
+    session: Session, rows: Sequence[Invitation], now_ms: int
+) -> list[InvitationDetailView]:
+    inviters = _public_users(session, (row.inviter_id for row in rows if row.inviter_id))
+    org_ids = sorted({row.organization_id for row in rows})
+    orgs = {
+        org.id: {
+            "id": org.id,
+            "name": org.name,
+            "slug": org.slug,
+            "image_url": org.image_url,
+            "has_image": bool(org.has_image),
+        }
+        for org in (
+            session.scalars(select(Organization).where(Organization.id.in_(org_ids))) if org_ids else []
+        )
+    }
+    return [
+        InvitationDetailView(
+            id=row.id,
+            organization_id=row.organization_id,
+            email_address=row.email_address,
+            role=row.role,
+            role_name=row.role_name,
+            status=invitation_status(row.status, row.expires_at, now_ms),
+            user_id=row.user_id,
+            inviter_id=row.inviter_id,
+            url=row.url,
+            public_metadata=dict(row.public_metadata or {}),
+            private_metadata=dict(row.private_metadata or {}),
+            expires_at=row.expires_at,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            public_inviter_data=inviters.get(row.inviter_id) if row.inviter_id else None,
+            public_organization_data=orgs.get(row.organization_id),
+        )
+        for row in rows
+    ]
+
+
+def _user_emails(session: Session, user_id: str) -> list[str]:
+    found = session.scalar(select(User.identifier).where(User.id == user_id, User.deleted.is_(False)))
+    emails = {found.lower()} if found else set()
+    emails.update(
+        identifier.lower()
+        for identifier in session.scalars(
+            select(Membership.identifier).where(Membership.user_id == user_id, Membership.deleted.is_(False))
+        )
+        if identifier
+    )
+    return sorted(emails)
+
+
+def list_invitations(
+    session: Session,
+    *,
+    organization: str | None = None,
+    user: str | None = None,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    status: str | Sequence[str] | None = None,
+    email_address: str | None = None,
+    query: str | None = None,
+    now_ms: int | None = None,
+) -> Listing[InvitationDetailView] | None:
+    """Invitations of one organization (id or slug), of one user, or of the whole instance.
+
+    A user's invitations are those sent to the user's email or accepted by the user. None when
+    the organization or user named is unknown. ``status`` is one or several statuses (any
+    matches); ``expired`` is derived from ``expires_at``.
+    """
+    check_window(limit, offset)
+    order = parse_order(order_by, INVITATION_ORDER)
+    statuses = _values("status", [status] if isinstance(status, str) else status or ())
+    if any(item not in INVITATION_STATUSES for item in statuses):
+        raise InvalidParameterError("status", f"must be one of {', '.join(INVITATION_STATUSES)}")
+    now = _now(now_ms)
+    conditions: list[ColumnElement[bool]] = [Invitation.deleted.is_(False)]
+    if organization is not None:
+        org = _live_org_row(session, organization)
+        if org is None:
+            return None
+        conditions.append(Invitation.organization_id == org.id)
+    if user is not None:
+        if not _user_exists(session, user):
+            return None
+        emails = _user_emails(session, user)
+        mine = Invitation.user_id == user
+        conditions.append(or_(mine, func.lower(Invitation.email_address).in_(emails)) if emails else mine)
+    if statuses:
+        conditions.append(or_(*(_status_condition(item, now) for item in statuses)))
+    if email_address:
+        conditions.append(func.lower(Invitation.email_address) == email_address.lower())
+    if query:
+        conditions.append(_contains(Invitation.email_address, query))
+    key = getattr(Invitation, order.field)
+    statement = _ordered(
+        select(Invitation).where(*conditions), order, key, Invitation.created_at, Invitation.id
+    )
+    rows, total = _window(session, statement, limit, offset)
+    return Listing(_invitation_records(session, rows, now), total)
+
+
+def get_invitation(
+    session: Session, organization: str, invitation_id: str, *, now_ms: int | None = None
+) -> InvitationDetailView | None:
+    """One invitation of the live organization (id or slug), or None."""
+    org = _live_org_row(session, organization)
+    if org is None:
+        return None
+    row = session.scalars(
+        select(Invitation).where(
+            Invitation.id == invitation_id,
+            Invitation.organization_id == org.id,
+            Invitation.deleted.is_(False),
+        )
+    ).first()
+    return None if row is None else _invitation_records(session, [row], _now(now_ms))[0]
+
+
+# ------------------------------------------------------- roles and permissions
+def _permission_record(row: Permission) -> TimedPermissionView:
+    return TimedPermissionView(
+        key=row.key or "",
+        id=row.id,
+        name=row.name,
+        description=row.description,
+        type=row.type,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _catalogue_query(table: type[Role] | type[Permission], order: Order, query: str | None) -> Select[Any]:
+    conditions: list[ColumnElement[bool]] = [table.deleted.is_(False)]
+    if query:
+        conditions.append(or_(table.id == query, _contains(table.name, query), _contains(table.key, query)))
+    column: Any = getattr(table, order.field)
+    return _ordered(select(table).where(*conditions), order, column, table.created_at, table.id)
+
+
+def _role_views(session: Session, rows: Sequence[Role]) -> list[RoleView]:
+    keys = sorted({key for row in rows for key in row.permissions or []})
+    known = {
+        row.key: _permission_record(row)
+        for row in (
+            session.scalars(select(Permission).where(Permission.key.in_(keys), Permission.deleted.is_(False)))
+            if keys
+            else []
+        )
+        if row.key is not None
+    }
+    return [
+        RoleView(
+            id=row.id,
+            key=row.key,
+            name=row.name,
+            description=row.description,
+            is_creator_eligible=row.is_creator_eligible,
+            permissions=[known.get(key) or PermissionView(key=key) for key in row.permissions or []],
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def get_role(session: Session, role_id: str) -> RoleView | None:
+    """The live role with this id, or None."""
+    row = session.scalars(select(Role).where(Role.id == role_id, Role.deleted.is_(False))).first()
+    return None if row is None else _role_views(session, [row])[0]
+
+
+def get_permission(session: Session, permission_id: str) -> TimedPermissionView | None:
+    """The live permission with this id, or None."""
+    row = session.scalars(
+        select(Permission).where(Permission.id == permission_id, Permission.deleted.is_(False))
+    ).first()
+    return None if row is None else _permission_record(row)
+
+
+def list_roles(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    query: str | None = None,
+) -> Listing[RoleView]:
+    """Live roles, each with its permissions as full Permission objects where the mirror knows them."""
+    check_window(limit, offset)
+    order = parse_order(order_by, ROLE_ORDER)
+    rows, total = _window(session, _catalogue_query(Role, order, query), limit, offset)
+    return Listing(_role_views(session, rows), total)
+
+
+def list_permissions(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    query: str | None = None,
+) -> Listing[TimedPermissionView]:
+    """Live permissions; ``query`` matches the id exactly or the name or key in part."""
+    check_window(limit, offset)
+    order = parse_order(order_by, PERMISSION_ORDER)
+    rows, total = _window(session, _catalogue_query(Permission, order, query), limit, offset)
+    return Listing([_permission_record(row) for row in rows], total)
+
+
+# ---------------------------------------------------------------------- users
+def _user_record(row: User) -> PublicUserView:
+    return PublicUserView(
+        id=row.id,
+        identifier=row.identifier,
+        username=row.username,
+        first_name=row.first_name,
+        last_name=row.last_name,
+        image_url=row.image_url,
+        has_image=bool(row.has_image),
+        public_metadata=dict(row.public_metadata or {}),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def get_user(session: Session, user_id: str) -> PublicUserView | None:
+    """The live user's public data, or None."""
+    row = session.scalars(select(User).where(User.id == user_id, User.deleted.is_(False))).first()
+    return None if row is None else _user_record(row)
+
+
+def list_users(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    user_ids: Sequence[str] = (),
+    email_addresses: Sequence[str] = (),
+    usernames: Sequence[str] = (),
+    organization_ids: Sequence[str] = (),
+    query: str | None = None,
+    created_at_before: int | None = None,
+    created_at_after: int | None = None,
+) -> Listing[PublicUserView]:
+    """Live users' public data, with the filters of Clerk's user list that the mirror can answer."""
+    check_window(limit, offset)
+    order = parse_order(order_by, USER_ORDER)
+    include_users, exclude_users = _split_signed("user_id", user_ids)
+    include_orgs, exclude_orgs = _split_signed("organization_id", organization_ids)
+    emails = [email.lower() for email in _values("email_address", email_addresses)]
+    names = _values("username", usernames)
+    conditions: list[ColumnElement[bool]] = [User.deleted.is_(False)]
+    if include_users:
+        conditions.append(User.id.in_(include_users))
+    if exclude_users:
+        conditions.append(User.id.not_in(exclude_users))
+    if emails:
+        conditions.append(func.lower(User.identifier).in_(emails))
+    if names:
+        conditions.append(User.username.in_(names))
+
+    def member_of(orgs: list[str]) -> Select[Any]:
+        return select(Membership.user_id).where(
+            Membership.organization_id.in_(orgs), Membership.deleted.is_(False)
+        )
+
+    if include_orgs:
+        conditions.append(User.id.in_(member_of(include_orgs)))
+    if exclude_orgs:
+        conditions.append(User.id.not_in(member_of(exclude_orgs)))
+    if query:
+        conditions.append(
+            or_(
+                User.id == query,
+                _contains(User.identifier, query),
+                _contains(User.username, query),
+                _contains(User.first_name, query),
+                _contains(User.last_name, query),
+            )
+        )
+    if created_at_before is not None:
+        conditions.append(User.created_at < created_at_before)
+    if created_at_after is not None:
+        conditions.append(User.created_at > created_at_after)
+    column = User.identifier if order.field == "email_address" else getattr(User, order.field)
+    statement = _ordered(select(User).where(*conditions), order, column, User.created_at, User.id)
+    rows, total = _window(session, statement, limit, offset)
+    return Listing([_user_record(row) for row in rows], total)

@@ -28,6 +28,7 @@ from bench.procs import (
     wait_http_ok,
     wait_until,
 )
+from bench.prune import measure_intake_during_prune
 from bench.report import TARGET_INTAKE_PACED_RATE, latency_summary
 from bench.workload import MessageIds, Workload, signed_requests
 from models.db import create_db_engine, make_session_factory, session_scope
@@ -65,6 +66,9 @@ class Params:
     apply_timeout_s: float = 300.0
     organizations: int = 2_000
     users: int = 40_000
+    # Old inbox rows ``orgsync prune`` deletes while intake is measured beside it.
+    prune_rows: int = 1_000_000
+    prune_max_seconds: float = 900.0
     seed: int = 20_240_601
 
 
@@ -82,6 +86,8 @@ QUICK = Params(
     apply_timeout_s=60.0,
     organizations=50,
     users=500,
+    prune_rows=2_000,
+    prune_max_seconds=60.0,
 )
 
 
@@ -343,6 +349,9 @@ def bench_web(env: Env) -> dict[str, Any]:
     with running(env.web(port)) as web:
         wait_http_ok(web, port)
         out["orgsync_intake"] = measure_intake(env, web, port, "orgsync intake")
+        out["orgsync_intake_during_prune"] = measure_intake_during_prune(
+            env, web, port, out["orgsync_intake"]["paced"]["p99_ms"]
+        )
         # Freshness starts from an empty inbox and queue: the intake backlog is not its business.
         env.reset()
         with running(env.worker()) as worker:

@@ -121,6 +121,17 @@ def build_figures(web: dict[str, Any], apply: dict[str, Any]) -> dict[str, dict[
             detail=f"acknowledgement p99 at {oi['paced']['offered_per_s']:g}/s offered, from scheduled send",
         ),
         figure(
+            "intake_paced_p99_during_prune_ms",
+            "ms",
+            web["orgsync_intake_during_prune"]["p99_ms"],
+            None,
+            better="lower",
+            target=TARGET_INTAKE_P99_MS,
+            detail=f"acknowledgement p99 at {oi['paced']['offered_per_s']:g}/s offered while `orgsync prune` "
+            f"deletes {web['orgsync_intake_during_prune']['deleted']:,} old inbox rows "
+            f"(the baseline has no prune; compare intake_paced_p99_ms)",
+        ),
+        figure(
             "apply_rate",
             "events/s",
             apply["orgsync"]["rate_per_s"],

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,11 +79,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="cProfile the in-process apply into this file"
     )
+    parser.add_argument(
+        "--prune-rows",
+        type=int,
+        default=None,
+        help="old inbox rows pruned while intake is measured (default 1,000,000; --quick 2,000)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (printed path)")
     args = parser.parse_args(argv)
     # SIGTERM (a test's timeout, a CI cancel) must still run the clean-up below.
     signal.signal(signal.SIGTERM, _terminate)
     params: Params = QUICK if args.quick else Params()
+    if args.prune_rows is not None:
+        if args.prune_rows < 1:
+            parser.error("--prune-rows must be at least 1")
+        params = replace(params, prune_rows=args.prune_rows)
     began = time.time()
 
     data_dir = Path(tempfile.mkdtemp(prefix="orgsync-bench-"))

@@ -19,6 +19,16 @@ from models.errors import ConfigError
 DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
 DEFAULT_DATA_DIR = ".orgsync"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# Svix retries a message for about 27.5 hours (immediately, 5 s, 5 min, 30 min, 2 h, 5 h,
+# 10 h, 10 h): a delivery id must outlive that, with margin, or a late retry is applied as
+# new. Dashboard replays can come later still, hence a default far above the minimum.
+MIN_RETAIN_INBOX_DAYS = 2
+DEFAULT_RETAIN_INBOX_DAYS = 30
+DEFAULT_RETAIN_DAYS = 90
+DEFAULT_REDACT_AFTER_DAYS = 7
+DEFAULT_PRUNE_INTERVAL = 3600.0
+DEFAULT_PRUNE_BATCH_SIZE = 2000
+MAX_PRUNE_BATCH_SIZE = 10_000
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -72,6 +82,26 @@ def _seconds_or_off(environ: Mapping[str, str], name: str) -> float:
     if value < 0:
         raise ConfigError(f"{name} must not be negative, got {raw!r}")
     return value
+
+
+def _days(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of days, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum} days, got {value}")
+    return value
+
+
+def _seconds_or_off_default(environ: Mapping[str, str], name: str, default: float) -> float:
+    """Like ``_seconds_or_off`` with a default other than off."""
+    if not environ.get(name, "").strip():
+        return default
+    return _seconds_or_off(environ, name)
 
 
 def _bool(environ: Mapping[str, str], name: str) -> bool:
@@ -220,9 +250,15 @@ class Settings:
     reconcile_share: float = 0.5
     reconcile_interval: float = 0.0
     db_timeout: float = 5.0
+    instance_id: str | None = None
+    retain_inbox_days: int = DEFAULT_RETAIN_INBOX_DAYS
+    retain_api_calls_days: int = DEFAULT_RETAIN_DAYS
+    retain_commands_days: int = DEFAULT_RETAIN_DAYS
+    retain_sync_runs_days: int = DEFAULT_RETAIN_DAYS
+    redact_after_days: int = DEFAULT_REDACT_AFTER_DAYS
+    prune_interval: float = DEFAULT_PRUNE_INTERVAL
+    prune_batch_size: int = DEFAULT_PRUNE_BATCH_SIZE
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
-    # The Clerk instance (``ins_...``) whose deliveries this mirror applies; None accepts any.
-    clerk_instance_id: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -266,8 +302,25 @@ class Settings:
             storage = broker_url if broker_url.startswith(("redis://", "rediss://")) else "memory://"
         rules_file = env.get("ORGSYNC_RULES_FILE", "").strip()
         instance_id = env.get("CLERK_INSTANCE_ID", "").strip() or None
-        if instance_id is not None and not instance_id.startswith("ins_"):
-            raise ConfigError(f"CLERK_INSTANCE_ID must start with 'ins_', got {instance_id!r}")
+        if instance_id is not None and not re.fullmatch(r"ins_[A-Za-z0-9]+", instance_id):
+            raise ConfigError(f"CLERK_INSTANCE_ID must look like ins_..., got {instance_id!r}")
+        retain_inbox = _days(
+            env, "ORGSYNC_RETAIN_INBOX_DAYS", DEFAULT_RETAIN_INBOX_DAYS, MIN_RETAIN_INBOX_DAYS
+        )
+        redact_after = _days(
+            env, "ORGSYNC_REDACT_AFTER_DAYS", min(DEFAULT_REDACT_AFTER_DAYS, retain_inbox - 1)
+        )
+        if redact_after >= retain_inbox:
+            raise ConfigError(
+                f"ORGSYNC_REDACT_AFTER_DAYS ({redact_after}) must be less than ORGSYNC_RETAIN_INBOX_DAYS "
+                f"({retain_inbox}): the rows would be deleted before they are redacted"
+            )
+        prune_batch_size = _int(env, "ORGSYNC_PRUNE_BATCH_SIZE", DEFAULT_PRUNE_BATCH_SIZE)
+        if prune_batch_size > MAX_PRUNE_BATCH_SIZE:
+            # One batch is one transaction: a large one holds its locks long enough to stall intake.
+            raise ConfigError(
+                f"ORGSYNC_PRUNE_BATCH_SIZE must be at most {MAX_PRUNE_BATCH_SIZE}, got {prune_batch_size}"
+            )
         return cls(
             database_url=database_url,
             broker_url=broker_url,
@@ -295,7 +348,14 @@ class Settings:
             # The web process's bound on the database: Svix gives up on a delivery after
             # about 15 s, so a 503 with Retry-After must come well before.
             db_timeout=_float(env, "ORGSYNC_DB_TIMEOUT", 5.0),
+            instance_id=instance_id,
+            retain_inbox_days=retain_inbox,
+            retain_api_calls_days=_days(env, "ORGSYNC_RETAIN_API_CALLS_DAYS", DEFAULT_RETAIN_DAYS),
+            retain_commands_days=_days(env, "ORGSYNC_RETAIN_COMMANDS_DAYS", DEFAULT_RETAIN_DAYS),
+            retain_sync_runs_days=_days(env, "ORGSYNC_RETAIN_SYNC_RUNS_DAYS", DEFAULT_RETAIN_DAYS),
+            redact_after_days=redact_after,
+            prune_interval=_seconds_or_off_default(env, "ORGSYNC_PRUNE_INTERVAL", DEFAULT_PRUNE_INTERVAL),
+            prune_batch_size=prune_batch_size,
             # The read API is served only when at least one token is configured.
             api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
-            clerk_instance_id=instance_id,
         )

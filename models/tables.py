@@ -217,8 +217,14 @@ class InboxEvent(Base):
     received_at: Mapped[int] = mapped_column(Millis)
     handled_at: Mapped[int | None] = mapped_column(Millis)
     next_attempt_at: Mapped[int | None] = mapped_column(Millis)
+    # When models.retention masked the personal data in ``body``; NULL while it is intact.
+    redacted_at: Mapped[int | None] = mapped_column(Millis)
 
-    __table_args__ = (Index("ix_inbox_events_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_inbox_events_status_id", "status", "id"),
+        # Lets redaction start at the first row still intact instead of walking redacted ones.
+        Index("ix_inbox_events_redacted_at_id", "redacted_at", "id"),
+    )
 
 
 class CommandKind:

@@ -48,7 +48,8 @@ FIGURES_WITH_BASELINE = {
     "web_rss_mb",
 }
 # The baseline handler has no worker process to weigh.
-FIGURES_WITHOUT_BASELINE = {"worker_rss_mb"}
+# Nor a prune to run beside its intake.
+FIGURES_WITHOUT_BASELINE = {"worker_rss_mb", "intake_paced_p99_during_prune_ms"}
 
 
 def _number(value: object) -> bool:
@@ -156,6 +157,8 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
         sys.executable,
         str(ROOT / "bench" / "run.py"),
         "--quick",
+        "--prune-rows",
+        "1000",
         "--out",
         str(out),
         "--pg-admin",
@@ -208,6 +211,10 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
         == raw["web"]["orgsync_intake"]["closed_loop"]["requests"]
     )
     assert raw["web"]["orgsync_freshness"]["missing"] == 0
+    # The prune phase deleted exactly the rows it seeded, while intake acknowledged every request.
+    during = raw["web"]["orgsync_intake_during_prune"]
+    assert (during["prune_rows"], during["deleted"]) == (1000, 1000)
+    assert during["completed"] == during["requests"]
     assert raw["apply"]["orgsync"]["applied"] == raw["apply"]["orgsync"]["events"]
     assert raw["apply"]["celery"]["applied"] == raw["apply"]["celery"]["events"]
     # The table is printed on stdout.

@@ -331,11 +331,11 @@ def test_user_and_role_changes_in_any_order_converge(
     assert (stored.role_name, stored.permissions) == (expected["role_name"], expected["permissions"])
 
 
-def test_clerk_instance_id_setting(tmp_path: Path) -> None:
-    assert Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)}).clerk_instance_id is None
+def test_the_instance_setting(tmp_path: Path) -> None:
+    assert Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)}).instance_id is None
     found = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path), "CLERK_INSTANCE_ID": " ins_prod "})
-    assert found.clerk_instance_id == "ins_prod"
-    with pytest.raises(ConfigError, match="CLERK_INSTANCE_ID must start with 'ins_'"):
+    assert found.instance_id == "ins_prod"
+    with pytest.raises(ConfigError, match="CLERK_INSTANCE_ID must look like ins_"):
         Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path), "CLERK_INSTANCE_ID": "prod"})
 
 
@@ -347,7 +347,7 @@ def test_the_intake_acknowledges_another_instance_and_never_applies_it(
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         data_dir=tmp_path,
         webhook_secrets=(signing_secret,),
-        clerk_instance_id="ins_prod",
+        instance_id="ins_prod",
     )
     sent: list[list[int]] = []
     app = create_app(settings, engine=sqlite_engine, send=sent.append, broker_check=lambda: None)

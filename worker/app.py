@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
+from models.retention import Policy, prune
 from models.settings import Settings
 from models.submission import enqueue_commands
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
@@ -37,6 +38,7 @@ TASK_SEND_COMMAND = "orgsync.send_command"
 TASK_CONFIRM_COMMANDS = "orgsync.confirm_commands"
 TASK_RECONCILE = "orgsync.reconcile"
 TASK_RECONCILE_ORG = "orgsync.reconcile_org"
+TASK_PRUNE = "orgsync.prune"
 # A queue of our own: the application orgsync runs beside may share the Redis server.
 QUEUE = "orgsync"
 # At most this many chunks of apply_batch_size per sweep: a long broker outage leaves a backlog
@@ -278,6 +280,21 @@ def create_celery(settings: Settings) -> Celery:
             # A run that waited in the queue past the next one's time is redundant.
             "options": {"expires": settings.reconcile_interval},
         }
+
+    if settings.prune_interval > 0:
+        app.conf.beat_schedule["orgsync-prune"] = {
+            "task": TASK_PRUNE,
+            "schedule": settings.prune_interval,
+            "options": {"expires": settings.prune_interval},
+        }
+
+    @app.task(name=TASK_PRUNE, shared=False)  # type: ignore[untyped-decorator]
+    def prune_task() -> dict[str, Any]:
+        # Batches commit as they go: a prune cut short keeps what it did, the next one goes on.
+        report = prune(database.session_factory(), Policy.from_settings(settings, now_ms=now_ms()))
+        if report.redacted or any(report.deleted.values()):
+            log.info("pruned %s, redacted %d inbox rows", report.deleted, report.redacted)
+        return report.as_dict()
 
     @app.task(name=TASK_RECONCILE, shared=False)  # type: ignore[untyped-decorator]
     def reconcile_task() -> dict[str, Any] | None:

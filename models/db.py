@@ -225,6 +225,13 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+# An upsert rather than an update: the row is absent from a fresh or truncated database.
+_BUMP_GENERATION = text(
+    "INSERT INTO mirror_state (id, generation) VALUES (1, 1) "
+    "ON CONFLICT (id) DO UPDATE SET generation = mirror_state.generation + 1"
+)
+
+
 def lock_mirror_writes(session: Session) -> None:
     """Serialise mirror writes across processes for the rest of this transaction.
 
@@ -232,9 +239,14 @@ def lock_mirror_writes(session: Session) -> None:
     write skew under READ COMMITTED; one writer at a time makes them plain sequential logic.
     Throughput comes from batching many events per transaction, not from parallel writers.
     SQLite already serialises writers through BEGIN IMMEDIATE.
+
+    The mirror's generation grows in the same transaction, so a cached answer read before
+    this write's commit is recognised as stale right after it (``models.permissions``); under
+    the lock already, the bump adds no contention.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPLY_LOCK_KEY})
+    session.execute(_BUMP_GENERATION)
 
 
 def ping(engine: Engine) -> None:

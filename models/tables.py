@@ -353,3 +353,16 @@ class SyncRun(Base):
     rate_limit_waits: Mapped[int] = mapped_column(Integer, default=0)
     rows_seen: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class MirrorState(Base):
+    """One row: ``generation`` grows with every mirror write transaction (``lock_mirror_writes``).
+
+    Readers that cache answers compare it with the generation their answers were read at; the
+    row may be missing (a fresh or truncated database), which reads as generation 0.
+    """
+
+    __tablename__ = "mirror_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -6,6 +6,11 @@
     command = orgsync.set_role("acme", "user_2abc", "org:admin")
     orgsync.wait([command], timeout_s=30)
     orgsync.get_memberships("acme", role="org:admin")
+    orgsync.has_permission("user_2abc", "acme", "org:sys_memberships:manage")
+
+Permission checks are one indexed query, or a dictionary lookup with
+``Orgsync(..., permission_cache=AccessCache())``: the cache is emptied whenever the mirror
+changes (see ``models.permissions``).
 
 Changes go through the one submission service (``models.submission``), as from the command
 line and the rules: recorded as commands and committed before they are enqueued; if the
@@ -20,9 +25,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import queries
+from models import permissions, queries, reads
 from models.commands import CommandRequest, InvalidCommandError
 from models.db import create_db_engine, make_session_factory
+from models.permissions import Access, AccessCache
 from models.settings import Settings
 from models.submission import CommandService, Send
 from models.tables import Command, CommandKind
@@ -38,6 +44,7 @@ class Orgsync:
         requested_by: str,
         engine: Engine | None = None,
         send: Send | None = None,
+        permission_cache: AccessCache | None = None,
     ) -> None:
         if not requested_by.strip():
             raise InvalidCommandError("requested_by", "is required (e.g. 'api:billing')")
@@ -46,13 +53,93 @@ class Orgsync:
         self.engine = engine if engine is not None else create_db_engine(settings.database_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self._send = send
+        self.permission_cache = permission_cache
+        self._checks = permissions.check_sessions(self.engine)
         self.commands = CommandService(self.sessions, self._enqueue, dry_run_default=settings.dry_run)
 
     @classmethod
-    def from_env(cls, *, requested_by: str) -> Orgsync:
-        return cls(Settings.from_env(), requested_by=requested_by)
+    def from_env(cls, *, requested_by: str, permission_cache: AccessCache | None = None) -> Orgsync:
+        return cls(Settings.from_env(), requested_by=requested_by, permission_cache=permission_cache)
+
+    # ------------------------------------------------------------ permissions
+    def access_of(self, user_id: str, organization: str) -> Access | None:
+        """The user's membership of the organization (id or slug): role and permissions, or None."""
+        with self._checks() as session:
+            if self.permission_cache is not None:
+                return self.permission_cache.access_of(session, user_id, organization)
+            return permissions.access_of(session, user_id, organization)
+
+    def has_permission(self, user_id: str, organization: str, permission: str) -> bool:
+        """May the user do ``permission`` (e.g. ``org:sys_memberships:manage``) in the organization?"""
+        access = self.access_of(user_id, organization)
+        return access is not None and access.allows(permission)
+
+    def role_of(self, user_id: str, organization: str) -> str | None:
+        """The user's role key in the organization (id or slug), or None when not a member."""
+        access = self.access_of(user_id, organization)
+        return None if access is None else access.role
+
+    def organizations_of(self, user_id: str) -> list[Access]:
+        """The user's organizations with the role in each, in the order the user joined them."""
+        with self._checks() as session:
+            return permissions.organizations_of(session, user_id)
 
     # ------------------------------------------------------------------ reads
+    def list_memberships(
+        self,
+        *,
+        organization: str | None = None,
+        user: str | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        order_by: str | None = None,
+        roles: Sequence[str] = (),
+        query: str | None = None,
+        **filters: Any,
+    ) -> reads.Listing[queries.MembershipView] | None:
+        """Memberships of an organization (id or slug), of a user, or of every organization,
+        with Clerk's filters (``models.reads.list_memberships``); None when the organization
+        or user named is unknown."""
+        with self.sessions() as session:
+            return reads.list_memberships(
+                session,
+                organization=organization,
+                user=user,
+                limit=limit,
+                offset=offset,
+                order_by=order_by,
+                roles=roles,
+                query=query,
+                **filters,
+            )
+
+    def list_invitations(
+        self,
+        *,
+        organization: str | None = None,
+        user: str | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        order_by: str | None = None,
+        status: str | Sequence[str] | None = None,
+        email_address: str | None = None,
+        query: str | None = None,
+    ) -> reads.Listing[reads.InvitationDetailView] | None:
+        """Invitations of an organization (id or slug), of a user (sent to the user's email or
+        accepted by the user), or of every organization; None when the one named is unknown."""
+        with self.sessions() as session:
+            return reads.list_invitations(
+                session,
+                organization=organization,
+                user=user,
+                limit=limit,
+                offset=offset,
+                order_by=order_by,
+                status=status,
+                email_address=email_address,
+                query=query,
+            )
+
     def get_memberships(
         self,
         organization: str,

@@ -18,13 +18,13 @@ _app: Flask | None = None
 
 
 def build_web_app(settings: Settings) -> Flask:
-    """Wire one engine and one Celery client (producer only) into the webhook app.
+    """Wire one engine and one Celery client (producer only) into the web app.
 
     Call it in the process that serves requests, after any fork: the engine's pool and the
     broker connection must not be shared across processes.
     """
     from webhooks import create_app  # noqa: PLC0415  (Flask loads only in web processes)
-    from worker.app import check_broker, create_celery, make_sender  # noqa: PLC0415
+    from worker.app import check_broker, create_celery, make_command_sender, make_sender  # noqa: PLC0415
 
     engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)
     celery = create_celery(settings)
@@ -32,7 +32,13 @@ def build_web_app(settings: Settings) -> Flask:
     def broker_check() -> None:
         check_broker(celery)
 
-    return create_app(settings, engine=engine, send=make_sender(celery), broker_check=broker_check)
+    return create_app(
+        settings,
+        engine=engine,
+        send=make_sender(celery),
+        broker_check=broker_check,
+        command_send=make_command_sender(celery),
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -6,12 +6,16 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
-from test_cli_commands import ORG, environment, make_invoke, seed
+from test_cli_commands import NOW_MS, ORG, environment, make_invoke, membership, seed
 from test_cli_commands import Recorder as CliRecorder
 
+from emulator.payloads import webhook_body
 from models.commands import InvalidCommandError, LastAdminError
 from models.db import make_session_factory, session_scope
 from models.errors import OrganizationNotFoundError
+from models.events import parse_event
+from models.mirror import apply_events
+from models.permissions import AccessCache
 from models.settings import Settings
 from models.tables import Command, CommandKind, CommandStatus
 from orgsync.api import Orgsync
@@ -138,3 +142,48 @@ def test_the_api_and_the_cli_enqueue_the_same_states(
     expected = [first.id] if status in CommandStatus.OPEN else []
     assert recorder.sent == expected
     assert [i for ids in cli_recorder.sent for i in ids] == expected
+
+
+def test_permission_questions(api: Orgsync) -> None:
+    assert api.has_permission("user_alice", "acme", "org:sys_memberships:manage")
+    assert api.has_permission("user_alice", ORG, "org:sys_memberships:manage")
+    assert not api.has_permission("user_bob", "acme", "org:sys_memberships:manage")
+    assert api.has_permission("user_bob", "acme", "org:sys_memberships:read")
+    assert not api.has_permission("user_bob", "globex", "org:sys_memberships:read")
+    assert api.role_of("user_bob", "acme") == "org:member"
+    assert api.role_of("user_bob", "globex") is None
+    assert [(a.organization_slug, a.role) for a in api.organizations_of("user_zed")] == [
+        ("globex", "org:admin")
+    ]
+
+
+def test_cached_permission_answers_follow_the_mirror(engine: Engine, tmp_path: Path) -> None:
+    seed(engine)
+    settings = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)})
+    cached = Orgsync(settings, requested_by="api:app", engine=engine, permission_cache=AccessCache())
+    assert not cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")
+    assert not cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")
+    assert cached.permission_cache is not None and cached.permission_cache.hits == 1
+    promoted = membership("orgmem_b", "user_bob", "org:admin", NOW_MS)
+    with session_scope(make_session_factory(engine)) as session:
+        apply_events(
+            session,
+            [parse_event("msg_promote", webhook_body("organizationMembership.updated", promoted, NOW_MS))],
+            now_ms=NOW_MS,
+        )
+    assert cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")
+    assert cached.role_of("user_bob", "acme") == "org:admin"
+
+
+def test_filtered_reads(api: Orgsync) -> None:
+    listing = api.list_memberships(organization="acme", query="bob", order_by="-created_at")
+    assert listing is not None and [m.user_id for m in listing.data] == ["user_bob"]
+    mine = api.list_memberships(user="user_zed")
+    assert mine is not None and [m.organization_id for m in mine.data] == ["org_2cmdGLOBEX"]
+    assert api.list_memberships(organization="nowhere") is None
+    everyone = api.list_memberships(order_by="created_at", limit=2)
+    assert everyone is not None and everyone.total_count == 3
+    assert [m.user_id for m in everyone.data] == ["user_alice", "user_bob"]
+    invitations = api.list_invitations(organization="acme", status="pending", query="dan")
+    assert invitations is not None and [i.id for i in invitations.data] == ["orginv_dan"]
+    assert api.list_invitations(organization="acme", query="nobody") is not None

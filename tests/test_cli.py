@@ -696,3 +696,38 @@ def test_a_second_signal_kills_at_once(tmp_path: Path) -> None:
     supervisor.stop()
     assert supervisor.stop_reason == "SIGINT"
     assert supervisor.children[0].process.returncode == -signal.SIGKILL
+
+
+def test_members_list_filters_and_a_users_memberships(invoke: Invoke) -> None:
+    found = json_out(invoke("members", "list", "--org", "acme", "--query", "bob", "--json"))
+    assert [row["public_user_data"]["user_id"] for row in found] == ["user_bob"]
+    newest = json_out(invoke("members", "list", "--org", "acme", "--order-by", "-created_at", "--json"))
+    assert [row["public_user_data"]["user_id"] for row in newest] == ["user_bob", "user_alice"]
+    zeds = json_out(invoke("members", "list", "--user", "user_zed", "--json"))
+    assert [row["organization_id"] for row in zeds] == [OTHER_ORG]
+    table = invoke("members", "list", "--user", "user_zed")
+    assert table.stdout.splitlines()[0].startswith("ORGANIZATION")
+    everyone = json_out(invoke("members", "list", "--role", "org:admin", "--role", "org:member", "--json"))
+    assert {row["public_user_data"]["user_id"] for row in everyone} == {"user_alice", "user_bob", "user_zed"}
+    assert json_out(invoke("members", "list", "--org", "acme", "--user", "user_zed", "--json")) == []
+    unknown = invoke("members", "list", "--user", "user_nobody")
+    assert unknown.exit_code == EXIT_NOT_FOUND
+    assert unknown.stderr.strip() == "orgsync: error: no user 'user_nobody' in the mirror"
+    bad = invoke("members", "list", "--org", "acme", "--order-by", "shoe_size")
+    assert bad.exit_code == EXIT_USAGE
+    assert "order_by must be one of" in bad.stderr
+
+
+def test_invitations_list_filters(invoke: Invoke) -> None:
+    found = json_out(invoke("invitations", "list", "--org", "acme", "--query", "dan", "--json"))
+    assert {row["id"] for row in found} >= {"orginv_pending"}
+    assert all("dan" in row["email_address"] for row in found)
+    oldest_first = json_out(
+        invoke("invitations", "list", "--org", "acme", "--order-by", "created_at", "--json")
+    )
+    newest_first = json_out(invoke("invitations", "list", "--org", "acme", "--json"))
+    assert [row["id"] for row in oldest_first] == [row["id"] for row in reversed(newest_first)]
+    everywhere = invoke("invitations", "list", "--status", "pending")
+    assert everywhere.exit_code == EXIT_OK
+    assert everywhere.stdout.splitlines()[0].split()[:2] == ["ID", "ORGANIZATION"]
+    assert invoke("invitations", "list", "--user", "user_nobody").exit_code == EXIT_NOT_FOUND

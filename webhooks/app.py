@@ -13,10 +13,12 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 
 from api import create_api_blueprint
+from api.orgsync import create_orgsync_blueprint
 from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
+from models.permissions import AccessCache
 from models.settings import Settings
 from models.tables import InboxStatus
 from webhooks.dispatch import Dispatcher, Send
@@ -105,11 +107,13 @@ def create_app(
     engine: Engine | None = None,
     send: Send | None = None,
     broker_check: Callable[[], None] | None = None,
+    command_send: Callable[[list[int]], None] | None = None,
 ) -> Flask:
     """Build the webhook app. ``send(ids)`` enqueues apply work; it runs on a background thread.
 
     Without ``engine`` one is created from ``settings.database_url`` (one per process); without
-    ``send`` deliveries are only stored, and the sweeper enqueues them.
+    ``send`` deliveries are only stored, and the sweeper enqueues them. ``command_send(ids)``
+    enqueues commands submitted over ``/orgsync/v1`` (without it the workers' sweep sends them).
     """
     verifier = SignatureVerifier(settings.webhook_secrets)
     owns_engine = engine is None
@@ -211,6 +215,15 @@ def create_app(
 
     if settings.api_tokens:
         app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))
+        app.register_blueprint(
+            create_orgsync_blueprint(
+                engine,
+                settings.api_tokens,
+                send=command_send,
+                dry_run_default=settings.dry_run,
+                permission_cache=AccessCache(),
+            )
+        )
 
     app.add_url_rule(WEBHOOK_PATH, "receive_webhook", receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])

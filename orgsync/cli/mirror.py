@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from models import queries
+from models import queries, reads
 from models.db import make_session_factory, session_scope
 from models.errors import PermanentError, RetryableError
 from models.queries import INVITATION_STATUSES
@@ -22,7 +22,6 @@ from orgsync.cli.base import (
     json_option,
     members,
     open_database,
-    org_option,
     paging_options,
     reading,
     resolve_org,
@@ -63,65 +62,155 @@ def orgs_list(ctx: click.Context, *, page: int, page_size: int, as_json: bool) -
     )
 
 
+def _filters_page(listing: reads.Listing[Any] | None, missing: str) -> queries.Page[Any]:
+    if listing is None:
+        raise NotFoundError(missing)
+    return queries.Page(listing.data, listing.total_count)
+
+
+def _missing(org_ref: str | None, user: str | None) -> str:
+    if org_ref is not None:
+        return f"no organization with id or slug {org_ref!r}"
+    return f"no user {user!r} in the mirror"
+
+
+optional_org_option = click.option(
+    "--org",
+    "org_ref",
+    default=None,
+    metavar="ID_OR_SLUG",
+    help="Organization id or slug (without it: every organization).",
+)
+user_option = click.option(
+    "--user", default=None, metavar="USER_ID", help="Only this user's (with or without --org)."
+)
+query_option = click.option(
+    "--query", default=None, metavar="TEXT", help="Match the user id exactly, or the email or names in part."
+)
+
+
 @members.command("list", epilog=EPILOG)
-@org_option
-@click.option("--role", default=None, metavar="KEY", help="Only this role, e.g. org:admin.")
+@optional_org_option
+@user_option
+@click.option(
+    "--role", "roles", multiple=True, metavar="KEY", help="Only this role, e.g. org:admin; repeatable."
+)
+@query_option
+@click.option(
+    "--order-by",
+    default="created_at",
+    show_default=True,
+    metavar="FIELD",
+    help=f"One of {', '.join(reads.MEMBERSHIP_ORDER)}; prefix - for descending.",
+)
 @paging_options(100)
 @json_option
 @click.pass_context
 def members_list(
-    ctx: click.Context, *, org_ref: str, role: str | None, page: int, page_size: int, as_json: bool
+    ctx: click.Context,
+    *,
+    org_ref: str | None,
+    user: str | None,
+    roles: tuple[str, ...],
+    query: str | None,
+    order_by: str,
+    page: int,
+    page_size: int,
+    as_json: bool,
 ) -> None:
-    """List the members of an organization, oldest first."""
+    """List memberships: of an organization, of a user, or of every organization; oldest first."""
+    if any(not role.strip() for role in roles):
+        raise reads.InvalidParameterError("role", "must be a role key such as org:admin, not empty")
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        org = resolve_org(session, org_ref)
-        result = queries.get_memberships(session, org.id, page=page, page_size=page_size, role=role)
-    emit_page(
-        result,
-        [
-            ("user id", "public_user_data.user_id"),
-            ("identifier", "public_user_data.identifier"),
-            ("first name", "public_user_data.first_name"),
-            ("last name", "public_user_data.last_name"),
-            ("role", "role"),
-            ("membership id", "id"),
-            ("joined", "created_at"),
-        ],
-        as_json=as_json,
-        number=page,
-        size=page_size,
-    )
+        org_id = None if org_ref is None else resolve_org(session, org_ref).id
+        result = _filters_page(
+            reads.list_memberships(
+                session,
+                organization=org_id,
+                user=user,
+                roles=roles,
+                query=query,
+                order_by=order_by,
+                limit=page_size,
+                offset=(page - 1) * page_size,
+            ),
+            _missing(org_ref, user),
+        )
+    columns = [
+        ("user id", "public_user_data.user_id"),
+        ("identifier", "public_user_data.identifier"),
+        ("first name", "public_user_data.first_name"),
+        ("last name", "public_user_data.last_name"),
+        ("role", "role"),
+        ("membership id", "id"),
+        ("joined", "created_at"),
+    ]
+    if org_ref is None:
+        columns.insert(0, ("organization", "organization_id"))
+    emit_page(result, columns, as_json=as_json, number=page, size=page_size)
 
 
 @invitations.command("list", epilog=EPILOG)
-@org_option
+@optional_org_option
+@click.option(
+    "--user",
+    default=None,
+    metavar="USER_ID",
+    help="Only those sent to or accepted by this user.",
+)
 @click.option("--status", type=click.Choice(INVITATION_STATUSES), default=None, help="Only this status.")
+@click.option("--query", default=None, metavar="TEXT", help="Match the email address in part.")
+@click.option(
+    "--order-by",
+    default="-created_at",
+    show_default=True,
+    metavar="FIELD",
+    help=f"One of {', '.join(reads.INVITATION_ORDER)}; prefix - for descending.",
+)
 @paging_options(100)
 @json_option
 @click.pass_context
 def invitations_list(
-    ctx: click.Context, *, org_ref: str, status: str | None, page: int, page_size: int, as_json: bool
+    ctx: click.Context,
+    *,
+    org_ref: str | None,
+    user: str | None,
+    status: str | None,
+    query: str | None,
+    order_by: str,
+    page: int,
+    page_size: int,
+    as_json: bool,
 ) -> None:
-    """List the invitations of an organization, newest first (every status unless --status)."""
+    """List invitations: of an organization, of a user, or of every organization; newest first."""
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        org = resolve_org(session, org_ref)
-        result = queries.list_invitations(session, org.id, status=status, page=page, page_size=page_size)
-    emit_page(
-        result,
-        [
-            ("id", "id"),
-            ("email address", "email_address"),
-            ("role", "role"),
-            ("status", "status"),
-            ("created", "created_at"),
-            ("expires", "expires_at"),
-        ],
-        as_json=as_json,
-        number=page,
-        size=page_size,
-    )
+        org_id = None if org_ref is None else resolve_org(session, org_ref).id
+        result = _filters_page(
+            reads.list_invitations(
+                session,
+                organization=org_id,
+                user=user,
+                status=status,
+                query=query,
+                order_by=order_by,
+                limit=page_size,
+                offset=(page - 1) * page_size,
+            ),
+            _missing(org_ref, user),
+        )
+    columns = [
+        ("id", "id"),
+        ("email address", "email_address"),
+        ("role", "role"),
+        ("status", "status"),
+        ("created", "created_at"),
+        ("expires", "expires_at"),
+    ]
+    if org_ref is None:
+        columns.insert(1, ("organization", "organization_id"))
+    emit_page(result, columns, as_json=as_json, number=page, size=page_size)
 
 
 @click.group(epilog=EPILOG)

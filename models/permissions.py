@@ -1,0 +1,233 @@
+"""Questions an application asks on every request: may U do P in O, U's role in O, U's organizations.
+
+Each answer is one indexed query (the user's memberships, joined to their organization and
+to the live role of the same key), shared by the Python API and the HTTP API. A membership's
+permissions come from the mirrored role when the mirror knows it (a role's permissions can
+change after the membership was last written), else from the membership's own list, else
+from Clerk's defaults for ``org:admin``.
+
+``AccessCache`` keeps answers per process, keyed by (user, organization). Every mirror write
+transaction grows ``mirror_state.generation`` (``models.db.lock_mirror_writes``); the cache
+reads the generation before the data it caches and empties itself when the generation moves,
+so an answer never outlives the commit that changed it by more than ``recheck_s``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.commands import ADMIN_ROLE
+from models.db import make_session_factory
+from models.events import normalize_role_key
+from models.tables import Membership, MirrorState, Organization, Role
+
+# Clerk's system permissions, all held by the default admin role.
+SYSTEM_PERMISSIONS = (
+    "org:sys_profile:manage",
+    "org:sys_profile:delete",
+    "org:sys_memberships:read",
+    "org:sys_memberships:manage",
+    "org:sys_domains:read",
+    "org:sys_domains:manage",
+    "org:sys_billing:read",
+    "org:sys_billing:manage",
+    "org:sys_entconns:manage",
+)
+
+
+@dataclass(frozen=True)
+class Access:
+    """A user's live membership of one organization: its role key and the permissions it grants."""
+
+    organization_id: str
+    organization_slug: str | None
+    organization_name: str | None
+    user_id: str
+    role: str
+    permissions: frozenset[str]
+
+    def allows(self, permission: str) -> bool:
+        return permission in self.permissions
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "organization_id": self.organization_id,
+            "organization_slug": self.organization_slug,
+            "organization_name": self.organization_name,
+            "user_id": self.user_id,
+            "role": self.role,
+            "permissions": sorted(self.permissions),
+        }
+
+
+def _permissions(role: str, role_permissions: list[str] | None, own: list[str] | None) -> frozenset[str]:
+    if role_permissions is not None:
+        return frozenset(role_permissions)
+    if own is not None:
+        return frozenset(own)
+    return frozenset(SYSTEM_PERMISSIONS) if role == ADMIN_ROLE else frozenset()
+
+
+def _access_query(user_id: str, organization: str | None) -> Any:
+    # Starts from the user's memberships (indexed on user_id: a handful of rows), so matching
+    # the organization by id or slug costs no second lookup.
+    conditions = [
+        Membership.user_id == user_id,
+        Membership.deleted.is_(False),
+        Organization.deleted.is_(False),
+    ]
+    if organization is not None:
+        conditions.append(or_(Organization.id == organization, Organization.slug == organization))
+    statement = (
+        select(
+            Membership.organization_id,
+            Organization.slug,
+            Organization.name,
+            Membership.role,
+            Membership.permissions,
+            Role.permissions,
+            Organization.created_at,
+        )
+        .join(Organization, Organization.id == Membership.organization_id)
+        .outerjoin(Role, and_(Role.key == Membership.role, Role.deleted.is_(False)))
+        .where(*conditions)
+        .order_by(Membership.created_at, Membership.organization_id)
+    )
+    return statement
+
+
+def _accesses(session: Session, user_id: str, organization: str | None) -> list[Access]:
+    found: dict[str, Access] = {}
+    for org_id, slug, name, role, own, role_permissions, _created in session.execute(
+        _access_query(user_id, organization)
+    ):
+        if org_id in found:  # two live roles with one key cannot happen in Clerk; keep the first
+            continue
+        key = normalize_role_key(role)
+        found[org_id] = Access(
+            organization_id=org_id,
+            organization_slug=slug,
+            organization_name=name,
+            user_id=user_id,
+            role=key,
+            permissions=_permissions(key, role_permissions, own),
+        )
+    return list(found.values())
+
+
+def access_of(session: Session, user_id: str, organization: str) -> Access | None:
+    """The user's live membership of the organization (id or slug), or None when not a member."""
+    accesses = _accesses(session, user_id, organization)
+    if len(accesses) > 1:
+        # A slug equal to another organization's id: the id wins, as in Clerk's lookups.
+        by_id = [access for access in accesses if access.organization_id == organization]
+        return by_id[0] if by_id else accesses[0]
+    return accesses[0] if accesses else None
+
+
+def has_permission(session: Session, user_id: str, organization: str, permission: str) -> bool:
+    """Whether the user is a member of the organization whose role grants ``permission``."""
+    access = access_of(session, user_id, organization)
+    return access is not None and access.allows(permission)
+
+
+def role_of(session: Session, user_id: str, organization: str) -> str | None:
+    """The user's role key in the organization (legacy keys normalised), or None."""
+    access = access_of(session, user_id, organization)
+    return None if access is None else access.role
+
+
+def organizations_of(session: Session, user_id: str) -> list[Access]:
+    """Every live organization the user is a member of, in the order the user joined them."""
+    return _accesses(session, user_id, None)
+
+
+def mirror_generation(session: Session) -> int:
+    """The mirror's write generation (0 before the first write)."""
+    value = session.scalar(select(MirrorState.generation).where(MirrorState.id == 1))
+    return int(value or 0)
+
+
+class AccessCache:
+    """Per-process answers by (user, organization), emptied when the mirror's generation moves.
+
+    ``recheck_s`` is how long the generation read last is trusted: 0 (the default) reads it on
+    every lookup, one primary-key query instead of the join; more saves that query too, at the
+    price of answers up to that old. Thread-safe; bounded to ``max_entries`` (least recently
+    used out first).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        recheck_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        if recheck_s < 0:
+            raise ValueError("recheck_s must not be negative")
+        self.max_entries = max_entries
+        self.recheck_s = recheck_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], Access | None] = OrderedDict()
+        self._generation: int | None = None
+        self._checked_at = 0.0
+        self.hits = 0
+        self.misses = 0
+
+    def _current_generation(self, session: Session) -> int:
+        now = self.clock()
+        with self._lock:
+            if self._generation is not None and now - self._checked_at < self.recheck_s:
+                return self._generation
+        generation = mirror_generation(session)
+        with self._lock:
+            if generation != self._generation:
+                self._entries.clear()
+                self._generation = generation
+            self._checked_at = now
+        return generation
+
+    def access_of(self, session: Session, user_id: str, organization: str) -> Access | None:
+        key = (user_id, organization)
+        # The generation is read before the data: a write committing in between moves it, and
+        # the next lookup drops what this one stores.
+        generation = self._current_generation(session)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+        access = access_of(session, user_id, organization)
+        with self._lock:
+            self.misses += 1
+            if self._generation == generation:
+                self._entries[key] = access
+                if len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return access
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._generation = None
+
+
+def check_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for permission checks: on PostgreSQL in autocommit, so that a check is one round
+    trip per statement, without BEGIN and ROLLBACK around it (they only read, and each statement
+    sees the latest commit, which is what the generation protocol above needs)."""
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return make_session_factory(engine)

@@ -560,6 +560,83 @@ def create_app(
         limit, offset = _page_args()
         return state.list_user_memberships(user_id, limit=limit, offset=offset).body()
 
+    @v1.patch("/users/<user_id>")
+    def update_user(user_id: str) -> Any:
+        body = _body()
+        return state.update_user(
+            user_id,
+            first_name=_str_field(body, "first_name"),
+            last_name=_str_field(body, "last_name"),
+            username=_str_field(body, "username"),
+            public_metadata=body.get("public_metadata"),
+            private_metadata=body.get("private_metadata"),
+        )
+
+    @v1.patch("/organization_roles/<role_id>")
+    def update_role(role_id: str) -> Any:
+        body = _body()
+        permissions = body.get("permissions")
+        if permissions is not None and (
+            not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions)
+        ):
+            raise param_format("permissions", "must be a list of permission ids")
+        return state.update_role(
+            role_id,
+            name=_str_field(body, "name"),
+            description=_str_field(body, "description"),
+            permissions=permissions,
+        )
+
+    @v1.post("/organization_permissions")
+    def create_permission() -> Any:
+        body = _body()
+        return state.create_permission(
+            name=_str_field(body, "name") or "",
+            key=_str_field(body, "key") or "",
+            description=_str_field(body, "description") or "",
+        )
+
+    @v1.delete("/organization_permissions/<permission_id>")
+    def delete_permission(permission_id: str) -> Any:
+        return state.delete_permission(permission_id)
+
+    @v1.get("/role_sets")
+    def list_role_sets() -> Any:
+        limit, offset = _page_args()
+        return state.list_role_sets(limit=limit, offset=offset).body()
+
+    @v1.get("/organization_domains")
+    def list_all_domains() -> Any:
+        limit, offset = _page_args()
+        return state.list_domains(limit=limit, offset=offset).body()
+
+    @v1.get("/organizations/<org_id>/domains")
+    def list_org_domains(org_id: str) -> Any:
+        limit, offset = _page_args()
+        return state.list_domains(limit=limit, offset=offset, organization_id=org_id).body()
+
+    @v1.post("/organizations/<org_id>/domains")
+    def create_domain(org_id: str) -> Any:
+        body = _body()
+        verified = body.get("verified", True)
+        if not isinstance(verified, bool):
+            raise param_format("verified", "must be a boolean")
+        return state.create_domain(
+            org_id,
+            name=_str_field(body, "name") or "",
+            enrollment_mode=_str_field(body, "enrollment_mode") or "manual_invitation",
+            verified=verified,
+        )
+
+    @v1.patch("/organizations/<org_id>/domains/<domain_id>")
+    def update_domain(org_id: str, domain_id: str) -> Any:
+        body = _body()
+        return state.update_domain(org_id, domain_id, enrollment_mode=_str_field(body, "enrollment_mode"))
+
+    @v1.delete("/organizations/<org_id>/domains/<domain_id>")
+    def delete_domain(org_id: str, domain_id: str) -> Any:
+        return state.delete_domain(org_id, domain_id)
+
     # -------------------------------------------------------------- test only
     @test.get("/snapshot")
     def snapshot() -> Any:

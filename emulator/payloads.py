@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from emulator.records import (
+    DomainRecord,
     InvitationRecord,
     Json,
     MembershipRecord,
@@ -363,6 +364,44 @@ def user_data(
     return _present(data)
 
 
+def domain_data(
+    domain_id: str,
+    org_id: str,
+    *,
+    name: Any = "acme.com",
+    enrollment_mode: Any = "automatic_invitation",
+    verification_status: Any = "verified",
+    total_pending_invitations: Any = 2,
+    created_at: int = T0,
+    updated_at: int | None = None,
+    **extra: Any,
+) -> Json:
+    """An ``organization_domain`` as ``organizationDomain.*`` events carry it."""
+    verification = (
+        None
+        if verification_status is None
+        else {"status": verification_status, "strategy": "email_code", "attempts": 1, "expire_at": None}
+    )
+    data: Json = {
+        "object": "organization_domain",
+        "id": domain_id,
+        "organization_id": org_id,
+        "name": name,
+        "enrollment_mode": enrollment_mode,
+        "affiliation_email_address": None,
+        "affiliation_verification": verification,
+        "ownership_verification": None,
+        "verification": verification,
+        "total_pending_invitations": total_pending_invitations,
+        "total_pending_suggestions": 0,
+        "public_organization_data": {"id": org_id, "name": "Acme", "slug": "acme"},
+        "created_at": created_at,
+        "updated_at": created_at if updated_at is None else updated_at,
+    }
+    data.update(extra)
+    return _present(data)
+
+
 def deleted(object_name: str, ident: str, **extra: Any) -> Json:
     """The stub Clerk sends for a deletion, with ``extra`` fields (an organization's carries its slug)."""
     return {"object": object_name, "id": ident, "deleted": True, **extra}
@@ -578,6 +617,58 @@ def user(rec: UserRecord) -> Json:
         created_at=rec.created_at,
         updated_at=rec.updated_at,
     )
+
+
+def domain(rec: DomainRecord, org: OrganizationRecord, *, pending_invitations: int = 0) -> Json:
+    payload = domain_data(
+        rec.id,
+        rec.organization_id,
+        name=rec.name,
+        enrollment_mode=rec.enrollment_mode,
+        verification_status="verified" if rec.verified else None,
+        total_pending_invitations=pending_invitations,
+        created_at=rec.created_at,
+        updated_at=rec.updated_at,
+    )
+    payload["public_organization_data"] = {
+        "id": org.id,
+        "name": org.name,
+        "slug": org.slug,
+        "image_url": f"{IMAGE_BASE}/organization/{org.id}",
+        "has_image": False,
+    }
+    return payload
+
+
+def role_set(key: str, roles: list[RoleRecord], *, default_key: str, creator_key: str) -> Json:
+    """The instance's one role set: every role, with the default and creator roles named."""
+
+    def item(role: RoleRecord) -> Json:
+        return {
+            "object": "role_set_item",
+            "id": role.id,
+            "name": role.name,
+            "key": role.key,
+            "description": role.description,
+            "created_at": role.created_at,
+            "updated_at": role.updated_at,
+        }
+
+    by_key = {role.key: role for role in roles}
+    return {
+        "object": "role_set",
+        "id": "rs_default",
+        "name": "Default",
+        "key": key,
+        "description": None,
+        "roles": [item(role) for role in roles],
+        "default_role": item(by_key[default_key]) if default_key in by_key else None,
+        "creator_role": item(by_key[creator_key]) if creator_key in by_key else None,
+        "type": "initial",
+        "role_set_migration": None,
+        "created_at": min((role.created_at for role in roles), default=0),
+        "updated_at": max((role.updated_at for role in roles), default=0),
+    }
 
 
 def envelope(event_type: str, data: Json, *, timestamp: int, instance_id: str) -> Json:

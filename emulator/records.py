@@ -133,3 +133,16 @@ class InvitationRecord:
     user_id: str | None = None
     public_metadata: Json = field(default_factory=dict)
     private_metadata: Json = field(default_factory=dict)
+
+
+@dataclass
+class DomainRecord:
+    """An organization domain; ``verified`` stands for a completed affiliation verification."""
+
+    id: str
+    organization_id: str
+    name: str
+    enrollment_mode: str
+    verified: bool
+    created_at: int
+    updated_at: int

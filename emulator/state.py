@@ -27,6 +27,7 @@ from emulator.errors import (
 )
 from emulator.records import (
     Clock,
+    DomainRecord,
     IdGenerator,
     InvitationRecord,
     Json,
@@ -60,6 +61,9 @@ MEMBER_PERMISSIONS = ("org:sys_memberships:read",)
 INVITATION_STATUSES = ("pending", "accepted", "revoked", "expired")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _ROLE_KEY_RE = re.compile(r"^org:[a-z0-9_]+$")
+_PERMISSION_KEY_RE = re.compile(r"^org:[a-z0-9_]+:[a-z0-9_]+$")
+_ENROLLMENT_MODES = ("manual_invitation", "automatic_invitation", "automatic_suggestion")
+DEFAULT_ROLE_SET = "role_set:default"
 _SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 
 EventSink = Callable[[str, Json, int], None]
@@ -177,6 +181,7 @@ class State:
         self._user_orgs: dict[str, set[str]] = {}
         self._invitations: dict[str, InvitationRecord] = {}
         self._org_invitations: dict[str, dict[str, InvitationRecord]] = {}
+        self._domains: dict[str, DomainRecord] = {}
         self._install_defaults()
 
     # ----------------------------------------------------------------- events
@@ -348,6 +353,7 @@ class State:
             self._user_orgs[user.id] = set()
             data = payloads.user(user)
             self._emit("user.created", data, now)
+            self._enroll(user)
             return data
 
     def get_user(self, user_id: str) -> Json:
@@ -583,6 +589,9 @@ class State:
                 self._user_orgs[mem.user_id].discard(org.id)
             for inv in self._org_invitations.pop(org.id).values():
                 del self._invitations[inv.id]
+            for dom in [d for d in self._domains.values() if d.organization_id == org.id]:
+                del self._domains[dom.id]
+                self._emit("organizationDomain.deleted", payloads.deleted("organization_domain", dom.id))
             del self._members[org.id]
             del self._orgs[org.id]
             del self._slugs[org.slug]
@@ -1192,6 +1201,202 @@ class State:
             data = payloads.deleted("role", role.id)
             self._emit("role.deleted", data)
             return data
+
+    def update_role(
+        self,
+        role_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        permissions: Iterable[str] | None = None,
+    ) -> Json:
+        """Change what a role is called or grants: ``role.updated`` only, no membership event."""
+        if name is not None and not name.strip():
+            raise param_invalid("name", "must not be empty")
+        with self.lock:
+            role = self._roles.get(role_id)
+            if role is None:
+                raise not_found("role", role_id)
+            if permissions is not None:
+                perm_ids: list[str] = []
+                for ref in permissions:
+                    perm_id = ref if ref in self._permissions else self._permission_keys.get(ref)
+                    if perm_id is None:
+                        raise not_found("permission", ref)
+                    if perm_id not in perm_ids:
+                        perm_ids.append(perm_id)
+                role.permission_ids = perm_ids
+            if name is not None:
+                role.name = name.strip()
+            if description is not None:
+                role.description = description
+            role.updated_at = self.clock.tick()
+            data = self._role_json(role)
+            self._emit("role.updated", data, role.updated_at)
+            return data
+
+    def create_permission(self, *, name: str, key: str, description: str = "") -> Json:
+        if not name:
+            raise param_missing("name")
+        if not key:
+            raise param_missing("key")
+        if not _PERMISSION_KEY_RE.match(key):
+            raise param_format("key", "must look like 'org:<feature>:<action>'")
+        with self.lock:
+            if key in self._permission_keys:
+                raise identifier_exists("key", key)
+            now = self.clock.tick()
+            perm = PermissionRecord(self.ids.new("perm"), key, name, description, "user", now, now)
+            self._permissions[perm.id] = perm
+            self._permission_keys[key] = perm.id
+            data = payloads.permission(perm)
+            self._emit("permission.created", data, now)
+            return data
+
+    def delete_permission(self, permission_id: str) -> Json:
+        """Delete a custom permission; the roles granting it stop granting it, without an event."""
+        with self.lock:
+            perm = self._permissions.get(permission_id)
+            if perm is None:
+                raise not_found("permission", permission_id)
+            if perm.type == "system":
+                raise ClerkError(
+                    400,
+                    "permission_not_deletable",
+                    "System permission",
+                    f"Permission {perm.key} is a system permission and cannot be deleted.",
+                )
+            del self._permissions[perm.id]
+            del self._permission_keys[perm.key]
+            for role in self._roles.values():
+                if perm.id in role.permission_ids:
+                    role.permission_ids.remove(perm.id)
+            data = payloads.deleted("permission", perm.id)
+            self._emit("permission.deleted", data)
+            return data
+
+    def update_user(
+        self,
+        user_id: str,
+        *,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        username: str | None = None,
+        public_metadata: Mapping[str, Any] | None = None,
+        private_metadata: Mapping[str, Any] | None = None,
+    ) -> Json:
+        """Change a user: Clerk sends ``user.updated`` only, never an event of their memberships."""
+        with self.lock:
+            user = self._user(user_id)
+            if first_name is not None:
+                user.first_name = first_name
+            if last_name is not None:
+                user.last_name = last_name
+            if username is not None:
+                user.username = username
+            if public_metadata is not None:
+                user.public_metadata = _metadata(public_metadata, "public_metadata")
+            if private_metadata is not None:
+                user.private_metadata = _metadata(private_metadata, "private_metadata")
+            user.updated_at = self.clock.tick()
+            data = payloads.user(user)
+            self._emit("user.updated", data, user.updated_at)
+            return data
+
+    # ------------------------------------------------ domains and role sets
+    def _domain_json(self, dom: DomainRecord) -> Json:
+        pending = sum(
+            1
+            for inv in self._org_invitations[dom.organization_id].values()
+            if inv.status == "pending" and inv.email_address.lower().endswith("@" + dom.name)
+        )
+        return payloads.domain(dom, self._orgs[dom.organization_id], pending_invitations=pending)
+
+    def create_domain(
+        self, org_id: str, *, name: str, enrollment_mode: str = "manual_invitation", verified: bool = True
+    ) -> Json:
+        domain_name = (name or "").strip().lower()
+        if not domain_name:
+            raise param_missing("name")
+        if "." not in domain_name or "@" in domain_name:
+            raise param_format("name", "must be a domain name such as acme.com")
+        if enrollment_mode not in _ENROLLMENT_MODES:
+            raise param_invalid("enrollment_mode", f"must be one of {', '.join(_ENROLLMENT_MODES)}")
+        with self.lock:
+            org = self._org(org_id)
+            if any(d.name == domain_name for d in self._domains.values()):
+                raise identifier_exists("name", domain_name)
+            now = self.clock.tick()
+            dom = DomainRecord(
+                self.ids.new("orgdmn"), org.id, domain_name, enrollment_mode, verified, now, now
+            )
+            self._domains[dom.id] = dom
+            data = self._domain_json(dom)
+            self._emit("organizationDomain.created", data, now)
+            return data
+
+    def _domain(self, org_id: str, domain_id: str) -> DomainRecord:
+        dom = self._domains.get(domain_id)
+        if dom is None or dom.organization_id != self._org(org_id).id:
+            raise not_found("organization domain", domain_id)
+        return dom
+
+    def update_domain(self, org_id: str, domain_id: str, *, enrollment_mode: str | None = None) -> Json:
+        if enrollment_mode is not None and enrollment_mode not in _ENROLLMENT_MODES:
+            raise param_invalid("enrollment_mode", f"must be one of {', '.join(_ENROLLMENT_MODES)}")
+        with self.lock:
+            dom = self._domain(org_id, domain_id)
+            if enrollment_mode is not None:
+                dom.enrollment_mode = enrollment_mode
+            dom.updated_at = self.clock.tick()
+            data = self._domain_json(dom)
+            self._emit("organizationDomain.updated", data, dom.updated_at)
+            return data
+
+    def delete_domain(self, org_id: str, domain_id: str) -> Json:
+        with self.lock:
+            dom = self._domain(org_id, domain_id)
+            del self._domains[dom.id]
+            data = payloads.deleted("organization_domain", dom.id)
+            self._emit("organizationDomain.deleted", data)
+            return data
+
+    def list_domains(
+        self, *, limit: int = 10, offset: int = 0, organization_id: str | None = None
+    ) -> ListedPage:
+        check_page(limit, offset)
+        with self.lock:
+            found = sorted(self._domains.values(), key=lambda d: (d.created_at, d.id))
+            if organization_id is not None:
+                found = [d for d in found if d.organization_id == organization_id]
+            return ListedPage([self._domain_json(d) for d in found[offset : offset + limit]], len(found))
+
+    def _enroll(self, user: UserRecord) -> None:
+        """Domain enrollment: a verified ``automatic_invitation`` domain invites a new user with
+        its address, as the default role. No command asked for these invitations."""
+        address = user.email_address.lower()
+        for dom in sorted(self._domains.values(), key=lambda d: (d.created_at, d.id)):
+            if not (dom.verified and dom.enrollment_mode == "automatic_invitation"):
+                continue
+            if not address.endswith("@" + dom.name):
+                continue
+            try:
+                self._create_invitations(
+                    self._orgs[dom.organization_id],
+                    [{"email_address": user.email_address, "role": MEMBER_ROLE}],
+                )
+            except ClerkError:
+                # Already invited, or the organization is full: Clerk skips the invitation too.
+                continue
+
+    def list_role_sets(self, *, limit: int = 10, offset: int = 0) -> ListedPage:
+        check_page(limit, offset)
+        with self.lock:
+            roles = sorted(self._roles.values(), key=lambda r: (r.created_at, r.id))
+            sets = [
+                payloads.role_set(DEFAULT_ROLE_SET, roles, default_key=MEMBER_ROLE, creator_key=ADMIN_ROLE)
+            ]
+            return ListedPage(sets[offset : offset + limit], len(sets))
 
     # -------------------------------------------------------- scenario views
     def organization_ids(self) -> list[str]:

@@ -54,6 +54,8 @@ INVITATIONS = "invitations"
 ROLES = "roles"
 PERMISSIONS = "permissions"
 USERS = "users"
+DOMAINS = "organization_domains"
+ROLE_SETS = "role_sets"
 
 MIRRORED_EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -75,6 +77,9 @@ MIRRORED_EVENT_TYPES: frozenset[str] = frozenset(
         "user.created",
         "user.updated",
         "user.deleted",
+        "organizationDomain.created",
+        "organizationDomain.updated",
+        "organizationDomain.deleted",
     }
 )
 
@@ -326,6 +331,10 @@ def _organization_write(
         "max_allowed_memberships": _int(data, "max_allowed_memberships", prefix),
         "admin_delete_enabled": _bool(data, "admin_delete_enabled"),
         "members_count": _int(data, "members_count", prefix),
+        "pending_invitations_count": _int(data, "pending_invitations_count", prefix),
+        "missing_member_with_elevated_permissions": _bool(data, "missing_member_with_elevated_permissions"),
+        "role_set_key": _str(data, "role_set_key"),
+        "last_active_at": _timestamp(data, "last_active_at", prefix),
         "created_by": _str(data, "created_by"),
         "public_metadata": _dict(data, "public_metadata"),
         "private_metadata": _dict(data, "private_metadata"),
@@ -484,7 +493,7 @@ def _permission_event(event: Event) -> tuple[Write, ...]:
 
 
 def primary_identifier(data: Mapping[str, Any]) -> str | None:
-    """The primary email address, else the first one listed, else None."""
+    """The primary email address, else the first listed, else the primary phone, else the username."""
     listed = data.get("email_addresses")
     addresses = [item for item in listed if isinstance(item, dict)] if isinstance(listed, list) else []
     primary_id = data.get("primary_email_address_id")
@@ -497,17 +506,49 @@ def primary_identifier(data: Mapping[str, Any]) -> str | None:
         email = item.get("email_address")
         if isinstance(email, str):
             return email
-    return None
+    # Clerk's identifier of a user without email: the primary phone number, else the username.
+    phones = data.get("phone_numbers")
+    primary_phone = data.get("primary_phone_number_id")
+    if isinstance(phones, list) and primary_phone is not None:
+        for item in phones:
+            if isinstance(item, dict) and item.get("id") == primary_phone:
+                phone = item.get("phone_number")
+                if isinstance(phone, str):
+                    return phone
+    return _str(data, "username")
+
+
+def email_addresses(data: Mapping[str, Any]) -> list[str] | None:
+    """Every email address of a user payload, primary first; None when the list drifted away."""
+    listed = data.get("email_addresses")
+    if not isinstance(listed, list):
+        return None
+    found = [
+        item["email_address"]
+        for item in listed
+        if isinstance(item, dict) and isinstance(item.get("email_address"), str)
+    ]
+    primary = primary_identifier(data)
+    if primary in found:
+        found.remove(primary)
+        found.insert(0, primary)
+    return found
 
 
 def _user_event(event: Event) -> tuple[Write, ...]:
     data = event.data
     user_id = _required_id(data, "data.id", event.type)
     version, deleted = _object_version(event)
-    # Public data only: the mirror never stores email lists, phone numbers or private metadata.
+    # Public data plus what joins a user to an app's own table and matches invitations to
+    # users (external id, every email address); never phone numbers or private metadata.
     values: dict[str, Any] = {
         "id": user_id,
         "identifier": primary_identifier(data),
+        "external_id": _str(data, "external_id"),
+        "email_addresses": email_addresses(data),
+        "banned": _bool(data, "banned"),
+        "locked": _bool(data, "locked"),
+        "last_active_at": _timestamp(data, "last_active_at"),
         "username": _str(data, "username"),
         "first_name": _str(data, "first_name"),
         "last_name": _str(data, "last_name"),
@@ -520,6 +561,72 @@ def _user_event(event: Event) -> tuple[Write, ...]:
         "deleted": deleted,
     }
     return (Write(USERS, (user_id,), version, values),)
+
+
+def _domain_event(event: Event) -> tuple[Write, ...]:
+    data = event.data
+    domain_id = _required_id(data, "data.id", event.type)
+    deleted = _is_deletion(event)
+    organization_id = data.get("organization_id")
+    if not isinstance(organization_id, str) or not organization_id:
+        organization_id = (_dict(data, "public_organization_data") or {}).get("id")
+    if not isinstance(organization_id, str) or not organization_id:
+        if not deleted:
+            raise PayloadError(f"data.organization_id missing for {event.type}")
+        # A deleted stub may name only the domain; the row it tombstones keeps its organization.
+        organization_id = ""
+    version, _ = _object_version(event)
+    verification = _dict(data, "affiliation_verification") or _dict(data, "verification") or {}
+    values: dict[str, Any] = {
+        "id": domain_id,
+        "organization_id": organization_id,
+        "name": _str(data, "name"),
+        "enrollment_mode": _str(data, "enrollment_mode"),
+        "affiliation_email_address": _str(data, "affiliation_email_address"),
+        "verification_status": _str(verification, "status"),
+        "total_pending_invitations": _int(data, "total_pending_invitations"),
+        "total_pending_suggestions": _int(data, "total_pending_suggestions"),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
+        "version": version,
+        "deleted": deleted,
+    }
+    return (Write(DOMAINS, (domain_id,), version, values),)
+
+
+def _role_key_of(value: Any) -> str | None:
+    key = value.get("key") if isinstance(value, dict) else None
+    return normalize_role_key(key) if isinstance(key, str) else None
+
+
+def role_set_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A listed role set as a row (every column but version, deleted and synced_at).
+
+    Clerk sends no webhook for role sets: they are only listed. Raises ``PayloadError`` when
+    the object has no id or holds a value no column can.
+    """
+    role_set_id = data.get("id")
+    if not isinstance(role_set_id, str) or not role_set_id:
+        raise PayloadError("role set id missing")
+    roles = data.get("roles")
+    keys = [k for k in (_role_key_of(item) for item in roles) if k] if isinstance(roles, list) else None
+    values: dict[str, Any] = {
+        "id": role_set_id,
+        "key": _str(data, "key"),
+        "name": _str(data, "name"),
+        "description": _str(data, "description"),
+        "type": _str(data, "type"),
+        "role_keys": keys,
+        "default_role_key": _role_key_of(data.get("default_role")),
+        "creator_role_key": _role_key_of(data.get("creator_role")),
+        "created_at": _timestamp(data, "created_at"),
+        "updated_at": _timestamp(data, "updated_at"),
+    }
+    try:
+        _check_storable(ROLE_SETS, values)
+    except UnstorableValueError as exc:
+        raise PayloadError(f"{exc} for a role set") from None
+    return values
 
 
 # --- what the database can hold: every row is checked against its table before it is written ---
@@ -661,7 +768,8 @@ def _check_storable(table: str, values: Mapping[str, Any]) -> None:
 
 
 _SCHEMAS: dict[str, tuple[_Column, ...]] = {
-    name: _schema(name) for name in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, PERMISSIONS, USERS)
+    name: _schema(name)
+    for name in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, PERMISSIONS, USERS, DOMAINS, ROLE_SETS)
 }
 
 _BUILDERS = {
@@ -671,4 +779,5 @@ _BUILDERS = {
     "role": _role_event,
     "permission": _permission_event,
     "user": _user_event,
+    "organizationDomain": _domain_event,
 }

@@ -20,6 +20,9 @@ KNOWN_EVENT_TYPES = MIRRORED_EVENT_TYPES
 
 _TABLE = InboxEvent.__table__
 _TYPE_LENGTH = 128  # inbox_events.event_type is String(128)
+_INSTANCE_LENGTH = 128  # inbox_events.instance_id is String(128)
+# The reason's prefix on a delivery from an instance other than CLERK_INSTANCE_ID.
+WRONG_INSTANCE = "wrong_instance:"
 _SVIX_ID_LENGTH = 128
 
 
@@ -38,9 +41,10 @@ class _Classified:
     status: str
     event_type: str | None
     reason: str | None
+    instance_id: str | None = None
 
 
-def _classify(body: str) -> _Classified:
+def _classify(body: str, expected_instance: str | None = None) -> _Classified:
     try:
         payload: Any = json.loads(body)
     except RecursionError:
@@ -65,9 +69,23 @@ def _classify(body: str) -> _Classified:
         return _Classified(InboxStatus.REJECTED, event_type, "not_an_event: 'object' is not \"event\"")
     if not isinstance(payload.get("data"), dict):
         return _Classified(InboxStatus.REJECTED, event_type, "not_an_event: 'data' is not an object")
+    instance_id = payload.get("instance_id")
+    if not isinstance(instance_id, str) or not storable_text(instance_id):
+        instance_id = None
+    else:
+        instance_id = instance_id[:_INSTANCE_LENGTH]
+    if expected_instance is not None and instance_id != expected_instance:
+        # A development and a production instance must never mix in one mirror.
+        return _Classified(
+            InboxStatus.REJECTED,
+            event_type,
+            f"{WRONG_INSTANCE} sent by {instance_id or 'an unnamed instance'!s}, "
+            f"this mirror follows {expected_instance}",
+            instance_id,
+        )
     if event_type not in KNOWN_EVENT_TYPES:
-        return _Classified(InboxStatus.IGNORED, event_type, None)
-    return _Classified(InboxStatus.PENDING, event_type, None)
+        return _Classified(InboxStatus.IGNORED, event_type, None, instance_id)
+    return _Classified(InboxStatus.PENDING, event_type, None, instance_id)
 
 
 def _insert_for(dialect: str) -> Any:
@@ -75,6 +93,7 @@ def _insert_for(dialect: str) -> Any:
     statement = insert(_TABLE).values(
         svix_id=bindparam("svix_id"),
         event_type=bindparam("event_type"),
+        instance_id=bindparam("instance_id"),
         status=bindparam("status"),
         attempts=0,
         last_error=bindparam("last_error"),
@@ -92,7 +111,14 @@ _SELECT_EXISTING = select(_TABLE.c.id, _TABLE.c.status, _TABLE.c.last_error).whe
 )
 
 
-def store_delivery(session: Session | Connection, *, svix_id: str, body: str, received_at: int) -> Stored:
+def store_delivery(
+    session: Session | Connection,
+    *,
+    svix_id: str,
+    body: str,
+    received_at: int,
+    expected_instance: str | None = None,
+) -> Stored:
     """Insert one verified delivery unless its ``svix_id`` is known; never commits.
 
     Takes a Session or, on the hot intake path, a plain Connection (no ORM unit of work to pay
@@ -100,11 +126,13 @@ def store_delivery(session: Session | Connection, *, svix_id: str, body: str, re
 
     A body that is not a Clerk event envelope is stored as ``rejected`` with the reason, an
     unknown type as ``ignored``, anything else as ``pending``. Both outcomes are acknowledged
-    by the caller: a retry could not make the body any different.
+    by the caller: a retry could not make the body any different. The envelope's
+    ``instance_id`` is recorded; with ``expected_instance`` set, a delivery from any other
+    instance is stored as ``rejected`` and never applied.
     """
     if not svix_id or len(svix_id) > _SVIX_ID_LENGTH:
         raise PermanentError(f"svix_id must be 1..{_SVIX_ID_LENGTH} characters")
-    verdict = _classify(body)
+    verdict = _classify(body, expected_instance)
     reason = verdict.reason
     if "\x00" in body:
         # PostgreSQL text cannot hold NUL. Valid JSON never contains a raw NUL, so this body
@@ -121,6 +149,7 @@ def store_delivery(session: Session | Connection, *, svix_id: str, body: str, re
         {
             "svix_id": svix_id,
             "event_type": verdict.event_type,
+            "instance_id": verdict.instance_id,
             "status": verdict.status,
             "last_error": reason,
             "body": body,
@@ -163,10 +192,16 @@ def reset_for_replay(session: Session, refs: Sequence[str]) -> list[int]:
         return []
     numeric = [int(ref) for ref in wanted if ref.isdigit()]
     rows = session.execute(
-        select(InboxEvent.id, InboxEvent.svix_id).where(
+        select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.last_error).where(
             or_(InboxEvent.svix_id.in_(wanted), InboxEvent.id.in_(numeric))
         )
     ).all()
+    foreign = [row.svix_id for row in rows if (row.last_error or "").startswith(WRONG_INSTANCE)]
+    if foreign:
+        # A development and a production instance must never mix in one mirror, replay or not.
+        raise PermanentError(
+            f"inbox events from another Clerk instance are never applied: {', '.join(foreign)}"
+        )
     by_svix = {row.svix_id: int(row.id) for row in rows}
     by_id = {int(row.id) for row in rows}
     ids: list[int] = []

@@ -4,7 +4,7 @@ Listing versions. A listed object carries no delivery, so its version is built f
 object's own timestamps with the LOWEST tie-break there is:
 
 * memberships: ``created_at(15) updated_at(15) 0 000000000000000 0000000000000000``;
-* organizations, invitations, roles: ``updated_at(15) 0 000000000000000 0000000000000000``.
+* every other kind: ``updated_at(15) 0 000000000000000 0000000000000000``.
 
 Rank digit 0 and a zero envelope timestamp and hash put a listing below EVERY webhook write
 with the same object timestamps: a delivery's envelope timestamp is positive, and the
@@ -20,8 +20,13 @@ since that listing began (``synced_at`` before it), is re-checked with a GET; on
 answers that it is gone is it tombstoned, with a version ranked as a deletion and stamped with
 the time of the check (``max(updated_at, checked_at)``): every change of that generation
 happened before it was gone, so no late webhook of it can resurrect the row, while a genuine
-re-add (later ``created_at``) still does. Organizations and roles are tombstoned through
-``apply_events`` with a deleted stub, so they stay deleted for good and cascade as webhooks do.
+re-add (later ``created_at``) still does. Organizations, roles, users, permissions and domains
+are tombstoned through ``apply_events`` with a deleted stub, so they stay deleted for good and
+cascade as webhooks do.
+
+Copies by content. After every listing write, the user and role data memberships and
+invitations embed are derived again from the users and roles rows (``models.mirror``): a
+copy that went stale without its own timestamps moving is repaired and counted as drift.
 
 Every write here runs under ``lock_mirror_writes``: what a batch reads to count drift is what
 it then overwrites, with no webhook batch in between.
@@ -46,22 +51,27 @@ from sqlalchemy.orm import Session
 from models.db import lock_mirror_writes
 from models.errors import PayloadError, PermanentError, RetryableError
 from models.events import (
+    DOMAINS,
     INVITATIONS,
     MEMBERSHIP_RANK,
     MEMBERSHIPS,
     ORGANIZATIONS,
+    PERMISSIONS,
+    ROLE_SETS,
     ROLES,
+    USERS,
     Event,
     event_writes,
+    role_set_values,
     storable_text,
 )
-from models.mirror import TABLES, apply_events
+from models.mirror import TABLES, Touched, apply_events, refresh_copies
 from models.tables import Organization, SyncRun, SyncStatus
 from models.versions import row_version
 
 log = logging.getLogger(__name__)
 
-KINDS = (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES)
+KINDS = (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, ROLES, USERS, PERMISSIONS, DOMAINS, ROLE_SETS)
 ACTIONS = ("created", "updated", "tombstoned")
 SCOPE_INSTANCE = "instance"
 SCOPE_ORGANIZATION = "organization"
@@ -75,8 +85,19 @@ _LISTED_AS = {
     MEMBERSHIPS: "organizationMembership.updated",
     INVITATIONS: "organizationInvitation.created",
     ROLES: "role.updated",
+    USERS: "user.updated",
+    PERMISSIONS: "permission.updated",
+    DOMAINS: "organizationDomain.updated",
 }
-STICKY = frozenset({ORGANIZATIONS, ROLES})
+STICKY = frozenset({ORGANIZATIONS, ROLES, USERS, PERMISSIONS, DOMAINS})
+# The resource of the deleted stub that tombstones each sticky kind, as its webhook would.
+_STUB_RESOURCE = {
+    ORGANIZATIONS: "organization",
+    ROLES: "role",
+    USERS: "user",
+    PERMISSIONS: "permission",
+    DOMAINS: "organizationDomain",
+}
 LISTING_ID = "orgsync-listing"
 MAX_PARAMS = 30_000
 MAX_IN = 500
@@ -158,6 +179,13 @@ def _key_columns(kind: str) -> tuple[str, ...]:
 
 def listed_row(kind: str, item: Mapping[str, Any]) -> dict[str, Any]:
     """A listed object as a mirror row (every column but ``synced_at``); ``PayloadError`` if unusable."""
+    if kind == ROLE_SETS:
+        values = role_set_values(item)
+        values["version"] = listing_version(
+            kind, created_at=values["created_at"], updated_at=values["updated_at"]
+        )
+        values["deleted"] = False
+        return values
     data = dict(item)
     if kind == MEMBERSHIPS:
         # The organization is listed (and written) on its own: skip the snapshot's row here.
@@ -301,7 +329,27 @@ def write_listing(session: Session, kind: str, items: Iterable[Mapping[str, Any]
         writes.append(dict(row, synced_at=now_ms))
     if writes:
         _upsert_newer(session, kind, writes)
+    # By content, not only by version: a copy that no longer matches the user or role row it
+    # derives from is rewritten even when nothing listed was newer.
+    drift.add(MEMBERSHIPS, "updated", refresh_copies(session, _touched(kind, best)))
     return drift
+
+
+def _touched(kind: str, rows: Mapping[tuple[str, ...], Mapping[str, Any]]) -> Touched:
+    touched = Touched()
+    if kind == USERS:
+        touched.users.update(key[0] for key in rows)
+    elif kind == ROLES:
+        touched.role_keys.update(row["key"] for row in rows.values() if row["key"])
+    elif kind == PERMISSIONS:
+        touched.all_roles = True
+    elif kind == MEMBERSHIPS:
+        touched.members.update(key[1] for key in rows)
+        touched.written_roles.update(row["role"] for row in rows.values() if row["role"])
+    elif kind == INVITATIONS:
+        touched.invitations.update(key[0] for key in rows)
+        touched.written_roles.update(row["role"] for row in rows.values() if row["role"])
+    return touched
 
 
 def _fill_accepting_users(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -408,15 +456,15 @@ def tombstone_rows(session: Session, gone: Sequence[Absent], *, listed_since_ms:
     return drift
 
 
-def _live_count(session: Session, kind: str, organization_ids: Sequence[str]) -> int:
+def _live_count(
+    session: Session, kind: str, organization_ids: Sequence[str], *, column: str = "organization_id"
+) -> int:
     table = TABLES[kind]
     total = 0
     for start in range(0, len(organization_ids), MAX_IN):
         chunk = organization_ids[start : start + MAX_IN]
         total += (
-            session.scalar(
-                select(func.count()).where(table.c.organization_id.in_(chunk), table.c.deleted.is_(False))
-            )
+            session.scalar(select(func.count()).where(table.c[column].in_(chunk), table.c.deleted.is_(False)))
             or 0
         )
     return total
@@ -425,9 +473,23 @@ def _live_count(session: Session, kind: str, organization_ids: Sequence[str]) ->
 def tombstone_objects(
     session: Session, kind: str, ids: Sequence[str], *, listed_since_ms: int, now_ms: int
 ) -> Drift:
-    """Organizations or roles Clerk confirmed gone: deleted for good, with the webhook cascade."""
+    """Organizations, roles, users, permissions or domains Clerk confirmed gone: deleted for
+    good, with the webhook cascade."""
+    if kind == ROLE_SETS:
+        # No webhook deletes a role set: the tombstone is written here, versioned as a deletion.
+        lock_mirror_writes(session)
+        table = TABLES[kind]
+        result = session.execute(
+            update(table)
+            .where(table.c.id.in_(list(ids)), table.c.deleted.is_(False), table.c.synced_at < listed_since_ms)
+            .values(deleted=True, synced_at=now_ms),
+            execution_options={"synchronize_session": False},
+        )
+        drift = Drift()
+        drift.add(kind, "tombstoned", cast(Any, result).rowcount or 0)
+        return drift
     if kind not in STICKY:
-        raise ValueError(f"tombstone_objects takes organizations and roles, not {kind}")
+        raise ValueError(f"tombstone_objects takes {', '.join(sorted(STICKY))}, not {kind}")
     lock_mirror_writes(session)
     table = TABLES[kind]
     live = [
@@ -444,7 +506,10 @@ def tombstone_objects(
     if kind == ORGANIZATIONS:
         drift.add(MEMBERSHIPS, "tombstoned", _live_count(session, MEMBERSHIPS, live))
         drift.add(INVITATIONS, "tombstoned", _live_count(session, INVITATIONS, live))
-    resource = "organization" if kind == ORGANIZATIONS else "role"
+    elif kind == USERS:
+        drift.add(MEMBERSHIPS, "tombstoned", _live_count(session, MEMBERSHIPS, live, column="user_id"))
+        drift.add(INVITATIONS, "tombstoned", _live_count(session, INVITATIONS, live, column="user_id"))
+    resource = _STUB_RESOURCE[kind]
     stubs = [
         Event(
             svix_id=f"orgsync-reconcile:{object_id}",

@@ -51,6 +51,10 @@ class Organization(Versioned, Base):
     max_allowed_memberships: Mapped[int | None]
     admin_delete_enabled: Mapped[bool | None]
     members_count: Mapped[int | None]
+    pending_invitations_count: Mapped[int | None]
+    missing_member_with_elevated_permissions: Mapped[bool | None]
+    role_set_key: Mapped[str | None] = mapped_column(String(128))
+    last_active_at: Mapped[int | None] = mapped_column(Millis)
     created_by: Mapped[str | None] = mapped_column(String(64))
     public_metadata: Mapped[JsonDict | None]
     private_metadata: Mapped[JsonDict | None]
@@ -128,18 +132,61 @@ class Permission(Versioned, Base):
 
 
 class User(Versioned, Base):
-    """Public data only: no email list, no phone numbers, no private metadata."""
+    """Public data plus what joins a user to an app's own table: no phones, no private metadata.
+
+    Memberships' ``public_user_data`` and ``identifier`` are copies of a live user row (see
+    ``models.mirror``): this row, by its version, is the one source of a user's public data.
+    """
 
     __tablename__ = "users"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     identifier: Mapped[str | None] = mapped_column(String(320), index=True)
+    external_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    email_addresses: Mapped[list[str] | None]
+    banned: Mapped[bool | None]
+    locked: Mapped[bool | None]
+    last_active_at: Mapped[int | None] = mapped_column(Millis)
     username: Mapped[str | None] = mapped_column(String(256))
     first_name: Mapped[str | None] = mapped_column(String(256))
     last_name: Mapped[str | None] = mapped_column(String(256))
     image_url: Mapped[str | None] = mapped_column(Text)
     has_image: Mapped[bool | None]
     public_metadata: Mapped[JsonDict | None]
+    created_at: Mapped[int | None] = mapped_column(Millis)
+    updated_at: Mapped[int | None] = mapped_column(Millis)
+
+
+class OrganizationDomain(Versioned, Base):
+    """A domain whose verified users may join an organization (``enrollment_mode`` says how)."""
+
+    __tablename__ = "organization_domains"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(256), index=True)
+    enrollment_mode: Mapped[str | None] = mapped_column(String(64))
+    affiliation_email_address: Mapped[str | None] = mapped_column(String(320))
+    verification_status: Mapped[str | None] = mapped_column(String(32))
+    total_pending_invitations: Mapped[int | None]
+    total_pending_suggestions: Mapped[int | None]
+    created_at: Mapped[int | None] = mapped_column(Millis)
+    updated_at: Mapped[int | None] = mapped_column(Millis)
+
+
+class RoleSet(Versioned, Base):
+    """The roles an organization with this ``role_set_key`` may assign; listed, never delivered."""
+
+    __tablename__ = "role_sets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str | None] = mapped_column(String(128), index=True)
+    name: Mapped[str | None] = mapped_column(String(256))
+    description: Mapped[str | None] = mapped_column(Text)
+    type: Mapped[str | None] = mapped_column(String(32))
+    role_keys: Mapped[list[str] | None]
+    default_role_key: Mapped[str | None] = mapped_column(String(128))
+    creator_role_key: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[int | None] = mapped_column(Millis)
     updated_at: Mapped[int | None] = mapped_column(Millis)
 
@@ -162,6 +209,7 @@ class InboxEvent(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     svix_id: Mapped[str] = mapped_column(String(128), unique=True)
     event_type: Mapped[str | None] = mapped_column(String(128))
+    instance_id: Mapped[str | None] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default=InboxStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -11,6 +11,7 @@ from histories import T0
 
 from emulator.payloads import deleted as deleted_stub
 from emulator.payloads import (
+    domain_data,
     invitation_data,
     membership_data,
     organization_data,
@@ -66,6 +67,12 @@ def sample(event_type: str) -> dict[str, Any]:
             deleted_stub("permission", "perm_1")
             if action == "deleted"
             else permission_data("perm_1", "org:posts:edit")
+        )
+    if resource == "organizationDomain":
+        return (
+            deleted_stub("organization_domain", "orgdmn_1")
+            if action == "deleted"
+            else domain_data("orgdmn_1", "org_1")
         )
     return deleted_stub("user", "user_1", external_id="ex_1") if action == "deleted" else user_data("user_1")
 

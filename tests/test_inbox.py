@@ -30,7 +30,7 @@ def count_rows(factory: sessionmaker[Session]) -> int:
 
 
 def test_known_event_types_are_the_mirrored_ones() -> None:
-    assert len(KNOWN_EVENT_TYPES) == 18
+    assert len(KNOWN_EVENT_TYPES) == 21
     assert "organizationMembership.deleted" in KNOWN_EVENT_TYPES
     assert "organizationInvitation.accepted" in KNOWN_EVENT_TYPES
     assert "session.created" not in KNOWN_EVENT_TYPES

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.payloads import deleted as deleted_stub
 from emulator.payloads import (
+    domain_data,
     invitation_data,
     membership_data,
     organization_data,
@@ -53,6 +54,12 @@ def valid_data(event_type: str) -> dict[str, Any]:
         if action == "deleted":
             return deleted_stub("permission", "perm_1")
         return permission_data("perm_1", "org:x")
+    if resource == "organizationDomain":
+        return (
+            deleted_stub("organization_domain", "orgdmn_1")
+            if action == "deleted"
+            else domain_data("orgdmn_1", "org_1")
+        )
     return deleted_stub("user", "user_1") if action == "deleted" else user_data("user_1")
 
 

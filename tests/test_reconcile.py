@@ -200,10 +200,15 @@ def test_backfill_equals_the_snapshot_and_a_second_run_repairs_nothing(engine: E
     assert first.status == SyncStatus.COMPLETED, first.error
     assert_mirror_equals_truth(factory, emu)
     truth = emu.snapshot()
-    assert counts(first) == {kind: {"created": len(truth[kind])} for kind in RECONCILED}
+    found = counts(first)
+    assert {kind: found[kind] for kind in RECONCILED} == {
+        kind: {"created": len(truth[kind])} for kind in RECONCILED
+    }
+    assert found["role_sets"] == {"created": 1}
     assert seen and seen[-1].organizations_done == seen[-1].organizations_total == 12
-    # Roles (1 call) + organizations (1) + memberships and invitations (1 each per organization).
-    assert first.api_calls == 2 + 2 * 12
+    # Users, permissions, roles, role sets, domains (1 call each) + organizations (1) +
+    # memberships and invitations (1 each per organization).
+    assert first.api_calls == 6 + 2 * 12
 
     second = run_reconcile(factory, client)
     assert second.status == SyncStatus.COMPLETED and second.drift.total == 0
@@ -247,6 +252,8 @@ def test_missed_changes_creates_and_deletes_are_repaired_and_counted(
         MEMBERSHIPS: {"created": 1, "updated": 1, "tombstoned": 3 + doomed[0]},
         INVITATIONS: {"updated": 1, "tombstoned": doomed[1]},
         ROLES: {"tombstoned": 1},
+        # The user created without a webhook: reconciliation lists users too.
+        "users": {"created": 1},
     }
     with session_scope(factory) as session:
         gone = session.get(Organization, deleted_org)
@@ -298,9 +305,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(
     second = run_reconcile(factory, client)
     assert (second.run_id, second.resumed, second.status) == (first.run_id, True, SyncStatus.COMPLETED)
     assert second.organizations == 12
-    # Only the organizations after the cursor were fetched again: roles, the organization
-    # page, and two calls for each organization not done before.
-    assert second.api_calls - first.api_calls == 2 + 2 * (12 - first.organizations)
+    # Only the organizations after the cursor were fetched again: the five instance listings,
+    # the organization page, and two calls for each organization not done before.
+    assert second.api_calls - first.api_calls == 6 + 2 * (12 - first.organizations)
     assert_mirror_equals_truth(factory, emu)
     assert counts(second)[MEMBERSHIPS] == {"created": 12 * 6}
 
@@ -337,11 +344,11 @@ def test_429s_from_a_low_budget_are_waited_out(factory: sessionmaker[Session]) -
 
 
 def test_the_shared_budget_share_caps_reconciliation(emu: Emulator, factory: sessionmaker[Session]) -> None:
-    # 20 calls per second at share 0.5: reconciliation may take 10 of them; its 26 calls wait.
+    # 20 calls per second at share 0.5: reconciliation may take 10 of them; its 30 calls wait.
     limiter = CountingLimiter("memory://", 20, 10, window=1, share=0.5, namespace=f"t{uuid.uuid4().hex[:8]}")
     client = ClerkClient(secret_key=DEFAULT_SECRET_KEY, api_url=emu.api_url, timeout=10.0, limiter=limiter)
     result = run_reconcile(factory, client, workers=2)
-    assert result.status == SyncStatus.COMPLETED and result.api_calls == 26
+    assert result.status == SyncStatus.COMPLETED and result.api_calls == 30
     assert result.rate_limit_waits > 0
 
 

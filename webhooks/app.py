@@ -165,6 +165,7 @@ def create_app(
                     svix_id=delivery.svix_id,
                     body=delivery.body,
                     received_at=now_ms(),
+                    expected_instance=settings.instance_id,
                 )
         except Exception as exc:
             if not (isinstance(exc, RetryableError) or is_connection_error(exc)):

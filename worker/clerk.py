@@ -399,12 +399,14 @@ class ClerkClient:
         purpose: str,
         *,
         page: bool = False,
+        bare: bool = False,
     ) -> Json:
         """A GET read as plain JSON over the SDK's HTTP client, with the SDK's URL, headers and timeout.
 
         Reads skip the SDK's models: building the request and validating and dumping the answer
         cost several times the CPU of the call itself, and reconciliation makes a call per
-        organization. Writes stay on the SDK. ``page``: the answer must be ``{data, total_count}``.
+        organization. Writes stay on the SDK. ``page``: the answer must be ``{data, total_count}``;
+        ``bare``: a bare array of objects is read as such a page.
         """
         url = self._base_url + path
 
@@ -416,6 +418,12 @@ class ClerkClient:
                 body = response.json()
             except ValueError:
                 body = None
+            if bare and isinstance(body, list) and all(isinstance(item, dict) for item in body):
+                # Clerk lists users as a bare array: a full page means there may be more.
+                offset, limit = (params or {}).get("offset"), (params or {}).get("limit")
+                offset = offset if isinstance(offset, int) else 0
+                more = isinstance(limit, int) and 0 < limit <= len(body)
+                return {"data": body, "total_count": offset + len(body) + (1 if more else 0)}
             if not isinstance(body, dict) or (page and not _is_page(body)):
                 raise ClerkTransientError(
                     response.status_code,
@@ -654,3 +662,28 @@ class ClerkClient:
     ) -> ApiPage:
         params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
         return _page(self._get_json("/organization_roles", params, purpose, page=True))
+
+    # ------------------------------------------------- users, permissions, role sets, domains
+    def list_users(
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
+    ) -> ApiPage:
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
+        return _page(self._get_json("/users", params, purpose, page=True, bare=True))
+
+    def list_permissions(
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
+    ) -> ApiPage:
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
+        return _page(self._get_json("/organization_permissions", params, purpose, page=True))
+
+    def list_role_sets(
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
+    ) -> ApiPage:
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
+        return _page(self._get_json("/role_sets", params, purpose, page=True))
+
+    def list_organization_domains(
+        self, *, limit: int = 100, offset: int = 0, order_by: str = "+created_at", purpose: str = "read"
+    ) -> ApiPage:
+        params: Params = {"order_by": order_by, "limit": limit, "offset": offset}
+        return _page(self._get_json("/organization_domains", params, purpose, page=True))

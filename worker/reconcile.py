@@ -1,9 +1,10 @@
 """Reconciliation against the Backend API: list everything, write what is newer, re-check what is missing.
 
-A run lists roles, then organizations page by page (``+created_at``, 500 a page); each
-organization's memberships and invitations (every status: one call for any organization with
-fewer than 500, and accepted or revoked ones are repaired without a GET each) are fetched by a
-few threads while this thread writes finished organizations in batches, in listing order.
+A run lists users, permissions, roles, role sets and domains, then organizations page by page
+(``+created_at``, 500 a page); each organization's memberships and invitations (every status:
+one call for any organization with fewer than 500, and accepted or revoked ones are repaired
+without a GET each) are fetched by a few threads while this thread writes finished
+organizations in batches, in listing order.
 Versions (``models.reconcile``) make every write newer-only, so webhooks applied meanwhile are
 never overwritten by an older listing. Rows missing from a complete listing are re-checked
 (memberships a hundred users per filtered list, invitations with a GET each) and tombstoned
@@ -38,7 +39,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.clock import now_ms
 from models.db import session_scope
 from models.errors import ConfigError, OrganizationNotFoundError, RetryableError
-from models.events import INVITATIONS, MEMBERSHIPS, ORGANIZATIONS, ROLES
+from models.events import (
+    DOMAINS,
+    INVITATIONS,
+    MEMBERSHIPS,
+    ORGANIZATIONS,
+    PERMISSIONS,
+    ROLE_SETS,
+    ROLES,
+    USERS,
+)
 from models.reconcile import (
     SCOPE_INSTANCE,
     SCOPE_ORGANIZATION,
@@ -411,7 +421,13 @@ class Reconciler:
             if org_id is not None:
                 self._sync_one(org_id, target, started_ms)
             else:
+                # Users and permissions first: the copies memberships embed derive from them.
+                self._sync_listed(USERS, self._client.list_users)
+                self._sync_listed(PERMISSIONS, self._client.list_permissions)
                 self._sync_roles()
+                # Who may join and with which roles: role sets and domain enrollment.
+                self._sync_listed(ROLE_SETS, self._client.list_role_sets)
+                self._sync_listed(DOMAINS, self._client.list_organization_domains)
                 self._sync_organizations()
             self._phase = "done"
         except (SyncInterruptedError, RetryableError, KeyboardInterrupt) as exc:
@@ -493,6 +509,42 @@ class Reconciler:
             with self._session() as session:
                 self._drift.merge(
                     tombstone_objects(session, ROLES, gone, listed_since_ms=started, now_ms=self._clock())
+                )
+                self._checkpoint(session)
+
+    # ------------------------------------------------------ users, permissions
+    def _sync_listed(self, kind: str, lister: Callable[..., ApiPage]) -> None:
+        """A complete listing written newer-only; what two listings in a row miss is gone."""
+
+        def listing() -> list[Json]:
+            return self._all(
+                lambda at: lister(limit=PAGE_LIMIT, offset=at, order_by=ORDER_BY, purpose=PURPOSE)
+            )
+
+        self._phase = kind
+        started = self._clock()
+        try:
+            items = listing()
+        except ClerkRefusalError as exc:
+            if exc.status not in (404, 405):
+                raise
+            # An API without this listing (an older emulator): the rest of the run still holds.
+            log.warning("reconcile: the Backend API cannot list %s (%s); skipping them", kind, exc.status)
+            return
+        seen = {(str(item.get("id")),) for item in items}
+        with self._session() as session:
+            self._drift.merge(write_listing(session, kind, items, now_ms=self._clock()))
+            missing = absent_rows(session, kind, seen=seen, listed_since_ms=started)
+            self._checkpoint(session)
+        self._rows += len(items)
+        if not missing:
+            return
+        again = {(str(item.get("id")),) for item in listing()}
+        gone = [item.key[0] for item in missing if item.key not in again]
+        if gone:
+            with self._session() as session:
+                self._drift.merge(
+                    tombstone_objects(session, kind, gone, listed_since_ms=started, now_ms=self._clock())
                 )
                 self._checkpoint(session)
 

@@ -257,6 +257,54 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
         )
         return _listing(listing, render.permission)
 
+    # -------------------------------------------------------------- role sets
+    @v1.get("/role_sets")
+    def list_role_sets() -> Any:
+        limit, offset = params.window()
+        listing = read(
+            lambda s: reads.list_role_sets(
+                s, limit=limit, offset=offset, order_by=params.text("order_by"), query=params.text("query")
+            )
+        )
+        return _listing(listing, render.role_set)
+
+    @v1.get("/role_sets/<key_or_id>")
+    def get_role_set(key_or_id: str) -> Any:
+        found = read(lambda s: reads.get_role_set(s, key_or_id))
+        if found is None:
+            raise not_found("role set", key_or_id)
+        return _json(render.role_set(found))
+
+    # --------------------------------------------------- organization domains
+    def domains(organization: str | None = None) -> Response:
+        limit, offset = params.window()
+        verified = params.optional_flag("verified")
+        listing = read(
+            lambda s: reads.list_domains(
+                s,
+                organization=organization,
+                limit=limit,
+                offset=offset,
+                order_by=params.text("order_by"),
+                organization_ids=params.values("organization_id") if organization is None else (),
+                verified=verified,
+                enrollment_modes=params.values("enrollment_mode"),
+                query=params.given("query") if organization is None else None,
+                domains=params.values("domains") if organization is None else (),
+            )
+        )
+        if listing is None:
+            raise not_found("organization", organization or "")
+        return _listing(listing, render.domain)
+
+    @v1.get("/organizations/<org_id>/domains")
+    def list_domains(org_id: str) -> Any:
+        return domains(organization=org_id)
+
+    @v1.get("/organization_domains")
+    def list_instance_domains() -> Any:
+        return domains()
+
     # ------------------------------------------------------------------ users
     @v1.get("/users")
     def list_users() -> Any:

@@ -52,6 +52,18 @@ def flag(name: str) -> bool:
     raise invalid(name, f"must be true or false, got {raw[:40]!r}")
 
 
+def optional_flag(name: str) -> bool | None:
+    """``true`` or ``false``, or None when the parameter is absent (no filter)."""
+    if request.args.get(name) is None:
+        return None
+    return flag(name)
+
+
+def given(name: str) -> str | None:
+    """The value as sent, empty included, for filters where an empty value is an error."""
+    return request.args.get(name)
+
+
 def text(name: str) -> str | None:
     value = request.args.get(name)
     return value if value else None

@@ -4,7 +4,10 @@ Fields the mirror does not hold are left out where Clerk's schema makes them opt
 (``role_set_key``, ``last_active_at``, ``missing_member_with_elevated_permissions``) and
 given their empty value where it requires them (a user's email addresses, phone numbers,
 web3 wallets, passkeys and external accounts are empty lists, its security flags false and
-its activity timestamps null): the mirror keeps users' public data only.
+its activity timestamps null): the mirror keeps users' public data only. Of a domain's
+verification the mirror keeps the status: the strategy is given as Clerk's ``email_code``
+and the attempts and times as null; a domain's ``ownership_verification`` is null. A role of
+a role set whose key no live mirrored role holds is given by its key alone.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 from models.queries import MembershipView, OrganizationView, PermissionView, RoleView
-from models.reads import CountedOrganizationView, InvitationDetailView, PublicUserView, TimedPermissionView
+from models.reads import (
+    CountedOrganizationView,
+    DomainView,
+    InvitationDetailView,
+    PublicUserView,
+    RoleSetItemView,
+    RoleSetView,
+    TimedPermissionView,
+)
 
 Json = dict[str, Any]
 
@@ -118,6 +129,66 @@ def role(rec: RoleView) -> Json:
         "description": rec.description,
         "is_creator_eligible": bool(rec.is_creator_eligible),
         "permissions": [permission(p) for p in rec.permissions],
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+def role_set_item(item: RoleSetItemView) -> Json:
+    return {
+        "object": "role_set_item",
+        "id": item.id or "",
+        "name": item.name or item.key,
+        "key": item.key,
+        "description": item.description,
+        "created_at": item.created_at or 0,
+        "updated_at": item.updated_at or 0,
+    }
+
+
+def role_set(rec: RoleSetView) -> Json:
+    return {
+        "object": "role_set",
+        "id": rec.id,
+        "name": rec.name or "",
+        "key": rec.key or "",
+        "description": rec.description,
+        "roles": [role_set_item(item) for item in rec.roles],
+        "default_role": None if rec.default_role is None else role_set_item(rec.default_role),
+        "creator_role": None if rec.creator_role is None else role_set_item(rec.creator_role),
+        "type": rec.type or "custom",
+        # Migrations between role sets are not mirrored; none is ever shown in progress.
+        "role_set_migration": None,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
+
+
+def domain(rec: DomainView) -> Json:
+    verification = (
+        None
+        if rec.verification_status is None
+        else {
+            "status": rec.verification_status,
+            "strategy": "email_code",
+            "attempts": None,
+            "expire_at": None,
+            "verified_at": None,
+        }
+    )
+    return {
+        "object": "organization_domain",
+        "id": rec.id,
+        "organization_id": rec.organization_id,
+        "name": rec.name or "",
+        "enrollment_mode": rec.enrollment_mode or "manual_invitation",
+        "affiliation_email_address": rec.affiliation_email_address,
+        "affiliation_verification": verification,
+        "ownership_verification": None,
+        "verification": None if verification is None else dict(verification),
+        "total_pending_invitations": rec.total_pending_invitations,
+        "total_pending_suggestions": rec.total_pending_suggestions,
+        "public_organization_data": rec.public_organization_data,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
     }

@@ -33,7 +33,16 @@ from models.queries import (
     RoleView,
     invitation_status,
 )
-from models.tables import Invitation, Membership, Organization, Permission, Role, User
+from models.tables import (
+    Invitation,
+    Membership,
+    Organization,
+    OrganizationDomain,
+    Permission,
+    Role,
+    RoleSet,
+    User,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +52,9 @@ MEMBERSHIP_ORDER = ("created_at", "email_address", "first_name", "last_name", "u
 INVITATION_ORDER = ("created_at", "email_address")
 ROLE_ORDER = ("created_at", "name", "key")
 PERMISSION_ORDER = ("created_at", "name", "key")
+ROLE_SET_ORDER = ("created_at", "name", "key")
+DOMAIN_ORDER = ("created_at", "name")
+ENROLLMENT_MODES = ("manual_invitation", "automatic_invitation", "automatic_suggestion", "enterprise_sso")
 USER_ORDER = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
 
 
@@ -102,6 +114,49 @@ class PublicUserView:
     image_url: str | None
     has_image: bool
     public_metadata: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+
+
+@dataclass(frozen=True)
+class RoleSetItemView:
+    """A role of a role set, with the role's fields where the mirror holds a live role of that key."""
+
+    key: str
+    id: str | None = None
+    name: str | None = None
+    description: str | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+
+
+@dataclass(frozen=True)
+class RoleSetView:
+    id: str
+    key: str | None
+    name: str | None
+    description: str | None
+    type: str | None
+    roles: list[RoleSetItemView]
+    default_role: RoleSetItemView | None
+    creator_role: RoleSetItemView | None
+    created_at: int | None
+    updated_at: int | None
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """An organization domain; of its verification the mirror holds the status only."""
+
+    id: str
+    organization_id: str
+    name: str | None
+    enrollment_mode: str | None
+    affiliation_email_address: str | None
+    verification_status: str | None
+    total_pending_invitations: int
+    total_pending_suggestions: int
+    public_organization_data: dict[str, Any] | None
     created_at: int | None
     updated_at: int | None
 
@@ -479,12 +534,11 @@ def _public_users(session: Session, user_ids: Iterable[str]) -> dict[str, dict[s
     }
 
 
-def _invitation_records(
-    session: Session, rows: Sequence[Invitation], now_ms: int
-) -> list[InvitationDetailView]:
-    inviters = _public_users(session, (row.inviter_id for row in rows if row.inviter_id))
-    org_ids = sorted({row.organization_id for row in rows})
-    orgs = {
+def _public_organizations(session: Session, org_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    ids = sorted(set(org_ids))
+    if not ids:
+        return {}
+    return {
         org.id: {
             "id": org.id,
             "name": org.name,
@@ -492,10 +546,15 @@ def _invitation_records(
             "image_url": org.image_url,
             "has_image": bool(org.has_image),
         }
-        for org in (
-            session.scalars(select(Organization).where(Organization.id.in_(org_ids))) if org_ids else []
-        )
+        for org in session.scalars(select(Organization).where(Organization.id.in_(ids)))
     }
+
+
+def _invitation_records(
+    session: Session, rows: Sequence[Invitation], now_ms: int
+) -> list[InvitationDetailView]:
+    inviters = _public_users(session, (row.inviter_id for row in rows if row.inviter_id))
+    orgs = _public_organizations(session, (row.organization_id for row in rows))
     return [
         InvitationDetailView(
             id=row.id,
@@ -689,6 +748,187 @@ def list_permissions(
     order = parse_order(order_by, PERMISSION_ORDER)
     rows, total = _window(session, _catalogue_query(Permission, order, query), limit, offset)
     return Listing([_permission_record(row) for row in rows], total)
+
+
+# ------------------------------------------------------------------ role sets
+def _role_set_views(session: Session, rows: Sequence[RoleSet]) -> list[RoleSetView]:
+    keys = sorted(
+        {key for row in rows for key in row.role_keys or []}
+        | {key for row in rows for key in (row.default_role_key, row.creator_role_key) if key}
+    )
+    known = {
+        role.key: RoleSetItemView(
+            key=role.key,
+            id=role.id,
+            name=role.name,
+            description=role.description,
+            created_at=role.created_at,
+            updated_at=role.updated_at,
+        )
+        for role in (
+            session.scalars(select(Role).where(Role.key.in_(keys), Role.deleted.is_(False))) if keys else []
+        )
+        if role.key is not None
+    }
+
+    def item(key: str | None) -> RoleSetItemView | None:
+        return None if key is None else known.get(key) or RoleSetItemView(key=key)
+
+    views = []
+    for row in rows:
+        roles = [found for found in (item(key) for key in row.role_keys or []) if found is not None]
+        views.append(
+            RoleSetView(
+                id=row.id,
+                key=row.key,
+                name=row.name,
+                description=row.description,
+                type=row.type,
+                roles=roles,
+                default_role=item(row.default_role_key),
+                creator_role=item(row.creator_role_key),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+            )
+        )
+    return views
+
+
+def get_role_set(session: Session, key_or_id: str) -> RoleSetView | None:
+    """The live role set with this key or id, or None."""
+    live = RoleSet.deleted.is_(False)
+    row = session.scalars(select(RoleSet).where(RoleSet.id == key_or_id, live)).first()
+    if row is None:
+        row = session.scalars(
+            select(RoleSet).where(RoleSet.key == key_or_id, live).order_by(RoleSet.created_at.desc())
+        ).first()
+    return None if row is None else _role_set_views(session, [row])[0]
+
+
+def list_role_sets(
+    session: Session,
+    *,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    query: str | None = None,
+) -> Listing[RoleSetView]:
+    """Live role sets; ``query`` matches the id exactly or the name or key in part."""
+    check_window(limit, offset)
+    order = parse_order(order_by, ROLE_SET_ORDER)
+    conditions: list[ColumnElement[bool]] = [RoleSet.deleted.is_(False)]
+    if query:
+        conditions.append(
+            or_(RoleSet.id == query, _contains(RoleSet.name, query), _contains(RoleSet.key, query))
+        )
+    key: Any = getattr(RoleSet, order.field)
+    statement = _ordered(select(RoleSet).where(*conditions), order, key, RoleSet.created_at, RoleSet.id)
+    rows, total = _window(session, statement, limit, offset)
+    return Listing(_role_set_views(session, rows), total)
+
+
+# -------------------------------------------------------- organization domains
+def _domain_views(session: Session, rows: Sequence[OrganizationDomain]) -> list[DomainView]:
+    orgs = _public_organizations(session, (row.organization_id for row in rows))
+    return [
+        DomainView(
+            id=row.id,
+            organization_id=row.organization_id,
+            name=row.name,
+            enrollment_mode=row.enrollment_mode,
+            affiliation_email_address=row.affiliation_email_address,
+            verification_status=row.verification_status,
+            total_pending_invitations=row.total_pending_invitations or 0,
+            total_pending_suggestions=row.total_pending_suggestions or 0,
+            public_organization_data=orgs.get(row.organization_id),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def _enrollment_modes(values: Iterable[str]) -> tuple[list[str], list[str]]:
+    # Clerk takes one value, a comma-separated list or repeated values, each optionally ``-``.
+    items = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    include, exclude = _split_signed("enrollment_mode", items)
+    if any(mode not in ENROLLMENT_MODES for mode in include + exclude):
+        raise InvalidParameterError(
+            "enrollment_mode", f"must be one of {', '.join(ENROLLMENT_MODES)}, optionally prefixed by -"
+        )
+    return include, exclude
+
+
+def list_domains(
+    session: Session,
+    *,
+    organization: str | None = None,
+    limit: int = 10,
+    offset: int = 0,
+    order_by: str | None = None,
+    organization_ids: Sequence[str] = (),
+    verified: bool | None = None,
+    enrollment_modes: Sequence[str] = (),
+    query: str | None = None,
+    domains: Sequence[str] = (),
+) -> Listing[DomainView] | None:
+    """Live domains of one organization (id or slug) or of the whole instance.
+
+    None when the organization named is unknown. ``verified`` is about the affiliation
+    verification; ``query`` starting with ``org_`` matches the organization id exactly,
+    otherwise the domain name in part (an empty or blank ``query`` is refused, as Clerk's).
+    """
+    check_window(limit, offset)
+    order = parse_order(order_by, DOMAIN_ORDER)
+    include_modes, exclude_modes = _enrollment_modes(enrollment_modes)
+    names = [name.lower() for name in _values("domains", domains)]
+    orgs = _values("organization_id", organization_ids)
+    conditions: list[ColumnElement[bool]] = [OrganizationDomain.deleted.is_(False)]
+    if organization is not None:
+        org = _live_org_row(session, organization)
+        if org is None:
+            return None
+        conditions.append(OrganizationDomain.organization_id == org.id)
+    if orgs:
+        conditions.append(OrganizationDomain.organization_id.in_(orgs))
+    if verified is True:
+        conditions.append(OrganizationDomain.verification_status == "verified")
+    elif verified is False:
+        conditions.append(
+            or_(
+                OrganizationDomain.verification_status.is_(None),
+                OrganizationDomain.verification_status != "verified",
+            )
+        )
+    if include_modes:
+        conditions.append(OrganizationDomain.enrollment_mode.in_(include_modes))
+    if exclude_modes:
+        conditions.append(
+            or_(
+                OrganizationDomain.enrollment_mode.is_(None),
+                OrganizationDomain.enrollment_mode.not_in(exclude_modes),
+            )
+        )
+    if names:
+        conditions.append(func.lower(OrganizationDomain.name).in_(names))
+    if query is not None:
+        text = query.strip()
+        if not text:
+            raise InvalidParameterError("query", "must not be empty or blank")
+        if text.startswith("org_"):
+            conditions.append(OrganizationDomain.organization_id == text)
+        else:
+            conditions.append(_contains(OrganizationDomain.name, text))
+    key: Any = getattr(OrganizationDomain, order.field)
+    statement = _ordered(
+        select(OrganizationDomain).where(*conditions),
+        order,
+        key,
+        OrganizationDomain.created_at,
+        OrganizationDomain.id,
+    )
+    rows, total = _window(session, statement, limit, offset)
+    return Listing(_domain_views(session, rows), total)
 
 
 # ---------------------------------------------------------------------- users

@@ -18,8 +18,9 @@ from emulator import State
 from emulator.payloads import envelope
 from emulator.records import Clock, wall_ms
 from models.db import make_session_factory, session_scope
-from models.events import Event, parse_event
+from models.events import ROLE_SETS, Event, parse_event
 from models.mirror import apply_events
+from models.reconcile import write_listing
 
 TOKEN = "orgsync-read-api-test-token-1"
 OTHER_TOKEN = "orgsync-read-api-test-token-2"
@@ -50,6 +51,7 @@ class World:
     created_at: dict[str, int] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     permissions: dict[str, str] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)
 
 
 def build_world() -> World:
@@ -129,6 +131,18 @@ def build_world() -> World:
     mia = state.accept_invitation(world.invitations["mia"], first_name="Mia", last_name="Moss")
     world.users["mia"] = mia["public_user_data"]["user_id"]
     state.delete_organization(o["temp"])
+    # Domains last: their pending-invitation counts, sent with their events, stay true.
+    for name, org, mode, verified in (
+        ("acme.test", "acme", "automatic_invitation", True),
+        ("acme-labs.test", "acme", "manual_invitation", False),
+        ("beta.test", "beta", "automatic_suggestion", True),
+        ("gamma.test", "gamma", "manual_invitation", True),
+        ("gone.test", "gamma", "manual_invitation", True),
+    ):
+        dom = state.create_domain(o[org], name=name, enrollment_mode=mode, verified=verified)
+        world.domains[name] = dom["id"]
+    state.update_domain(o["gamma"], world.domains["gamma.test"], enrollment_mode="automatic_suggestion")
+    state.delete_domain(o["gamma"], world.domains["gone.test"])
     world.roles = {r["key"]: r["id"] for r in state.list_roles(limit=500).data}
     world.permissions = {p["key"]: p["id"] for p in state.list_permissions(limit=500).data}
     now[0] = wall_ms()
@@ -136,6 +150,10 @@ def build_world() -> World:
 
 
 def mirror(world: World, engine: Engine) -> None:
-    """Apply every event the world emitted to the mirror at ``engine``."""
+    """Apply every event the world emitted to the mirror at ``engine``, then list its role sets.
+
+    Clerk sends no event for role sets: reconciliation lists them, as here.
+    """
     with session_scope(make_session_factory(engine)) as session:
         apply_events(session, world.events, now_ms=wall_ms())
+        write_listing(session, ROLE_SETS, world.state.list_role_sets(limit=500).data, now_ms=wall_ms())

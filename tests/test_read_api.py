@@ -401,3 +401,99 @@ def test_single_invitation_role_and_permission(client: FlaskClient, world: World
     assert permission["key"] == "org:sys_billing:read"
     assert error_of(get(client, "/v1/organization_roles/role_nobody", 404))[0] == "resource_not_found"
     assert error_of(get(client, "/v1/organization_permissions/perm_nobody", 404))[0] == "resource_not_found"
+
+
+# -------------------------------------------------- role sets and domains
+def test_role_sets_with_their_roles(client: FlaskClient, world: World) -> None:
+    listed = get(client, "/v1/role_sets")
+    assert listed["total_count"] == 1
+    role_set = listed["data"][0]
+    assert role_set["object"] == "role_set" and role_set["key"] == "role_set:default"
+    assert [r["key"] for r in role_set["roles"]] == ["org:admin", "org:member", "org:billing"]
+    assert role_set["roles"][2]["id"] == world.roles["org:billing"]
+    assert role_set["roles"][2]["object"] == "role_set_item"
+    assert role_set["default_role"]["key"] == "org:member" and role_set["creator_role"]["key"] == "org:admin"
+    assert role_set["type"] == "initial" and role_set["role_set_migration"] is None
+    assert get(client, "/v1/role_sets", query="default")["total_count"] == 1
+    assert get(client, "/v1/role_sets", query="nothing-like-it")["data"] == []
+    assert get(client, "/v1/role_sets", order_by="-name", offset=1) == {"data": [], "total_count": 1}
+    assert get(client, "/v1/role_sets/role_set:default") == role_set
+    assert get(client, f"/v1/role_sets/{role_set['id']}") == role_set
+    assert error_of(get(client, "/v1/role_sets/role_set:nope", 404))[0] == "resource_not_found"
+    assert error_of(get(client, "/v1/role_sets", 422, order_by="updated_at"))[1] == "order_by"
+    assert error_of(get(client, "/v1/role_sets", 422, limit=0))[1] == "limit"
+
+
+def names(body: Any) -> list[str]:
+    return [item["name"] for item in body["data"]]
+
+
+def test_domains_of_an_organization(client: FlaskClient, world: World) -> None:
+    acme = get(client, f"/v1/organizations/{world.orgs['acme']}/domains")
+    assert names(acme) == ["acme-labs.test", "acme.test"] and acme["total_count"] == 2
+    domain = acme["data"][1]
+    assert domain["object"] == "organization_domain" and domain["id"] == world.domains["acme.test"]
+    assert domain["organization_id"] == world.orgs["acme"]
+    assert domain["enrollment_mode"] == "automatic_invitation"
+    assert domain["affiliation_verification"]["status"] == "verified"
+    assert domain["verification"] == domain["affiliation_verification"]
+    assert domain["ownership_verification"] is None
+    assert domain["total_pending_invitations"] == 2 and domain["total_pending_suggestions"] == 0
+    assert domain["public_organization_data"]["slug"] == "acme"
+    assert acme["data"][0]["affiliation_verification"] is None
+    assert names(get(client, "/v1/organizations/acme/domains", verified="true")) == ["acme.test"]
+    assert names(get(client, "/v1/organizations/acme/domains", verified="false")) == ["acme-labs.test"]
+    only_manual = get(client, "/v1/organizations/acme/domains", enrollment_mode="manual_invitation")
+    assert names(only_manual) == ["acme-labs.test"]
+    not_manual = get(client, "/v1/organizations/acme/domains", enrollment_mode="-manual_invitation")
+    assert names(not_manual) == ["acme.test"]
+    assert get(client, "/v1/organizations/acme/domains", limit=1, offset=1)["data"][0]["name"] == "acme.test"
+    # The deleted domain is gone; the update is there.
+    gamma = get(client, "/v1/organizations/gamma/domains")
+    assert names(gamma) == ["gamma.test"] and gamma["data"][0]["enrollment_mode"] == "automatic_suggestion"
+    assert get(client, "/v1/organizations/delta/domains") == {"data": [], "total_count": 0}
+    missing = get(client, "/v1/organizations/org_nobody/domains", 404)
+    assert error_of(missing)[0] == "resource_not_found"
+
+
+def test_domains_of_the_instance(client: FlaskClient, world: World) -> None:
+    everything = get(client, "/v1/organization_domains")
+    assert names(everything) == ["gamma.test", "beta.test", "acme-labs.test", "acme.test"]
+    assert names(get(client, "/v1/organization_domains", order_by="name")) == [
+        "acme-labs.test",
+        "acme.test",
+        "beta.test",
+        "gamma.test",
+    ]
+    by_org = get(client, "/v1/organization_domains", organization_id=world.orgs["beta"])
+    assert names(by_org) == ["beta.test"]
+    assert names(get(client, "/v1/organization_domains", query=world.orgs["beta"])) == ["beta.test"]
+    assert names(get(client, "/v1/organization_domains", query="ACME", order_by="name")) == [
+        "acme-labs.test",
+        "acme.test",
+    ]
+    exact = get(client, "/v1/organization_domains", domains=["beta.test", "gamma.test"], order_by="name")
+    assert names(exact) == ["beta.test", "gamma.test"]
+    # The array form: a comma-separated list, includes and excludes composed as AND.
+    modes = get(
+        client, "/v1/organization_domains", enrollment_mode="automatic_suggestion,-automatic_invitation"
+    )
+    assert names(modes) == ["gamma.test", "beta.test"]
+    assert get(client, "/v1/organization_domains", verified="false")["total_count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"verified": "yes"}, "verified"),
+        ({"enrollment_mode": "by_magic"}, "enrollment_mode"),
+        ({"enrollment_mode": "-by_magic"}, "enrollment_mode"),
+        ({"query": "  "}, "query"),
+        ({"order_by": "-enrollment_mode"}, "order_by"),
+        ({"limit": 501}, "limit"),
+    ],
+)
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_bad_domain_parameters_get_clerks_422(client: FlaskClient, query: dict[str, Any], param: str) -> None:
+    body = get(client, "/v1/organization_domains", 422, **query)
+    assert error_of(body) == ("form_param_value_invalid", param)

@@ -603,17 +603,50 @@ def create_app(
     @v1.get("/role_sets")
     def list_role_sets() -> Any:
         limit, offset = _page_args()
-        return state.list_role_sets(limit=limit, offset=offset).body()
+        return state.list_role_sets(
+            limit=limit, offset=offset, order_by=request.args.get("order_by"), query=request.args.get("query")
+        ).body()
+
+    @v1.get("/role_sets/<key_or_id>")
+    def get_role_set(key_or_id: str) -> Any:
+        return state.get_role_set(key_or_id)
+
+    def _verified_arg() -> bool | None:
+        raw = request.args.get("verified")
+        if raw is None:
+            return None
+        if raw not in ("true", "false"):
+            raise param_invalid("verified", "must be true or false")
+        return raw == "true"
+
+    def _enrollment_args() -> list[str]:
+        # One value, a comma-separated list (the array form) or repeated values.
+        return [m.strip() for v in _list_arg("enrollment_mode") for m in v.split(",") if m.strip()]
 
     @v1.get("/organization_domains")
     def list_all_domains() -> Any:
         limit, offset = _page_args()
-        return state.list_domains(limit=limit, offset=offset).body()
+        return state.list_domains(
+            limit=limit,
+            offset=offset,
+            organization_id=request.args.get("organization_id") or None,
+            verified=_verified_arg(),
+            enrollment_modes=_enrollment_args(),
+            query=request.args.get("query"),
+            domains=_list_arg("domains"),
+            order_by=request.args.get("order_by"),
+        ).body()
 
     @v1.get("/organizations/<org_id>/domains")
     def list_org_domains(org_id: str) -> Any:
         limit, offset = _page_args()
-        return state.list_domains(limit=limit, offset=offset, organization_id=org_id).body()
+        return state.list_domains(
+            limit=limit,
+            offset=offset,
+            within_organization=org_id,
+            verified=_verified_arg(),
+            enrollment_modes=_enrollment_args(),
+        ).body()
 
     @v1.post("/organizations/<org_id>/domains")
     def create_domain(org_id: str) -> Any:

@@ -63,6 +63,8 @@ _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _ROLE_KEY_RE = re.compile(r"^org:[a-z0-9_]+$")
 _PERMISSION_KEY_RE = re.compile(r"^org:[a-z0-9_]+:[a-z0-9_]+$")
 _ENROLLMENT_MODES = ("manual_invitation", "automatic_invitation", "automatic_suggestion")
+# Lists filter on Clerk's every mode, enterprise SSO included, though no domain here has it.
+_LISTED_ENROLLMENT_MODES = (*_ENROLLMENT_MODES, "enterprise_sso")
 DEFAULT_ROLE_SET = "role_set:default"
 _SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 
@@ -1362,13 +1364,56 @@ class State:
             return data
 
     def list_domains(
-        self, *, limit: int = 10, offset: int = 0, organization_id: str | None = None
+        self,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        organization_id: str | None = None,
+        within_organization: str | None = None,
+        verified: bool | None = None,
+        enrollment_modes: Sequence[str] = (),
+        query: str | None = None,
+        domains: Sequence[str] = (),
+        order_by: str | None = None,
     ) -> ListedPage:
+        """Domains, newest first by default; ``within_organization`` (id or slug) must exist.
+
+        ``enrollment_modes`` are modes to include or, prefixed by ``-``, to exclude (both AND);
+        ``query`` is an organization id when it starts with ``org_``, else part of a name.
+        """
         check_page(limit, offset)
+        field, descending = parse_order(order_by, ("created_at", "name"), "-created_at")
+        include = [m for m in enrollment_modes if not m.startswith("-")]
+        exclude = [m[1:] for m in enrollment_modes if m.startswith("-")]
+        if any(m not in _LISTED_ENROLLMENT_MODES for m in include + exclude):
+            raise param_invalid(
+                "enrollment_mode", f"must be one of {', '.join(_LISTED_ENROLLMENT_MODES)}, optionally after -"
+            )
+        if query is not None and not query.strip():
+            raise param_invalid("query", "must not be empty")
         with self.lock:
-            found = sorted(self._domains.values(), key=lambda d: (d.created_at, d.id))
+            found = list(self._domains.values())
+            if within_organization is not None:
+                org_id = self._org(within_organization).id
+                found = [d for d in found if d.organization_id == org_id]
             if organization_id is not None:
                 found = [d for d in found if d.organization_id == organization_id]
+            if verified is not None:
+                found = [d for d in found if d.verified == verified]
+            if include:
+                found = [d for d in found if d.enrollment_mode in include]
+            if exclude:
+                found = [d for d in found if d.enrollment_mode not in exclude]
+            if query is not None:
+                q = query.strip()
+                if q.startswith("org_"):
+                    found = [d for d in found if d.organization_id == q]
+                else:
+                    found = [d for d in found if _partial(q, d.name)]
+            if domains:
+                wanted = {name.lower() for name in domains}
+                found = [d for d in found if d.name in wanted]
+            found.sort(key=lambda d: (getattr(d, field), d.created_at, d.id), reverse=descending)
             return ListedPage([self._domain_json(d) for d in found[offset : offset + limit]], len(found))
 
     def _enroll(self, user: UserRecord) -> None:
@@ -1389,14 +1434,28 @@ class State:
                 # Already invited, or the organization is full: Clerk skips the invitation too.
                 continue
 
-    def list_role_sets(self, *, limit: int = 10, offset: int = 0) -> ListedPage:
+    def _default_role_set(self) -> Json:
+        roles = sorted(self._roles.values(), key=lambda r: (r.created_at, r.id))
+        return payloads.role_set(DEFAULT_ROLE_SET, roles, default_key=MEMBER_ROLE, creator_key=ADMIN_ROLE)
+
+    def list_role_sets(
+        self, *, limit: int = 10, offset: int = 0, order_by: str | None = None, query: str | None = None
+    ) -> ListedPage:
+        """The instance's one role set, as Clerk lists role sets (query, order, paging)."""
         check_page(limit, offset)
+        parse_order(order_by, ("created_at", "name", "key"), "-created_at")  # one set: any order is it
         with self.lock:
-            roles = sorted(self._roles.values(), key=lambda r: (r.created_at, r.id))
-            sets = [
-                payloads.role_set(DEFAULT_ROLE_SET, roles, default_key=MEMBER_ROLE, creator_key=ADMIN_ROLE)
-            ]
+            sets = [self._default_role_set()]
+            if query:
+                sets = [rs for rs in sets if rs["id"] == query or _partial(query, rs["name"], rs["key"])]
             return ListedPage(sets[offset : offset + limit], len(sets))
+
+    def get_role_set(self, key_or_id: str) -> Json:
+        with self.lock:
+            found = self._default_role_set()
+            if key_or_id not in (found["id"], found["key"]):
+                raise not_found("role set", key_or_id)
+            return found
 
     # -------------------------------------------------------- scenario views
     def organization_ids(self) -> list[str]:

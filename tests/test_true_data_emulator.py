@@ -252,6 +252,50 @@ def test_role_sets_are_listed_and_reconciled(
         assert stored.role_keys is not None and "org:editor" in stored.role_keys
 
 
+def test_domain_and_role_set_lists_take_clerks_filters(
+    emu: Emulator, world: tuple[Recorder, str, str]
+) -> None:
+    _, org_id, _ = world
+    other = emu.state.create_organization(name="Beta")["id"]
+    for org, name, mode, verified in (
+        (org_id, "acme.com", "automatic_invitation", True),
+        (org_id, "acme.dev", "manual_invitation", False),
+        (other, "beta.io", "automatic_suggestion", True),
+    ):
+        emu.state.create_domain(org, name=name, enrollment_mode=mode, verified=verified)
+
+    def names(path: str, expect: int = 200) -> Any:
+        status, _, body = raw(emu, "GET", path)
+        assert status == expect, body
+        return [d["name"] for d in body["data"]] if status == 200 else body["errors"][0]["meta"]
+
+    # Newest first, as Clerk's lists.
+    assert names("/v1/organization_domains") == ["beta.io", "acme.dev", "acme.com"]
+    assert names("/v1/organization_domains?order_by=name") == ["acme.com", "acme.dev", "beta.io"]
+    assert names(f"/v1/organizations/{org_id}/domains?verified=false") == ["acme.dev"]
+    assert names(f"/v1/organizations/{org_id}/domains?enrollment_mode=-manual_invitation") == ["acme.com"]
+    assert names(f"/v1/organization_domains?query={other}") == ["beta.io"]
+    assert names("/v1/organization_domains?query=DEV") == ["acme.dev"]
+    assert names("/v1/organization_domains?domains=acme.com&domains=beta.io") == ["beta.io", "acme.com"]
+    mixed = "/v1/organization_domains?enrollment_mode=automatic_suggestion,-automatic_invitation"
+    assert names(mixed) == ["beta.io"]
+    assert names(f"/v1/organization_domains?organization_id={org_id}&verified=true") == ["acme.com"]
+    assert names("/v1/organization_domains?enrollment_mode=magic", 422)["param_name"] == "enrollment_mode"
+    assert names("/v1/organization_domains?query=%20", 422)["param_name"] == "query"
+    assert names("/v1/organization_domains?verified=maybe", 422)["param_name"] == "verified"
+    status, _, _ = raw(emu, "GET", "/v1/organizations/org_nobody/domains")
+    assert status == 404
+
+    status, _, listed = raw(emu, "GET", "/v1/role_sets?query=default&order_by=-name")
+    assert (status, listed["total_count"]) == (200, 1)
+    role_set = listed["data"][0]
+    assert raw(emu, "GET", f"/v1/role_sets/{role_set['key']}")[2] == role_set
+    assert raw(emu, "GET", f"/v1/role_sets/{role_set['id']}")[2] == role_set
+    assert raw(emu, "GET", "/v1/role_sets/role_set:none")[0] == 404
+    assert raw(emu, "GET", "/v1/role_sets?query=nothing")[2] == {"data": [], "total_count": 0}
+    assert raw(emu, "GET", "/v1/role_sets?order_by=color")[0] == 422
+
+
 def test_reconciliation_finds_a_missed_permission_deletion(
     emu: Emulator, world: tuple[Recorder, str, str], engine: Engine
 ) -> None:

@@ -380,7 +380,13 @@ def domain_data(
     verification = (
         None
         if verification_status is None
-        else {"status": verification_status, "strategy": "email_code", "attempts": 1, "expire_at": None}
+        else {
+            "status": verification_status,
+            "strategy": "email_code",
+            "attempts": 1,
+            "expire_at": None,
+            "verified_at": None,
+        }
     )
     data: Json = {
         "object": "organization_domain",

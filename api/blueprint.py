@@ -22,7 +22,6 @@ from api import params, render
 from api.errors import ApiError, invalid, not_found, unauthorized
 from models import reads
 from models.db import make_session_factory
-from models.queries import InvalidQueryError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +68,8 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
     def api_error(error: ApiError) -> Response:
         return error.response()
 
-    @v1.errorhandler(InvalidQueryError)
-    def query_error(error: InvalidQueryError) -> Response:
+    @v1.errorhandler(reads.InvalidQueryError)
+    def query_error(error: reads.InvalidQueryError) -> Response:
         if isinstance(error, reads.InvalidParameterError):
             return invalid(error.param, error.detail).response()
         return invalid("request", str(error)).response()

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.queries import MembershipView, OrganizationView, PermissionView, RoleView
 from models.reads import (
     CountedOrganizationView,
     DomainView,
     InvitationDetailView,
+    MembershipView,
+    OrganizationView,
+    PermissionView,
     PublicUserView,
     RoleSetItemView,
     RoleSetView,
+    RoleView,
     TimedPermissionView,
 )
 

@@ -1,20 +1,24 @@
-"""Clerk's list calls over the mirror: typed filters in, typed views and a total count out.
+"""The one read layer: Clerk's list and get calls over the mirror, for every entry point.
 
-One read layer for every entry point (HTTP, Python, CLI): each function takes a session and
-the filters of the matching Backend API endpoint, with Clerk's paging (``limit`` 1..500,
-``offset`` >= 0) and ordering (``order_by``: a field, optionally prefixed by ``+`` or ``-``;
-ties broken by ``created_at`` then id, in the same direction, as Clerk's listings). Each
-list costs a fixed number of queries whatever the page size: rows, total, then one query per
-kind of related data (organizations, counts, inviters), never one per row.
+HTTP (``api``), the Python API (``orgsync.api``), the command line and the submission
+service all read through here. Each function takes a session and the filters of the
+matching Backend API endpoint, with Clerk's paging (``limit`` 1..500, ``offset`` >= 0) and
+ordering (``order_by``: a field, optionally prefixed by ``+`` or ``-``; ties broken by
+``created_at`` then id, in the same direction, as Clerk's listings). Each list costs a fixed
+number of queries whatever the page size: rows, total, then one query per kind of related
+data (organizations, counts, inviters), never one per row.
 
-An unknown organization or user yields ``None`` from the call that needs it, so that the
-HTTP layer can answer Clerk's 404; bad filters raise ``InvalidParameterError`` naming the
-parameter. Fields the mirror does not hold are left out here and listed in ``api.render``.
+Shapes follow Clerk's (snake_case, epoch milliseconds). Tombstoned rows never show.
+Invitation status ``expired`` is never stored: a pending invitation whose ``expires_at`` has
+passed reads as expired. An organization is addressed by id or slug, as Clerk's
+``/organizations/{id_or_slug}``. An unknown organization or user yields ``None`` from the
+call that needs it, so that the HTTP layer can answer Clerk's 404; bad filters raise
+``InvalidParameterError`` naming the parameter. Fields the mirror does not hold are left out
+here and listed in ``api.render``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -22,17 +26,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select
 from sqlalchemy.orm import Session
 
-from models.queries import (
-    INVITATION_STATUSES,
-    MAX_PAGE_SIZE,
-    InvalidQueryError,
-    InvitationView,
-    MembershipView,
-    OrganizationView,
-    PermissionView,
-    RoleView,
-    invitation_status,
-)
+from models import clock
+from models.errors import PermanentError
 from models.tables import (
     Invitation,
     Membership,
@@ -46,7 +41,9 @@ from models.tables import (
 
 T = TypeVar("T")
 
+MAX_PAGE_SIZE = 500
 MAX_FILTER_VALUES = 100
+INVITATION_STATUSES = ("pending", "accepted", "revoked", "expired")
 ORGANIZATION_ORDER = ("created_at", "name", "members_count")
 MEMBERSHIP_ORDER = ("created_at", "email_address", "first_name", "last_name", "username", "phone_number")
 INVITATION_ORDER = ("created_at", "email_address")
@@ -56,6 +53,10 @@ ROLE_SET_ORDER = ("created_at", "name", "key")
 DOMAIN_ORDER = ("created_at", "name")
 ENROLLMENT_MODES = ("manual_invitation", "automatic_invitation", "automatic_suggestion", "enterprise_sso")
 USER_ORDER = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
+
+
+class InvalidQueryError(PermanentError, ValueError):
+    """A read call with arguments out of range; also a ``ValueError`` for callers' convenience."""
 
 
 class InvalidParameterError(InvalidQueryError):
@@ -73,6 +74,160 @@ class Listing(Generic[T]):
 
     data: list[T]
     total_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": [item.to_dict() if hasattr(item, "to_dict") else item for item in self.data],
+            "total_count": self.total_count,
+        }
+
+
+@dataclass(frozen=True)
+class OrganizationView:
+    id: str
+    name: str | None
+    slug: str | None
+    image_url: str | None
+    has_image: bool
+    max_allowed_memberships: int | None
+    admin_delete_enabled: bool | None
+    members_count: int
+    created_by: str | None
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization",
+            "id": self.id,
+            "name": self.name,
+            "slug": self.slug,
+            "image_url": self.image_url,
+            "has_image": self.has_image,
+            "members_count": self.members_count,
+            "max_allowed_memberships": self.max_allowed_memberships,
+            "admin_delete_enabled": self.admin_delete_enabled,
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class MembershipView:
+    id: str
+    organization_id: str
+    user_id: str
+    role: str
+    role_name: str | None
+    permissions: list[str]
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    public_user_data: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+    organization: OrganizationView | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization_membership",
+            "id": self.id,
+            "role": self.role,
+            "role_name": self.role_name,
+            "permissions": list(self.permissions),
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "organization_id": self.organization_id,
+            "organization": None if self.organization is None else self.organization.to_dict(),
+            "public_user_data": dict(self.public_user_data),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class InvitationView:
+    id: str
+    organization_id: str
+    email_address: str | None
+    role: str | None
+    role_name: str | None
+    status: str
+    user_id: str | None
+    inviter_id: str | None
+    url: str | None
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    expires_at: int | None
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization_invitation",
+            "id": self.id,
+            "email_address": self.email_address,
+            "role": self.role,
+            "role_name": self.role_name,
+            "organization_id": self.organization_id,
+            "status": self.status,
+            "user_id": self.user_id,
+            "inviter_id": self.inviter_id,
+            "url": self.url,
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "expires_at": self.expires_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class PermissionView:
+    key: str
+    id: str | None = None
+    name: str | None = None
+    description: str | None = None
+    type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "permission",
+            "id": self.id,
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "type": self.type,
+        }
+
+
+@dataclass(frozen=True)
+class RoleView:
+    id: str
+    key: str | None
+    name: str | None
+    description: str | None
+    is_creator_eligible: bool | None
+    permissions: list[PermissionView]
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "role",
+            "id": self.id,
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "is_creator_eligible": self.is_creator_eligible,
+            "permissions": [permission.to_dict() for permission in self.permissions],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,6 +323,15 @@ def check_window(limit: int, offset: int) -> None:
         raise InvalidParameterError("limit", f"must be a whole number from 1 to {MAX_PAGE_SIZE}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidParameterError("offset", "must be a whole number greater than or equal to 0")
+
+
+def page_window(page: int, page_size: int) -> tuple[int, int]:
+    """``(limit, offset)`` of page ``page`` (from 1) of ``page_size`` rows, for page-numbered callers."""
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise InvalidParameterError("page", "must be a whole number greater than or equal to 1")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidParameterError("page_size", f"must be a whole number from 1 to {MAX_PAGE_SIZE}")
+    return page_size, (page - 1) * page_size
 
 
 def parse_order(order_by: str | None, allowed: Sequence[str], default: str = "-created_at") -> Order:
@@ -287,7 +451,20 @@ def _organization_records(
 
 
 def _now(now_ms: int | None) -> int:
-    return int(time.time() * 1000) if now_ms is None else now_ms
+    return clock.now_ms() if now_ms is None else now_ms
+
+
+def invitation_status(stored: str, expires_at: int | None, now_ms: int) -> str:
+    """Clerk sends no expiry event: a pending invitation past ``expires_at`` reads as expired."""
+    if stored == "pending" and expires_at is not None and expires_at <= now_ms:
+        return "expired"
+    return stored
+
+
+def organization_id(session: Session, id_or_slug: str) -> str | None:
+    """The id of the live organization with this id or slug, or None: no counts, one small query."""
+    row = _live_org_row(session, id_or_slug)
+    return None if row is None else row.id
 
 
 def get_organization(

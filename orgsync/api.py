@@ -25,9 +25,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import permissions, queries, reads
+from models import permissions, reads
 from models.commands import CommandRequest, InvalidCommandError
 from models.db import create_db_engine, make_session_factory
+from models.events import normalize_role_key
 from models.permissions import Access, AccessCache
 from models.settings import Settings
 from models.submission import CommandService, Send
@@ -96,7 +97,7 @@ class Orgsync:
         roles: Sequence[str] = (),
         query: str | None = None,
         **filters: Any,
-    ) -> reads.Listing[queries.MembershipView] | None:
+    ) -> reads.Listing[reads.MembershipView] | None:
         """Memberships of an organization (id or slug), of a user, or of every organization,
         with Clerk's filters (``models.reads.list_memberships``); None when the organization
         or user named is unknown."""
@@ -140,6 +141,8 @@ class Orgsync:
                 query=query,
             )
 
+    # Page-numbered shorthands over the same listings; an unknown organization or user reads
+    # as an empty page here, as an application rendering a list wants it.
     def get_memberships(
         self,
         organization: str,
@@ -147,21 +150,36 @@ class Orgsync:
         page: int = 1,
         page_size: int = 10,
         role: str | Sequence[str] | None = None,
-    ) -> queries.Page[queries.MembershipView]:
-        with self.sessions() as session:
-            return queries.get_memberships(session, organization, page=page, page_size=page_size, role=role)
+    ) -> reads.Listing[reads.MembershipView]:
+        """Members of the organization (id or slug), oldest first; ``role`` one key or several."""
+        limit, offset = reads.page_window(page, page_size)
+        roles = [role] if isinstance(role, str) else list(role or ())
+        listing = self.list_memberships(
+            organization=organization,
+            limit=limit,
+            offset=offset,
+            order_by="created_at",
+            roles=[normalize_role_key(key) for key in roles],
+        )
+        return listing or reads.Listing([], 0)
 
     def get_user_memberships(
         self, user_id: str, *, page: int = 1, page_size: int = 10
-    ) -> queries.Page[queries.MembershipView]:
-        with self.sessions() as session:
-            return queries.get_user_memberships(session, user_id, page=page, page_size=page_size)
+    ) -> reads.Listing[reads.MembershipView]:
+        """The user's memberships, oldest first."""
+        limit, offset = reads.page_window(page, page_size)
+        listing = self.list_memberships(user=user_id, limit=limit, offset=offset, order_by="created_at")
+        return listing or reads.Listing([], 0)
 
     def get_pending_invitations(
         self, organization: str, *, page: int = 1, page_size: int = 10
-    ) -> queries.Page[queries.InvitationView]:
-        with self.sessions() as session:
-            return queries.get_pending_invitations(session, organization, page=page, page_size=page_size)
+    ) -> reads.Listing[reads.InvitationDetailView]:
+        """Pending, unexpired invitations of the organization (id or slug), newest first."""
+        limit, offset = reads.page_window(page, page_size)
+        listing = self.list_invitations(
+            organization=organization, status="pending", limit=limit, offset=offset
+        )
+        return listing or reads.Listing([], 0)
 
     # ------------------------------------------------------------------ changes
     def set_role(self, organization: str, user_id: str, role: str, **options: Any) -> Command:

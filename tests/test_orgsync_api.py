@@ -22,7 +22,7 @@ from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import Command, CommandKind, CommandStatus
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 TOKEN = "orgsync-test-token-0123456789"
 OTHER_TOKEN = "orgsync-other-token-9876543210"

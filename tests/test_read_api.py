@@ -17,7 +17,7 @@ from models import reads
 from models.db import make_session_factory
 from models.errors import ConfigError
 from models.settings import Settings, parse_api_tokens
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 
 def make_settings(tmp_path: Path, engine: Engine, tokens: tuple[str, ...]) -> Settings:

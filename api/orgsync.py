@@ -232,9 +232,9 @@ def create_orgsync_blueprint(
             return fn(session)
 
     def access_of(user_id: str, organization: str) -> Access | None:
+        if permission_cache is not None:
+            return permission_cache.access_of(checks, user_id, organization)
         with checks() as session:
-            if permission_cache is not None:
-                return permission_cache.access_of(session, user_id, organization)
             return permissions.access_of(session, user_id, organization)
 
     @bp.before_request

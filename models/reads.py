@@ -258,11 +258,17 @@ class InvitationDetailView(InvitationView):
 
 
 @dataclass(frozen=True)
-class PublicUserView:
-    """A user's public data, as the mirror holds it (no email list, phones or private metadata)."""
+class UserView:
+    """A user as the mirror holds it: public data, external id, every email address (primary
+    first), ban and lock state and last activity; no phones, no private metadata."""
 
     id: str
     identifier: str | None
+    external_id: str | None
+    email_addresses: list[str]
+    banned: bool
+    locked: bool
+    last_active_at: int | None
     username: str | None
     first_name: str | None
     last_name: str | None
@@ -1109,10 +1115,18 @@ def list_domains(
 
 
 # ---------------------------------------------------------------------- users
-def _user_record(row: User) -> PublicUserView:
-    return PublicUserView(
+def _user_record(row: User) -> UserView:
+    emails = list(row.email_addresses or [])
+    if not emails and row.identifier and "@" in row.identifier:
+        emails = [row.identifier]  # a row written before every address was kept
+    return UserView(
         id=row.id,
         identifier=row.identifier,
+        external_id=row.external_id,
+        email_addresses=emails,
+        banned=bool(row.banned),
+        locked=bool(row.locked),
+        last_active_at=row.last_active_at,
         username=row.username,
         first_name=row.first_name,
         last_name=row.last_name,
@@ -1124,8 +1138,8 @@ def _user_record(row: User) -> PublicUserView:
     )
 
 
-def get_user(session: Session, user_id: str) -> PublicUserView | None:
-    """The live user's public data, or None."""
+def get_user(session: Session, user_id: str) -> UserView | None:
+    """The live user, or None."""
     row = session.scalars(select(User).where(User.id == user_id, User.deleted.is_(False))).first()
     return None if row is None else _user_record(row)
 
@@ -1143,8 +1157,8 @@ def list_users(
     query: str | None = None,
     created_at_before: int | None = None,
     created_at_after: int | None = None,
-) -> Listing[PublicUserView]:
-    """Live users' public data, with the filters of Clerk's user list that the mirror can answer."""
+) -> Listing[UserView]:
+    """Live users, with the filters of Clerk's user list that the mirror can answer."""
     check_window(limit, offset)
     order = parse_order(order_by, USER_ORDER)
     include_users, exclude_users = _split_signed("user_id", user_ids)

@@ -9,8 +9,9 @@
     orgsync.has_permission("user_2abc", "acme", "org:sys_memberships:manage")
 
 Permission checks are one indexed query, or a dictionary lookup with
-``Orgsync(..., permission_cache=AccessCache())``: the cache is emptied whenever the mirror
-changes (see ``models.permissions``).
+``Orgsync(..., permission_cache=AccessCache())``: the cache is emptied when the mirror
+changes, seen within 50 ms (``AccessCache(recheck_s=0)``: at once, for a query per check;
+see ``models.permissions``).
 
 Changes go through the one submission service (``models.submission``), as from the command
 line and the rules: recorded as commands and committed before they are enqueued; if the
@@ -65,9 +66,9 @@ class Orgsync:
     # ------------------------------------------------------------ permissions
     def access_of(self, user_id: str, organization: str) -> Access | None:
         """The user's membership of the organization (id or slug): role and permissions, or None."""
+        if self.permission_cache is not None:
+            return self.permission_cache.access_of(self._checks, user_id, organization)
         with self._checks() as session:
-            if self.permission_cache is not None:
-                return self.permission_cache.access_of(session, user_id, organization)
             return permissions.access_of(session, user_id, organization)
 
     def has_permission(self, user_id: str, organization: str, permission: str) -> bool:
@@ -262,4 +263,6 @@ class Orgsync:
         self._send(ids)
 
     def close(self) -> None:
+        if self.permission_cache is not None:
+            self.permission_cache.close()
         self.engine.dispose()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from read_world import OTHER_TOKEN, TOKEN, World, build_world, mirror
@@ -328,16 +329,38 @@ def test_roles_and_permissions(client: FlaskClient) -> None:
 
 
 # ------------------------------------------------------------------ users
-def test_users_public_data(client: FlaskClient, world: World) -> None:
+CLERK_SPEC = Path(__file__).resolve().parents[2] / "shared/reference/clerk-openapi/bapi-2025-11-10.yml"
+
+
+def test_users_full_data(client: FlaskClient, world: World) -> None:
     u = world.users
     grace = get(client, f"/v1/users/{u['grace']}")
     assert grace["object"] == "user" and grace["username"] == "gg" and grace["last_name"] == "Green"
-    assert grace["public_metadata"] == {"team": "g"} and grace["email_addresses"] == []
+    assert grace["public_metadata"] == {"team": "g"}
+    assert [e["email_address"] for e in grace["email_addresses"]] == ["grace@acme.test"]
+    assert (grace["external_id"], grace["banned"], grace["locked"]) == ("ext-grace", False, False)
+    assert "private_metadata" not in grace and grace["phone_numbers"] == []
+    listed = {x["id"]: x for x in get(client, "/v1/users", limit=100)}
+    assert listed[u["grace"]] == grace
+    assert listed[u["zoe"]]["external_id"] is None
     assert error_of(get(client, "/v1/users/user_nobody", 404))[0] == "resource_not_found"
     listed = get(client, "/v1/users", organization_id=world.orgs["gamma"], order_by="first_name")
     assert [x["id"] for x in listed] == [u["carol"], u["dan"]]
     assert [x["id"] for x in get(client, "/v1/users", query="zimmer")] == [u["zoe"]]
     assert [x["id"] for x in get(client, "/v1/users", email_address="IVAN@acme.test")] == [u["ivan"]]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_user_has_every_field_clerks_schema_requires(client: FlaskClient, world: World) -> None:
+    if not CLERK_SPEC.exists():
+        pytest.skip("Clerk's OpenAPI document is not on this machine")
+    schemas = yaml.safe_load(CLERK_SPEC.read_text())["components"]["schemas"]
+    grace = get(client, f"/v1/users/{world.users['grace']}")
+    assert set(schemas["User"]["required"]) - set(grace) == set()
+    assert set(grace) <= set(schemas["User"]["properties"])
+    for address in grace["email_addresses"]:
+        assert set(schemas["EmailAddress"]["required"]) - set(address) == set()
+        assert set(address) <= set(schemas["EmailAddress"]["properties"])
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -29,8 +29,8 @@ from sqlalchemy import Connection, Engine, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
-from models.db import make_session_factory
 from models.events import normalize_role_key
+from models.reads import read_sessions
 from models.tables import Membership, MirrorState, Organization, Role
 
 logger = logging.getLogger(__name__)
@@ -322,9 +322,6 @@ def _watch_generation(
 
 
 def check_sessions(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for permission checks: on PostgreSQL in autocommit, so that a check is one round
-    trip per statement, without BEGIN and ROLLBACK around it (they only read, and each statement
-    sees the latest commit, which is what the generation protocol above needs)."""
-    if engine.dialect.name == "postgresql":
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return make_session_factory(engine)
+    """Sessions for permission checks: ``models.reads.read_sessions``, in autocommit on
+    PostgreSQL; each statement sees the latest commit, which the generation protocol needs."""
+    return read_sessions(engine)

@@ -23,10 +23,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, literal, null, or_, select, union_all
+from sqlalchemy.orm import Session, sessionmaker
 
 from models import clock
+from models.db import make_session_factory
 from models.errors import PermanentError
 from models.tables import (
     Invitation,
@@ -322,6 +323,15 @@ class DomainView:
     updated_at: int | None
 
 
+def read_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads: on PostgreSQL in autocommit, so that a request costs one round trip
+    per statement, without BEGIN and ROLLBACK around them. Each statement sees the latest
+    commit; a page's rows and its total come from one statement, so they always agree."""
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return make_session_factory(engine)
+
+
 # ------------------------------------------------------------------ arguments
 def check_window(limit: int, offset: int) -> None:
     """Clerk's paging: ``1 <= limit <= 500`` and ``offset >= 0``."""
@@ -402,22 +412,17 @@ def _live_org_row(session: Session, id_or_slug: str) -> Organization | None:
     return row
 
 
-def _member_counts(session: Session, org_ids: Sequence[str]) -> dict[str, int]:
+def _counts(session: Session, org_ids: Sequence[str], now_ms: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Live members and pending (unexpired) invitations of each organization: one round trip."""
     if not org_ids:
-        return {}
-    rows = session.execute(
-        select(Membership.organization_id, func.count())
+        return {}, {}
+    members = (
+        select(Membership.organization_id, literal("m").label("kind"), func.count())
         .where(Membership.organization_id.in_(org_ids), Membership.deleted.is_(False))
         .group_by(Membership.organization_id)
     )
-    return {org_id: int(count) for org_id, count in rows}
-
-
-def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> dict[str, int]:
-    if not org_ids:
-        return {}
-    rows = session.execute(
-        select(Invitation.organization_id, func.count())
+    pending = (
+        select(Invitation.organization_id, literal("p").label("kind"), func.count())
         .where(
             Invitation.organization_id.in_(org_ids),
             Invitation.deleted.is_(False),
@@ -426,15 +431,17 @@ def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> di
         )
         .group_by(Invitation.organization_id)
     )
-    return {org_id: int(count) for org_id, count in rows}
+    found: dict[str, dict[str, int]] = {"m": {}, "p": {}}
+    for org_id, kind, count in session.execute(union_all(members, pending)):
+        found[kind][org_id] = int(count)
+    return found["m"], found["p"]
 
 
 def _organization_records(
     session: Session, rows: Sequence[Organization], now_ms: int
 ) -> dict[str, CountedOrganizationView]:
     ids = [row.id for row in rows]
-    members = _member_counts(session, ids)
-    pending = _pending_counts(session, ids, now_ms)
+    members, pending = _counts(session, ids, now_ms)
     return {
         row.id: CountedOrganizationView(
             id=row.id,

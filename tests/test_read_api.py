@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from read_world import OTHER_TOKEN, TOKEN, World, build_world, mirror
 from sqlalchemy import Engine, event
 
+from api import render
 from models import reads
 from models.db import make_session_factory
 from models.errors import ConfigError
@@ -403,6 +404,16 @@ def test_a_page_costs_the_same_queries_whatever_its_size(engine: Engine, world: 
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert costs[0] == costs[1]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_page_of_memberships_encodes_as_each_membership_would(engine: Engine, world: World) -> None:
+    with make_session_factory(engine)() as session:
+        for owner in ({"organization": "acme"}, {"user": world.users["dan"]}, {}):
+            listing = reads.list_memberships(session, limit=50, **owner)
+            assert listing is not None and listing.data
+            expected = [render.encode(render.membership(m)) for m in listing.data]
+            assert render.encode_memberships(listing.data) == expected
 
 
 def test_read_layer_names_the_bad_parameter() -> None:

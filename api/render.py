@@ -19,6 +19,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from models.reads import (
     CountedOrganizationView,
     DomainView,
@@ -98,8 +100,14 @@ def membership(mem: MembershipView) -> Json:
 
 
 def encode(payload: Any) -> str:
-    """Compact JSON in the order given (Flask's jsonify sorts every key: a large share of a page)."""
-    return json.dumps(payload, separators=(",", ":"))
+    """Compact JSON in the order given (Flask's jsonify sorts every key: a large share of a page).
+
+    orjson does it in a fraction of the time; what it refuses (an integer beyond 64 bits in
+    metadata) goes through the standard library instead."""
+    try:
+        return orjson.dumps(payload).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(payload, separators=(",", ":"))
 
 
 def encode_memberships(memberships: Iterable[MembershipView]) -> list[str]:

@@ -19,11 +19,15 @@ here and listed in ``api.render``.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, Select, and_, func, literal, null, or_, select, union_all
+import orjson
+from psycopg.types.json import set_json_loads
+from sqlalchemy import ColumnElement, Engine, Select, and_, event, func, literal, null, or_, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import clock
@@ -323,13 +327,33 @@ class DomainView:
     updated_at: int | None
 
 
+# Digits enough to overflow 64 bits, which orjson would turn into a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _loads(data: bytes | str) -> Any:
+    """JSON columns as psycopg hands them over: orjson, a fraction of the standard library's
+    time (a page of 100 memberships holds 400 JSON values), unless a number may not fit."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
+
+
+def _fast_json(dbapi_connection: Any, _record: Any) -> None:
+    set_json_loads(_loads, dbapi_connection)
+
+
 def read_sessions(engine: Engine) -> sessionmaker[Session]:
     """Sessions for reads: on PostgreSQL in autocommit, so that a request costs one round trip
     per statement, without BEGIN and ROLLBACK around them. Each statement sees the latest
-    commit; a page's rows and its total come from one statement, so they always agree."""
-    if engine.dialect.name == "postgresql":
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return make_session_factory(engine)
+    commit; a page's rows and its total come from one statement, so they always agree. Their
+    connections parse JSON columns with ``_loads``."""
+    if engine.dialect.name != "postgresql":
+        return make_session_factory(engine)
+    if not event.contains(engine, "connect", _fast_json):
+        event.listen(engine, "connect", _fast_json)
+    return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 # ------------------------------------------------------------------ arguments

@@ -28,6 +28,7 @@ from models.reads import (
     list_roles,
     organization_id,
     page_window,
+    read_sessions,
 )
 from models.reads import list_memberships as _list_memberships
 
@@ -310,3 +311,15 @@ def test_page_numbers_are_checked(page: int, page_size: int, message: str) -> No
 def test_unknown_invitation_status_is_refused(engine: Engine) -> None:
     with Session(engine) as session, pytest.raises(InvalidQueryError, match="status must be one of"):
         list_invitations(session, organization="acme", status="lost")
+
+
+def test_read_sessions_keep_every_json_value_exact(engine: Engine) -> None:
+    big = 2**70  # beyond 64 bits: must not come back as a float
+    data = membership_data("orgmem_big", ACME, "user_big", created_at=T0 + 5)
+    data["public_metadata"] = {"big": big, "text": "é", "nested": [1.5, None, True]}
+    created = make_event("organizationMembership.created", data, T0 + 5)
+    apply(engine, [make_event("organization.created", ACME, T0), created])
+    with read_sessions(engine)() as session:
+        listing = _list_memberships(session, organization="acme")
+    assert listing is not None
+    assert listing.data[0].public_metadata == {"big": big, "text": "é", "nested": [1.5, None, True]}

@@ -94,6 +94,7 @@ class ReadParams:
     http_pages: int = 5_000
     baseline_http_pages: int = 1_000
     intake_requests: int = 8_000
+    intake_warmup: int = 500
     read_load_rate: float = 300.0
     client_processes: int = 2
     client_threads: int = 4
@@ -115,6 +116,7 @@ QUICK_READS = ReadParams(
     http_pages=100,
     baseline_http_pages=50,
     intake_requests=300,
+    intake_warmup=30,
     read_load_rate=50.0,
     max_seconds=15.0,
 )
@@ -279,8 +281,8 @@ def intake_under_reads(
     ids = MessageIds()
     load = Workload(random.Random(params.seed), params.orgs, params.orgs * params.members, 1_700_000_000_000)
 
-    def intake(label: str) -> LoadResult:
-        bodies = load.bodies(params.intake_requests)
+    def intake(label: str, count: int) -> LoadResult:
+        bodies = load.bodies(count)
         requests = signed_requests(stack.secret, ids, bodies, target.port)
         result = Load(
             target.port,
@@ -294,8 +296,8 @@ def intake_under_reads(
         _summary(result, label, None)
         return result
 
-    intake("intake warm-up")
-    alone = intake("intake alone")
+    intake("intake warm-up", params.intake_warmup)
+    alone = intake("intake alone", params.intake_requests)
     seconds = max(2.0, params.intake_requests / max(1.0, alone.rate()) * 2 + 2)
     count = int(params.read_load_rate * seconds)
     reads = Load(
@@ -308,7 +310,7 @@ def intake_under_reads(
     )
     # Let the read load start before the intake load is measured.
     time.sleep(0.5)
-    beside = intake(f"intake with {params.read_load_rate:.0f} reads/s")
+    beside = intake(f"intake with {params.read_load_rate:.0f} reads/s", params.intake_requests)
     read_result = reads.wait()
     return {
         "alone": _summary(alone, "intake alone", None),

@@ -184,7 +184,7 @@ class AccessCache:
     def __init__(
         self,
         *,
-        max_entries: int = 100_000,
+        max_entries: int = 10_000,
         recheck_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

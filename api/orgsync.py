@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from api.auth import TokenCheck, requester
-from models import permissions, queries
+from models import permissions, reads
 from models.commands import CommandRequest, InvalidCommandError, LastAdminError, get_command
 from models.db import is_connection_error, make_session_factory
 from models.errors import OrganizationNotFoundError, PermanentError, RetryableError
@@ -232,9 +232,9 @@ def create_orgsync_blueprint(
             return fn(session)
 
     def access_of(user_id: str, organization: str) -> Access | None:
+        if permission_cache is not None:
+            return permission_cache.access_of(checks, user_id, organization)
         with checks() as session:
-            if permission_cache is not None:
-                return permission_cache.access_of(session, user_id, organization)
             return permissions.access_of(session, user_id, organization)
 
     @bp.before_request
@@ -350,8 +350,7 @@ def create_orgsync_blueprint(
             return False
         if command.organization_id == request_.organization_id:
             return True
-        resolved = read(lambda s: queries.resolve_organization(s, request_.organization_id))
-        return resolved is not None and resolved.id == command.organization_id
+        return read(lambda s: reads.organization_id(s, request_.organization_id)) == command.organization_id
 
     def accepted(commands: list[Command], *, many: bool = False) -> Response:
         body: Any = {"data": [command_json(c) for c in commands]} if many else command_json(commands[0])

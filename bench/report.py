@@ -22,6 +22,14 @@ TARGET_WEB_RSS_MB = 120.0
 TARGET_WORKER_RSS_MB = 200.0
 # Reconciliation: run time within this factor of the bound the API rate limit sets.
 TARGET_RECONCILE_RATIO = 1.2
+# Reads (bench/reads.py), with 100,000 memberships in the mirror.
+TARGET_CHECK_PYTHON_P99_MS = 0.3
+TARGET_CHECK_HTTP_RATE = 2000.0
+TARGET_CHECK_HTTP_P99_MS = 10.0
+TARGET_PAGE_HTTP_RATE = 1000.0
+TARGET_PAGE_HTTP_P99_MS = 20.0
+# Intake beside a read load keeps at least this share of intake alone.
+TARGET_INTAKE_WITH_READS_SHARE = 0.8
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
@@ -71,7 +79,86 @@ def figure(
     }
 
 
-def build_figures(web: dict[str, Any], apply: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def build_read_figures(reads: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The read figures of bench/reads.py; the baseline is the emulator's Backend API."""
+    size = f"{reads['memberships']:,} memberships in the mirror"
+    intake = reads["intake"]
+    figures = [
+        figure(
+            "check_python_p50_ms",
+            "ms",
+            reads["python_check"]["p50_ms"],
+            reads["baseline_python_check"]["p50_ms"],
+            better="lower",
+            target=None,
+            detail=f"Orgsync.has_permission with AccessCache(), warm; {size}",
+        ),
+        figure(
+            "check_python_p99_ms",
+            "ms",
+            reads["python_check"]["p99_ms"],
+            reads["baseline_python_check"]["p99_ms"],
+            better="lower",
+            target=TARGET_CHECK_PYTHON_P99_MS,
+            detail="baseline: the membership asked of the emulator from Python, keep-alive",
+        ),
+        figure(
+            "check_http_rate",
+            "checks/s",
+            reads["http_check"]["rate_per_s"],
+            reads["baseline_http_check"]["rate_per_s"],
+            better="higher",
+            target=TARGET_CHECK_HTTP_RATE,
+            detail="GET /orgsync/v1/permission closed loop; baseline the emulator's membership lookup",
+        ),
+        figure(
+            "check_http_p99_ms",
+            "ms",
+            reads["http_check"]["p99_ms"],
+            reads["baseline_http_check"]["p99_ms"],
+            better="lower",
+            target=TARGET_CHECK_HTTP_P99_MS,
+            detail="closed loop, at the rate above",
+        ),
+        figure(
+            "page_http_rate",
+            "pages/s",
+            reads["http_page"]["rate_per_s"],
+            reads["baseline_http_page"]["rate_per_s"],
+            better="higher",
+            target=TARGET_PAGE_HTTP_RATE,
+            detail="GET /v1/organizations/{id}/memberships?limit=100 closed loop, on both",
+        ),
+        figure(
+            "page_http_p99_ms",
+            "ms",
+            reads["http_page"]["p99_ms"],
+            reads["baseline_http_page"]["p99_ms"],
+            better="lower",
+            target=TARGET_PAGE_HTTP_P99_MS,
+            detail="closed loop, at the rate above",
+        ),
+    ]
+    share = figure(
+        "intake_rate_with_reads",
+        "events/s",
+        intake["with_reads"]["rate_per_s"],
+        intake["alone"]["rate_per_s"],
+        better="higher",
+        target=None,
+        detail=f"closed-loop intake beside {intake['read_rate_offered']:g} reads/s on the same server; "
+        "baseline: intake alone, same run",
+    )
+    # The target is a share of intake alone: the ratio column.
+    share["target_text"] = f">= {TARGET_INTAKE_WITH_READS_SHARE:g}x"
+    share["met"] = share["ratio"] is not None and share["ratio"] >= TARGET_INTAKE_WITH_READS_SHARE
+    figures.append(share)
+    return {entry["name"]: entry for entry in figures}
+
+
+def build_figures(
+    web: dict[str, Any], apply: dict[str, Any], reads: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     oi, bi = web["orgsync_intake"], web["baseline_intake"]
     of, bf = web["orgsync_freshness"], web["baseline_freshness"]
     figures = [
@@ -191,7 +278,10 @@ def build_figures(web: dict[str, Any], apply: dict[str, Any]) -> dict[str, dict[
             detail="peak VmRSS of one Celery pool process (the baseline has no worker)",
         ),
     ]
-    return {entry["name"]: entry for entry in figures}
+    found = {entry["name"]: entry for entry in figures}
+    if reads is not None:
+        found.update(build_read_figures(reads))
+    return found
 
 
 def render_table(figures: dict[str, dict[str, Any]]) -> str:

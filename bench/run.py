@@ -18,6 +18,9 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
   deleted mixed) bulk-copied into the inbox, drained by ``worker.apply.apply_inbox`` in
   batches of ``apply_batch_size`` in this process, then by real Celery worker processes.
 * memory: VmRSS (from /proc) of the web and worker processes after their load.
+* reads (bench/reads.py, also runnable alone): permission checks from Python and over HTTP,
+  pages of 100 memberships over HTTP, and intake beside a read load, with 100,000
+  memberships in the mirror; the baseline is the emulator's Backend API asked the same.
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -54,6 +57,7 @@ from bench.procs import (  # noqa: E402
     pick_redis_db,
     progress,
 )
+from bench.reads import QUICK_READS, ReadParams, bench_reads  # noqa: E402
 from bench.report import build_figures, machine_info, render_table  # noqa: E402
 
 DATABASE_PREFIX = "orgsync_bench"
@@ -106,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine = machine_info(database.dsn, broker_url)
             web = bench_web(env)
             apply = bench_apply(env, args.profile)
-            figures = build_figures(web, apply)
+            read_params = QUICK_READS if args.quick else ReadParams()
+            reads = bench_reads(env, read_params)
+            figures = build_figures(web, apply, reads)
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply)},
+                "raw": {"web": web, "apply": dict(apply), "reads": reads},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

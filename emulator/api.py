@@ -529,6 +529,7 @@ def create_app(
             username=_str_field(body, "username"),
             public_metadata=body.get("public_metadata"),
             private_metadata=body.get("private_metadata"),
+            external_id=_str_field(body, "external_id"),
         )
 
     @v1.get("/users")

@@ -592,6 +592,7 @@ def user(rec: UserRecord) -> Json:
             }
         ],
         primary_email_address_id=rec.email_id,
+        external_id=rec.external_id,
         primary_phone_number_id=None,
         primary_web3_wallet_id=None,
         image_url=image,

@@ -90,6 +90,7 @@ class UserRecord:
     updated_at: int
     public_metadata: Json = field(default_factory=dict)
     private_metadata: Json = field(default_factory=dict)
+    external_id: str | None = None
 
 
 @dataclass

@@ -328,6 +328,7 @@ class State:
         username: str | None = None,
         public_metadata: Mapping[str, Any] | None = None,
         private_metadata: Mapping[str, Any] | None = None,
+        external_id: str | None = None,
     ) -> Json:
         email = (email_address or "").strip()
         if not email:
@@ -349,6 +350,7 @@ class State:
                 updated_at=now,
                 public_metadata=_metadata(public_metadata, "public_metadata"),
                 private_metadata=_metadata(private_metadata, "private_metadata"),
+                external_id=external_id,
             )
             self._users[user.id] = user
             self._emails[email.lower()] = user.id

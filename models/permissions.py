@@ -7,27 +7,33 @@ change after the membership was last written), else from the membership's own li
 from Clerk's defaults for ``org:admin``.
 
 ``AccessCache`` keeps answers per process, keyed by (user, organization). Every mirror write
-transaction grows ``mirror_state.generation`` (``models.db.lock_mirror_writes``); the cache
-reads the generation before the data it caches and empties itself when the generation moves,
-so an answer never outlives the commit that changed it by more than ``recheck_s``.
+transaction grows the mirror's generation (``models.db.lock_mirror_writes``; read only through
+``mirror_generation``); the cache reads the generation before the data it caches and empties
+itself when the generation moves, so an answer never outlives the commit that changed it by
+more than ``recheck_s``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
-from models.db import make_session_factory
 from models.events import normalize_role_key
+from models.reads import read_sessions
 from models.tables import Membership, MirrorState, Organization, Role
+
+logger = logging.getLogger(__name__)
 
 # Clerk's system permissions, all held by the default admin role.
 SYSTEM_PERMISSIONS = (
@@ -150,26 +156,36 @@ def organizations_of(session: Session, user_id: str) -> list[Access]:
     return _accesses(session, user_id, None)
 
 
-def mirror_generation(session: Session) -> int:
-    """The mirror's write generation (0 before the first write)."""
+def mirror_generation(session: Session | Connection) -> int:
+    """The mirror's write generation (0 before the first write): the one place that reads it."""
     value = session.scalar(select(MirrorState.generation).where(MirrorState.id == 1))
     return int(value or 0)
+
+
+Sessions = Callable[[], AbstractContextManager[Session]]
+_MISSING = object()
 
 
 class AccessCache:
     """Per-process answers by (user, organization), emptied when the mirror's generation moves.
 
-    ``recheck_s`` is how long the generation read last is trusted: 0 (the default) reads it on
-    every lookup, one primary-key query instead of the join; more saves that query too, at the
-    price of answers up to that old. Thread-safe; bounded to ``max_entries`` (least recently
-    used out first).
+    ``recheck_s`` is how long a reading of the generation is trusted. With 0 every lookup
+    reads it (one primary-key query instead of the join), so a change is seen at once. Above
+    0 (the default, 50 ms) the answers come from memory and a change is seen within about
+    ``recheck_s``: given a session factory (``access_of(sessions, ...)``), a daemon thread
+    re-reads the generation every ``recheck_s`` so that no lookup waits for it, and a lookup
+    answered from memory opens no session at all. The mirror itself trails Clerk by the
+    webhook delivery time, typically longer than that.
+
+    Thread-safe; bounded to ``max_entries`` (least recently used out first). ``close()``
+    stops the thread.
     """
 
     def __init__(
         self,
         *,
         max_entries: int = 10_000,
-        recheck_s: float = 0.0,
+        recheck_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1:
@@ -183,39 +199,91 @@ class AccessCache:
         self._entries: OrderedDict[tuple[str, str], Access | None] = OrderedDict()
         self._generation: int | None = None
         self._checked_at = 0.0
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
         self.hits = 0
         self.misses = 0
 
-    def _current_generation(self, session: Session) -> int:
-        now = self.clock()
-        with self._lock:
-            if self._generation is not None and now - self._checked_at < self.recheck_s:
-                return self._generation
-        generation = mirror_generation(session)
+    # -------------------------------------------------------------- generation
+    def _observe(self, generation: int, at: float) -> None:
         with self._lock:
             if generation != self._generation:
                 self._entries.clear()
                 self._generation = generation
-            self._checked_at = now
+            self._checked_at = at
+
+    def _trusted_generation(self) -> int | None:
+        """The generation read last, if it was read within ``recheck_s``."""
+        with self._lock:
+            if self._generation is not None and self.clock() - self._checked_at < self.recheck_s:
+                return self._generation
+        return None
+
+    def _read_generation(self, session: Session) -> int:
+        now = self.clock()
+        generation = mirror_generation(session)
+        self._observe(generation, now)
         return generation
 
-    def access_of(self, session: Session, user_id: str, organization: str) -> Access | None:
-        key = (user_id, organization)
-        # The generation is read before the data: a write committing in between moves it, and
-        # the next lookup drops what this one stores.
-        generation = self._current_generation(session)
+    def _watch(self, sessions: Sessions) -> None:
+        with self._lock:
+            if self._watcher is not None or self.recheck_s <= 0 or self._stop.is_set():
+                return
+            self._watcher = threading.Thread(
+                target=_watch_generation,
+                args=(weakref.ref(self), sessions, self.recheck_s / 2, self._stop),
+                name="orgsync-access-cache",
+                daemon=True,
+            )
+            self._watcher.start()
+
+    # ------------------------------------------------------------------ lookup
+    def _cached(self, key: tuple[str, str]) -> Any:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return self._entries[key]
-        access = access_of(session, user_id, organization)
+        return _MISSING
+
+    def _store(self, key: tuple[str, str], generation: int, access: Access | None) -> None:
         with self._lock:
             self.misses += 1
             if self._generation == generation:
                 self._entries[key] = access
                 if len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
+
+    def access_of(self, source: Session | Sessions, user_id: str, organization: str) -> Access | None:
+        """The answer of ``access_of``, from memory while the mirror has not changed.
+
+        ``source`` is a session, or a session factory (preferred): then a session is opened
+        only when the mirror must be read, and the generation is watched in the background.
+        """
+        key = (user_id, organization)
+        if isinstance(source, Session):
+            return self._lookup(source, key)
+        self._watch(source)
+        # The generation is read before the data: a write committing in between moves it, and
+        # the next lookup drops what this one stores.
+        generation = self._trusted_generation()
+        if generation is not None:
+            found = self._cached(key)
+            if found is not _MISSING:
+                return cast("Access | None", found)
+        with source() as session:
+            return self._lookup(session, key, generation)
+
+    def _lookup(self, session: Session, key: tuple[str, str], generation: int | None = None) -> Access | None:
+        if generation is None:
+            generation = self._trusted_generation()
+        if generation is None:
+            generation = self._read_generation(session)
+        found = self._cached(key)
+        if found is not _MISSING:
+            return cast("Access | None", found)
+        access = access_of(session, *key)
+        self._store(key, generation, access)
         return access
 
     def clear(self) -> None:
@@ -223,11 +291,37 @@ class AccessCache:
             self._entries.clear()
             self._generation = None
 
+    def close(self) -> None:
+        """Stop watching the generation (answers are then checked on lookup again)."""
+        self._stop.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5)
+
+
+def _watch_generation(
+    cache_ref: weakref.ref[AccessCache], sessions: Sessions, interval: float, stop: threading.Event
+) -> None:
+    """Re-read the generation every ``interval`` while the cache lives: lookups never wait for it.
+
+    A failed read (database unreachable) leaves the last reading to age: lookups then read
+    the generation themselves and report the failure to their caller.
+    """
+    while not stop.wait(interval):
+        cache = cache_ref()
+        if cache is None:
+            return
+        try:
+            now = cache.clock()
+            with sessions() as session:
+                generation = mirror_generation(session)
+            cache._observe(generation, now)
+        except Exception:
+            logger.debug("access cache: generation not read", exc_info=True)
+        del cache
+
 
 def check_sessions(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for permission checks: on PostgreSQL in autocommit, so that a check is one round
-    trip per statement, without BEGIN and ROLLBACK around it (they only read, and each statement
-    sees the latest commit, which is what the generation protocol above needs)."""
-    if engine.dialect.name == "postgresql":
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return make_session_factory(engine)
+    """Sessions for permission checks: ``models.reads.read_sessions``, in autocommit on
+    PostgreSQL; each statement sees the latest commit, which the generation protocol needs."""
+    return read_sessions(engine)

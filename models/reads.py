@@ -1,38 +1,38 @@
-"""Clerk's list calls over the mirror: typed filters in, typed views and a total count out.
+"""The one read layer: Clerk's list and get calls over the mirror, for every entry point.
 
-One read layer for every entry point (HTTP, Python, CLI): each function takes a session and
-the filters of the matching Backend API endpoint, with Clerk's paging (``limit`` 1..500,
-``offset`` >= 0) and ordering (``order_by``: a field, optionally prefixed by ``+`` or ``-``;
-ties broken by ``created_at`` then id, in the same direction, as Clerk's listings). Each
-list costs a fixed number of queries whatever the page size: rows, total, then one query per
-kind of related data (organizations, counts, inviters), never one per row.
+HTTP (``api``), the Python API (``orgsync.api``), the command line and the submission
+service all read through here. Each function takes a session and the filters of the
+matching Backend API endpoint, with Clerk's paging (``limit`` 1..500, ``offset`` >= 0) and
+ordering (``order_by``: a field, optionally prefixed by ``+`` or ``-``; ties broken by
+``created_at`` then id, in the same direction, as Clerk's listings). Each list costs a fixed
+number of queries whatever the page size: rows, total, then one query per kind of related
+data (organizations, counts, inviters), never one per row.
 
-An unknown organization or user yields ``None`` from the call that needs it, so that the
-HTTP layer can answer Clerk's 404; bad filters raise ``InvalidParameterError`` naming the
-parameter. Fields the mirror does not hold are left out here and listed in ``api.render``.
+Shapes follow Clerk's (snake_case, epoch milliseconds). Tombstoned rows never show.
+Invitation status ``expired`` is never stored: a pending invitation whose ``expires_at`` has
+passed reads as expired. An organization is addressed by id or slug, as Clerk's
+``/organizations/{id_or_slug}``. An unknown organization or user yields ``None`` from the
+call that needs it, so that the HTTP layer can answer Clerk's 404; bad filters raise
+``InvalidParameterError`` naming the parameter. Fields the mirror does not hold are left out
+here and listed in ``api.render``.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, func, null, or_, select
-from sqlalchemy.orm import Session
+import orjson
+from psycopg.types.json import set_json_loads
+from sqlalchemy import ColumnElement, Engine, Select, and_, event, func, literal, null, or_, select, union_all
+from sqlalchemy.orm import Session, sessionmaker
 
-from models.queries import (
-    INVITATION_STATUSES,
-    MAX_PAGE_SIZE,
-    InvalidQueryError,
-    InvitationView,
-    MembershipView,
-    OrganizationView,
-    PermissionView,
-    RoleView,
-    invitation_status,
-)
+from models import clock
+from models.db import make_session_factory
+from models.errors import PermanentError
 from models.tables import (
     Invitation,
     Membership,
@@ -46,7 +46,9 @@ from models.tables import (
 
 T = TypeVar("T")
 
+MAX_PAGE_SIZE = 500
 MAX_FILTER_VALUES = 100
+INVITATION_STATUSES = ("pending", "accepted", "revoked", "expired")
 ORGANIZATION_ORDER = ("created_at", "name", "members_count")
 MEMBERSHIP_ORDER = ("created_at", "email_address", "first_name", "last_name", "username", "phone_number")
 INVITATION_ORDER = ("created_at", "email_address")
@@ -56,6 +58,10 @@ ROLE_SET_ORDER = ("created_at", "name", "key")
 DOMAIN_ORDER = ("created_at", "name")
 ENROLLMENT_MODES = ("manual_invitation", "automatic_invitation", "automatic_suggestion", "enterprise_sso")
 USER_ORDER = ("created_at", "updated_at", "email_address", "first_name", "last_name", "username")
+
+
+class InvalidQueryError(PermanentError, ValueError):
+    """A read call with arguments out of range; also a ``ValueError`` for callers' convenience."""
 
 
 class InvalidParameterError(InvalidQueryError):
@@ -73,6 +79,160 @@ class Listing(Generic[T]):
 
     data: list[T]
     total_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": [item.to_dict() if hasattr(item, "to_dict") else item for item in self.data],
+            "total_count": self.total_count,
+        }
+
+
+@dataclass(frozen=True)
+class OrganizationView:
+    id: str
+    name: str | None
+    slug: str | None
+    image_url: str | None
+    has_image: bool
+    max_allowed_memberships: int | None
+    admin_delete_enabled: bool | None
+    members_count: int
+    created_by: str | None
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization",
+            "id": self.id,
+            "name": self.name,
+            "slug": self.slug,
+            "image_url": self.image_url,
+            "has_image": self.has_image,
+            "members_count": self.members_count,
+            "max_allowed_memberships": self.max_allowed_memberships,
+            "admin_delete_enabled": self.admin_delete_enabled,
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class MembershipView:
+    id: str
+    organization_id: str
+    user_id: str
+    role: str
+    role_name: str | None
+    permissions: list[str]
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    public_user_data: dict[str, Any]
+    created_at: int | None
+    updated_at: int | None
+    organization: OrganizationView | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization_membership",
+            "id": self.id,
+            "role": self.role,
+            "role_name": self.role_name,
+            "permissions": list(self.permissions),
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "organization_id": self.organization_id,
+            "organization": None if self.organization is None else self.organization.to_dict(),
+            "public_user_data": dict(self.public_user_data),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class InvitationView:
+    id: str
+    organization_id: str
+    email_address: str | None
+    role: str | None
+    role_name: str | None
+    status: str
+    user_id: str | None
+    inviter_id: str | None
+    url: str | None
+    public_metadata: dict[str, Any]
+    private_metadata: dict[str, Any]
+    expires_at: int | None
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "organization_invitation",
+            "id": self.id,
+            "email_address": self.email_address,
+            "role": self.role,
+            "role_name": self.role_name,
+            "organization_id": self.organization_id,
+            "status": self.status,
+            "user_id": self.user_id,
+            "inviter_id": self.inviter_id,
+            "url": self.url,
+            "public_metadata": dict(self.public_metadata),
+            "private_metadata": dict(self.private_metadata),
+            "expires_at": self.expires_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class PermissionView:
+    key: str
+    id: str | None = None
+    name: str | None = None
+    description: str | None = None
+    type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "permission",
+            "id": self.id,
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "type": self.type,
+        }
+
+
+@dataclass(frozen=True)
+class RoleView:
+    id: str
+    key: str | None
+    name: str | None
+    description: str | None
+    is_creator_eligible: bool | None
+    permissions: list[PermissionView]
+    created_at: int | None
+    updated_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": "role",
+            "id": self.id,
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "is_creator_eligible": self.is_creator_eligible,
+            "permissions": [permission.to_dict() for permission in self.permissions],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -103,11 +263,17 @@ class InvitationDetailView(InvitationView):
 
 
 @dataclass(frozen=True)
-class PublicUserView:
-    """A user's public data, as the mirror holds it (no email list, phones or private metadata)."""
+class UserView:
+    """A user as the mirror holds it: public data, external id, every email address (primary
+    first), ban and lock state and last activity; no phones, no private metadata."""
 
     id: str
     identifier: str | None
+    external_id: str | None
+    email_addresses: list[str]
+    banned: bool
+    locked: bool
+    last_active_at: int | None
     username: str | None
     first_name: str | None
     last_name: str | None
@@ -161,6 +327,35 @@ class DomainView:
     updated_at: int | None
 
 
+# Digits enough to overflow 64 bits, which orjson would turn into a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _loads(data: bytes | str) -> Any:
+    """JSON columns as psycopg hands them over: orjson, a fraction of the standard library's
+    time (a page of 100 memberships holds 400 JSON values), unless a number may not fit."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
+
+
+def _fast_json(dbapi_connection: Any, _record: Any) -> None:
+    set_json_loads(_loads, dbapi_connection)
+
+
+def read_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads: on PostgreSQL in autocommit, so that a request costs one round trip
+    per statement, without BEGIN and ROLLBACK around them. Each statement sees the latest
+    commit; a page's rows and its total come from one statement, so they always agree. Their
+    connections parse JSON columns with ``_loads``."""
+    if engine.dialect.name != "postgresql":
+        return make_session_factory(engine)
+    if not event.contains(engine, "connect", _fast_json):
+        event.listen(engine, "connect", _fast_json)
+    return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
 # ------------------------------------------------------------------ arguments
 def check_window(limit: int, offset: int) -> None:
     """Clerk's paging: ``1 <= limit <= 500`` and ``offset >= 0``."""
@@ -168,6 +363,15 @@ def check_window(limit: int, offset: int) -> None:
         raise InvalidParameterError("limit", f"must be a whole number from 1 to {MAX_PAGE_SIZE}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidParameterError("offset", "must be a whole number greater than or equal to 0")
+
+
+def page_window(page: int, page_size: int) -> tuple[int, int]:
+    """``(limit, offset)`` of page ``page`` (from 1) of ``page_size`` rows, for page-numbered callers."""
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise InvalidParameterError("page", "must be a whole number greater than or equal to 1")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidParameterError("page_size", f"must be a whole number from 1 to {MAX_PAGE_SIZE}")
+    return page_size, (page - 1) * page_size
 
 
 def parse_order(order_by: str | None, allowed: Sequence[str], default: str = "-created_at") -> Order:
@@ -232,22 +436,17 @@ def _live_org_row(session: Session, id_or_slug: str) -> Organization | None:
     return row
 
 
-def _member_counts(session: Session, org_ids: Sequence[str]) -> dict[str, int]:
+def _counts(session: Session, org_ids: Sequence[str], now_ms: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Live members and pending (unexpired) invitations of each organization: one round trip."""
     if not org_ids:
-        return {}
-    rows = session.execute(
-        select(Membership.organization_id, func.count())
+        return {}, {}
+    members = (
+        select(Membership.organization_id, literal("m").label("kind"), func.count())
         .where(Membership.organization_id.in_(org_ids), Membership.deleted.is_(False))
         .group_by(Membership.organization_id)
     )
-    return {org_id: int(count) for org_id, count in rows}
-
-
-def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> dict[str, int]:
-    if not org_ids:
-        return {}
-    rows = session.execute(
-        select(Invitation.organization_id, func.count())
+    pending = (
+        select(Invitation.organization_id, literal("p").label("kind"), func.count())
         .where(
             Invitation.organization_id.in_(org_ids),
             Invitation.deleted.is_(False),
@@ -256,15 +455,17 @@ def _pending_counts(session: Session, org_ids: Sequence[str], now_ms: int) -> di
         )
         .group_by(Invitation.organization_id)
     )
-    return {org_id: int(count) for org_id, count in rows}
+    found: dict[str, dict[str, int]] = {"m": {}, "p": {}}
+    for org_id, kind, count in session.execute(union_all(members, pending)):
+        found[kind][org_id] = int(count)
+    return found["m"], found["p"]
 
 
 def _organization_records(
     session: Session, rows: Sequence[Organization], now_ms: int
 ) -> dict[str, CountedOrganizationView]:
     ids = [row.id for row in rows]
-    members = _member_counts(session, ids)
-    pending = _pending_counts(session, ids, now_ms)
+    members, pending = _counts(session, ids, now_ms)
     return {
         row.id: CountedOrganizationView(
             id=row.id,
@@ -287,7 +488,20 @@ def _organization_records(
 
 
 def _now(now_ms: int | None) -> int:
-    return int(time.time() * 1000) if now_ms is None else now_ms
+    return clock.now_ms() if now_ms is None else now_ms
+
+
+def invitation_status(stored: str, expires_at: int | None, now_ms: int) -> str:
+    """Clerk sends no expiry event: a pending invitation past ``expires_at`` reads as expired."""
+    if stored == "pending" and expires_at is not None and expires_at <= now_ms:
+        return "expired"
+    return stored
+
+
+def organization_id(session: Session, id_or_slug: str) -> str | None:
+    """The id of the live organization with this id or slug, or None: no counts, one small query."""
+    row = _live_org_row(session, id_or_slug)
+    return None if row is None else row.id
 
 
 def get_organization(
@@ -932,10 +1146,18 @@ def list_domains(
 
 
 # ---------------------------------------------------------------------- users
-def _user_record(row: User) -> PublicUserView:
-    return PublicUserView(
+def _user_record(row: User) -> UserView:
+    emails = list(row.email_addresses or [])
+    if not emails and row.identifier and "@" in row.identifier:
+        emails = [row.identifier]  # a row written before every address was kept
+    return UserView(
         id=row.id,
         identifier=row.identifier,
+        external_id=row.external_id,
+        email_addresses=emails,
+        banned=bool(row.banned),
+        locked=bool(row.locked),
+        last_active_at=row.last_active_at,
         username=row.username,
         first_name=row.first_name,
         last_name=row.last_name,
@@ -947,8 +1169,8 @@ def _user_record(row: User) -> PublicUserView:
     )
 
 
-def get_user(session: Session, user_id: str) -> PublicUserView | None:
-    """The live user's public data, or None."""
+def get_user(session: Session, user_id: str) -> UserView | None:
+    """The live user, or None."""
     row = session.scalars(select(User).where(User.id == user_id, User.deleted.is_(False))).first()
     return None if row is None else _user_record(row)
 
@@ -966,8 +1188,8 @@ def list_users(
     query: str | None = None,
     created_at_before: int | None = None,
     created_at_after: int | None = None,
-) -> Listing[PublicUserView]:
-    """Live users' public data, with the filters of Clerk's user list that the mirror can answer."""
+) -> Listing[UserView]:
+    """Live users, with the filters of Clerk's user list that the mirror can answer."""
     check_window(limit, offset)
     order = parse_order(order_by, USER_ORDER)
     include_users, exclude_users = _split_signed("user_id", user_ids)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import queries
+from models import reads
 from models.clock import now_ms
 from models.commands import (
     MAX_BULK,
@@ -112,10 +112,10 @@ def resolve_organization_id(session: Session, ref: str) -> str:
     """The id of the live organization with id or slug ``ref`` in the mirror."""
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidCommandError("organization_id", "is required")
-    found = queries.resolve_organization(session, ref.strip())
+    found = reads.organization_id(session, ref.strip())
     if found is None:
         raise OrganizationNotFoundError(f"no organization with id or slug {ref!r} in the mirror")
-    return found.id
+    return found
 
 
 def record_commands(

@@ -9,8 +9,9 @@
     orgsync.has_permission("user_2abc", "acme", "org:sys_memberships:manage")
 
 Permission checks are one indexed query, or a dictionary lookup with
-``Orgsync(..., permission_cache=AccessCache())``: the cache is emptied whenever the mirror
-changes (see ``models.permissions``).
+``Orgsync(..., permission_cache=AccessCache())``: the cache is emptied when the mirror
+changes, seen within 50 ms (``AccessCache(recheck_s=0)``: at once, for a query per check;
+see ``models.permissions``).
 
 Changes go through the one submission service (``models.submission``), as from the command
 line and the rules: recorded as commands and committed before they are enqueued; if the
@@ -25,9 +26,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import permissions, queries, reads
+from models import permissions, reads
 from models.commands import CommandRequest, InvalidCommandError
 from models.db import create_db_engine, make_session_factory
+from models.events import normalize_role_key
 from models.permissions import Access, AccessCache
 from models.settings import Settings
 from models.submission import CommandService, Send
@@ -64,9 +66,9 @@ class Orgsync:
     # ------------------------------------------------------------ permissions
     def access_of(self, user_id: str, organization: str) -> Access | None:
         """The user's membership of the organization (id or slug): role and permissions, or None."""
+        if self.permission_cache is not None:
+            return self.permission_cache.access_of(self._checks, user_id, organization)
         with self._checks() as session:
-            if self.permission_cache is not None:
-                return self.permission_cache.access_of(session, user_id, organization)
             return permissions.access_of(session, user_id, organization)
 
     def has_permission(self, user_id: str, organization: str, permission: str) -> bool:
@@ -96,7 +98,7 @@ class Orgsync:
         roles: Sequence[str] = (),
         query: str | None = None,
         **filters: Any,
-    ) -> reads.Listing[queries.MembershipView] | None:
+    ) -> reads.Listing[reads.MembershipView] | None:
         """Memberships of an organization (id or slug), of a user, or of every organization,
         with Clerk's filters (``models.reads.list_memberships``); None when the organization
         or user named is unknown."""
@@ -140,6 +142,8 @@ class Orgsync:
                 query=query,
             )
 
+    # Page-numbered shorthands over the same listings; an unknown organization or user reads
+    # as an empty page here, as an application rendering a list wants it.
     def get_memberships(
         self,
         organization: str,
@@ -147,21 +151,36 @@ class Orgsync:
         page: int = 1,
         page_size: int = 10,
         role: str | Sequence[str] | None = None,
-    ) -> queries.Page[queries.MembershipView]:
-        with self.sessions() as session:
-            return queries.get_memberships(session, organization, page=page, page_size=page_size, role=role)
+    ) -> reads.Listing[reads.MembershipView]:
+        """Members of the organization (id or slug), oldest first; ``role`` one key or several."""
+        limit, offset = reads.page_window(page, page_size)
+        roles = [role] if isinstance(role, str) else list(role or ())
+        listing = self.list_memberships(
+            organization=organization,
+            limit=limit,
+            offset=offset,
+            order_by="created_at",
+            roles=[normalize_role_key(key) for key in roles],
+        )
+        return listing or reads.Listing([], 0)
 
     def get_user_memberships(
         self, user_id: str, *, page: int = 1, page_size: int = 10
-    ) -> queries.Page[queries.MembershipView]:
-        with self.sessions() as session:
-            return queries.get_user_memberships(session, user_id, page=page, page_size=page_size)
+    ) -> reads.Listing[reads.MembershipView]:
+        """The user's memberships, oldest first."""
+        limit, offset = reads.page_window(page, page_size)
+        listing = self.list_memberships(user=user_id, limit=limit, offset=offset, order_by="created_at")
+        return listing or reads.Listing([], 0)
 
     def get_pending_invitations(
         self, organization: str, *, page: int = 1, page_size: int = 10
-    ) -> queries.Page[queries.InvitationView]:
-        with self.sessions() as session:
-            return queries.get_pending_invitations(session, organization, page=page, page_size=page_size)
+    ) -> reads.Listing[reads.InvitationDetailView]:
+        """Pending, unexpired invitations of the organization (id or slug), newest first."""
+        limit, offset = reads.page_window(page, page_size)
+        listing = self.list_invitations(
+            organization=organization, status="pending", limit=limit, offset=offset
+        )
+        return listing or reads.Listing([], 0)
 
     # ------------------------------------------------------------------ changes
     def set_role(self, organization: str, user_id: str, role: str, **options: Any) -> Command:
@@ -244,4 +263,6 @@ class Orgsync:
         self._send(ids)
 
     def close(self) -> None:
+        if self.permission_cache is not None:
+            self.permission_cache.close()
         self.engine.dispose()

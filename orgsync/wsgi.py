@@ -23,7 +23,7 @@ def build_web_app(settings: Settings) -> Flask:
     Call it in the process that serves requests, after any fork: the engine's pool and the
     broker connection must not be shared across processes.
     """
-    from webhooks import create_app  # noqa: PLC0415  (Flask loads only in web processes)
+    from orgsync.web import create_app  # noqa: PLC0415  (Flask loads only in web processes)
     from worker.app import check_broker, create_celery, make_command_sender, make_sender  # noqa: PLC0415
 
     engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)

@@ -76,6 +76,7 @@ def build_world() -> World:
             last_name=last,
             username=username,
             public_metadata={"team": name[0]},
+            external_id=f"ext-{name}" if name[0] < "m" else None,
         )
         world.users[name] = user["id"]
         world.created_at[name] = user["created_at"]

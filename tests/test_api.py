@@ -160,7 +160,9 @@ def test_permission_questions(api: Orgsync) -> None:
 def test_cached_permission_answers_follow_the_mirror(engine: Engine, tmp_path: Path) -> None:
     seed(engine)
     settings = Settings.from_env({"ORGSYNC_DATA_DIR": str(tmp_path)})
-    cached = Orgsync(settings, requested_by="api:app", engine=engine, permission_cache=AccessCache())
+    cached = Orgsync(
+        settings, requested_by="api:app", engine=engine, permission_cache=AccessCache(recheck_s=0)
+    )
     assert not cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")
     assert not cached.has_permission("user_bob", "acme", "org:sys_memberships:manage")
     assert cached.permission_cache is not None and cached.permission_cache.hits == 1

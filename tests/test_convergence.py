@@ -15,7 +15,7 @@ from sqlalchemy import Engine, delete, select
 from models.db import make_session_factory, session_scope
 from models.events import Event
 from models.mirror import TABLES, apply_events
-from models.queries import invitation_status
+from models.reads import invitation_status
 
 NOW = 1_800_000_000_000
 

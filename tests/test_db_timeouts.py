@@ -17,7 +17,7 @@ from test_worker_e2e import membership_body
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import ConfigError, RetryableError
 from models.settings import Settings
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 BOUND_S = 2.0
 

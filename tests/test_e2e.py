@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from stack import FAST_SWEEPS, TEST_BOUND_S, Stack, hermetic_env, request, running_stack
 
 from emulator.payloads import OMIT, invitation_data, membership_data, organization_data, webhook_body
-from models import queries, tables
+from models import reads, tables
 from models.db import make_session_factory, session_scope
 from models.events import parse_event
 from models.mirror import apply_events
@@ -180,21 +180,24 @@ def mirror_rows(session: Session) -> dict[str, list[dict[str, Any]]]:
 
 def assert_lifecycle_mirrored(engine: Engine, stack: Stack) -> None:
     with session_scope(make_session_factory(engine)) as session:
-        org = queries.resolve_organization(session, SLUG)
+        org = reads.get_organization(session, SLUG)
         assert org is not None
         assert (org.id, org.name, org.members_count) == (ORG, "Acme Corporation", 3)
-        members = queries.get_memberships(session, SLUG, page_size=100)
+        members = reads.list_memberships(session, organization=SLUG, limit=100)
+        assert members is not None
         assert {(m.user_id, m.id, m.role) for m in members.data} == {
             ("user_alice", "orgmem_alice", "org:admin"),
             ("user_bob", "orgmem_bob", "org:admin"),
             ("user_dan", "orgmem_dan", "org:member"),
         }
-        invitations = queries.list_invitations(session, ORG, page_size=100)
+        invitations = reads.list_invitations(session, organization=ORG, limit=100)
+        assert invitations is not None
         assert {(i.id, i.status, i.user_id) for i in invitations.data} == {
             ("orginv_dan", "accepted", "user_dan"),
             ("orginv_erin", "pending", None),
         }
-        assert [m.organization_id for m in queries.get_user_memberships(session, "user_carol").data] == []
+        carol = reads.list_memberships(session, user="user_carol")
+        assert carol is None or carol.data == []
 
     # The same through the command line, in Clerk's JSON shape.
     result = stack.orgsync("members", "list", "--org", SLUG, "--json")

@@ -1,7 +1,9 @@
-"""The code's shape: CLI modules import in any order, one error hierarchy, unique class names."""
+"""The code's shape: imports point downwards, CLI modules import in any order, one error hierarchy,
+unique class names."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -32,6 +34,17 @@ ABSTRACT_ERRORS = frozenset(
         "orgsync.cli.base.CliError",
     }
 )
+# What each package may import of the others (and of Flask): the composition root
+# (``orgsync``: CLI, Python API, the web app factory ``orgsync.web``) sits on top; the web
+# surfaces (``webhooks``, ``api``) and the workers only reach down to ``models``.
+MAY_IMPORT = {
+    "orgsync": {"api", "models", "webhooks", "worker", "emulator", "flask"},
+    "webhooks": {"models", "flask"},
+    "api": {"models", "flask"},
+    "worker": {"models"},
+    "models": set(),
+    "emulator": {"flask"},
+}
 CLI_MODULES = sorted(
     f"orgsync.cli.{path.stem}" for path in (ROOT / "orgsync" / "cli").glob("*.py") if path.stem != "__init__"
 )
@@ -58,6 +71,35 @@ def own_classes() -> list[type]:
 
 def qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
+
+
+def imported_packages(package: str) -> dict[str, set[str]]:
+    """Every package (of ``MAY_IMPORT``) each module of ``package`` imports, lazily or not."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for path in sorted((ROOT / package).rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text(), where)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in MAY_IMPORT and top != package:
+                    found[where].add(top)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_imports_point_downwards(package: str) -> None:
+    wrong = {
+        module: sorted(found - MAY_IMPORT[package])
+        for module, found in imported_packages(package).items()
+        if found - MAY_IMPORT[package]
+    }
+    assert wrong == {}
 
 
 @pytest.mark.parametrize("module", ["orgsync.cli", *CLI_MODULES])

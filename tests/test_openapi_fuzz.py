@@ -21,7 +21,7 @@ from test_cli_commands import seed
 from test_orgsync_api import TOKEN, make_settings
 
 from api.orgsync import openapi_document
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+from helpers import wait_until
 from histories import T0, deleted_stub, make_event, membership_data, organization_data, role_data
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -123,7 +125,7 @@ def test_every_mirror_write_moves_the_generation(factory: sessionmaker[Session])
 
 
 def test_a_mirror_change_changes_a_cached_answer(factory: sessionmaker[Session]) -> None:
-    cache = AccessCache()
+    cache = AccessCache(recheck_s=0)
     with factory() as session:
         first = cache.access_of(session, "user_bob", "acme")
         assert first is not None and first.role == "org:member"
@@ -150,6 +152,36 @@ def test_the_cache_trusts_the_generation_for_recheck_s_then_reads_it_again(
         now[0] += 1.0
         found = cache.access_of(session, "user_ada", "globex")
     assert found is not None and found.role == "org:member"
+
+
+def test_by_default_answers_come_from_memory_and_a_change_is_seen_soon(
+    factory: sessionmaker[Session],
+) -> None:
+    by_lookups: list[int] = []  # sessions opened by lookups (the watcher thread opens its own)
+    main = threading.current_thread()
+
+    def sessions() -> Session:
+        if threading.current_thread() is main:
+            by_lookups.append(1)
+        return factory()
+
+    def from_memory() -> bool | None:
+        hits, opened = cache.hits, len(by_lookups)
+        answer = cache.access_of(sessions, "user_ada", "globex")
+        return (answer is None and cache.hits == hits + 1 and len(by_lookups) == opened) or None
+
+    cache = AccessCache(recheck_s=0.05)
+    try:
+        assert cache.access_of(sessions, "user_ada", "globex") is None
+        assert len(by_lookups) == 1
+        # Answered from memory: no session, no query, while the generation is current.
+        wait_until("an answer from memory", from_memory)
+        apply(factory, [joined(GLOBEX, "user_ada", T0 + 70)])
+        # The watcher notices the write and the next lookup reads the new membership.
+        found = wait_until("the new membership", lambda: cache.access_of(sessions, "user_ada", "globex"))
+        assert found.role == "org:member"
+    finally:
+        cache.close()
 
 
 def test_the_cache_is_bounded() -> None:

@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from read_world import OTHER_TOKEN, TOKEN, World, build_world, mirror
 from sqlalchemy import Engine, event
 
+from api import render
 from models import reads
 from models.db import make_session_factory
 from models.errors import ConfigError
 from models.settings import Settings, parse_api_tokens
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 
 def make_settings(tmp_path: Path, engine: Engine, tokens: tuple[str, ...]) -> Settings:
@@ -328,16 +330,38 @@ def test_roles_and_permissions(client: FlaskClient) -> None:
 
 
 # ------------------------------------------------------------------ users
-def test_users_public_data(client: FlaskClient, world: World) -> None:
+CLERK_SPEC = Path(__file__).resolve().parents[2] / "shared/reference/clerk-openapi/bapi-2025-11-10.yml"
+
+
+def test_users_full_data(client: FlaskClient, world: World) -> None:
     u = world.users
     grace = get(client, f"/v1/users/{u['grace']}")
     assert grace["object"] == "user" and grace["username"] == "gg" and grace["last_name"] == "Green"
-    assert grace["public_metadata"] == {"team": "g"} and grace["email_addresses"] == []
+    assert grace["public_metadata"] == {"team": "g"}
+    assert [e["email_address"] for e in grace["email_addresses"]] == ["grace@acme.test"]
+    assert (grace["external_id"], grace["banned"], grace["locked"]) == ("ext-grace", False, False)
+    assert "private_metadata" not in grace and grace["phone_numbers"] == []
+    listed = {x["id"]: x for x in get(client, "/v1/users", limit=100)}
+    assert listed[u["grace"]] == grace
+    assert listed[u["zoe"]]["external_id"] is None
     assert error_of(get(client, "/v1/users/user_nobody", 404))[0] == "resource_not_found"
     listed = get(client, "/v1/users", organization_id=world.orgs["gamma"], order_by="first_name")
     assert [x["id"] for x in listed] == [u["carol"], u["dan"]]
     assert [x["id"] for x in get(client, "/v1/users", query="zimmer")] == [u["zoe"]]
     assert [x["id"] for x in get(client, "/v1/users", email_address="IVAN@acme.test")] == [u["ivan"]]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_user_has_every_field_clerks_schema_requires(client: FlaskClient, world: World) -> None:
+    if not CLERK_SPEC.exists():
+        pytest.skip("Clerk's OpenAPI document is not on this machine")
+    schemas = yaml.safe_load(CLERK_SPEC.read_text())["components"]["schemas"]
+    grace = get(client, f"/v1/users/{world.users['grace']}")
+    assert set(schemas["User"]["required"]) - set(grace) == set()
+    assert set(grace) <= set(schemas["User"]["properties"])
+    for address in grace["email_addresses"]:
+        assert set(schemas["EmailAddress"]["required"]) - set(address) == set()
+        assert set(address) <= set(schemas["EmailAddress"]["properties"])
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
@@ -380,6 +404,16 @@ def test_a_page_costs_the_same_queries_whatever_its_size(engine: Engine, world: 
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert costs[0] == costs[1]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_page_of_memberships_encodes_as_each_membership_would(engine: Engine, world: World) -> None:
+    with make_session_factory(engine)() as session:
+        for owner in ({"organization": "acme"}, {"user": world.users["dan"]}, {}):
+            listing = reads.list_memberships(session, limit=50, **owner)
+            assert listing is not None and listing.data
+            expected = [render.encode(render.membership(m)) for m in listing.data]
+            assert render.encode_memberships(listing.data) == expected
 
 
 def test_read_layer_names_the_bad_parameter() -> None:

@@ -40,16 +40,21 @@ SIGNING_SECRET = "whsec_" + base64.b64encode(b"read-api-parity-signing-key-32b!"
 NOT_MIRRORED: dict[str, tuple[str, ...]] = {
     # The emulator gives organizations no role set (null): not compared until it does.
     "organization": ("role_set_key",),
-    # The mirror keeps users' public data only (design: no email list, phones, security state),
-    # so only the public fields of a user are compared; see USER_PUBLIC_FIELDS.
+    # A user is compared on the fields the mirror keeps; see USER_FIELDS.
     "user": (),
 }
 # Of a domain's verification the mirror keeps the status only: the attempts made are not
 # in it (the strategy is given as the emulator's, Clerk's email code).
 VERIFICATION_NOT_MIRRORED = ("attempts",)
-USER_PUBLIC_FIELDS = (
+# The mirror keeps a user's public data, external id, email addresses (not their ids or
+# verification), ban and lock state and last activity; no phones or sign-in state.
+USER_FIELDS = (
     "object",
     "id",
+    "external_id",
+    "banned",
+    "locked",
+    "last_active_at",
     "username",
     "first_name",
     "last_name",
@@ -118,7 +123,9 @@ def _strip(value: Any) -> Any:
         return value
     kind = value.get("object")
     if kind == "user":
-        return {key: _strip(value.get(key)) for key in USER_PUBLIC_FIELDS}
+        kept = {key: _strip(value.get(key)) for key in USER_FIELDS}
+        kept["email_addresses"] = [item.get("email_address") for item in value.get("email_addresses") or []]
+        return kept
     ignored = NOT_MIRRORED.get(kind, ()) if isinstance(kind, str) else ()
     stripped = {key: _strip(item) for key, item in value.items() if key not in ignored}
     if kind == "organization_domain":

@@ -30,7 +30,8 @@ from models.events import event_writes, parse_event
 from models.reconcile import ACTIONS, KINDS
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
-from webhooks.app import WEBHOOK_PATH, create_app
+from orgsync.web import create_app
+from webhooks.app import WEBHOOK_PATH
 from worker.apply import apply_inbox
 from worker.clerk import ClerkClient
 from worker.reconcile import CountingLimiter, run_reconcile

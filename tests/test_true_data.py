@@ -41,7 +41,7 @@ from models.tables import (
     OrganizationDomain,
     User,
 )
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 NOW = 1_800_000_000_000
 ORG = organization_data("org_1", slug="acme", name="Acme")

@@ -30,7 +30,7 @@ from emulator.payloads import webhook_body
 from models.db import create_db_engine, make_session_factory
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 from worker.apply import apply_inbox
 
 PATH = "/webhooks/clerk"

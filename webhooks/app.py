@@ -1,24 +1,23 @@
-"""The Flask app: verified Clerk webhooks into the durable inbox, health and readiness probes."""
+"""Webhook intake: verified Clerk webhooks into the durable inbox, then handed to the broker.
+
+Only the intake lives here, as a blueprint; ``orgsync.web.create_app`` composes it with the
+health probes and the read APIs into the one web app.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, request
 from sqlalchemy import Engine
-from werkzeug.exceptions import HTTPException
 
-from api import create_api_blueprint
-from api.orgsync import create_orgsync_blueprint
 from models.clock import now_ms
-from models.db import create_db_engine, is_connection_error, ping
+from models.db import is_connection_error
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
-from models.permissions import AccessCache
 from models.settings import Settings
 from models.tables import InboxStatus
 from webhooks.dispatch import Dispatcher, Send
@@ -34,21 +33,17 @@ _READ_CHUNK = 64 * 1024
 
 @dataclass
 class WebhookState:
-    """Per-process objects the views share, kept on ``app.extensions["orgsync"]``."""
+    """Per-process objects the intake shares, kept on ``app.extensions["orgsync"]``."""
 
     settings: Settings
     engine: Engine
     verifier: SignatureVerifier
     dispatcher: Dispatcher | None
-    broker_check: Callable[[], None] | None
-    owns_engine: bool = field(default=False)
 
     def close(self) -> None:
-        """Flush pending enqueues and release the engine if the app created it."""
+        """Flush pending enqueues."""
         if self.dispatcher is not None:
             self.dispatcher.close()
-        if self.owns_engine:
-            self.engine.dispose()
 
 
 def get_state(app: Flask) -> WebhookState:
@@ -101,31 +96,18 @@ def _stored_response(stored: Stored) -> Response:
     return _json(200, payload)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    engine: Engine | None = None,
-    send: Send | None = None,
-    broker_check: Callable[[], None] | None = None,
-    command_send: Callable[[list[int]], None] | None = None,
-) -> Flask:
-    """Build the webhook app. ``send(ids)`` enqueues apply work; it runs on a background thread.
-
-    Without ``engine`` one is created from ``settings.database_url`` (one per process); without
-    ``send`` deliveries are only stored, and the sweeper enqueues them. ``command_send(ids)``
-    enqueues commands submitted over ``/orgsync/v1`` (without it the workers' sweep sends them).
-    """
+def create_webhook_blueprint(
+    settings: Settings, *, engine: Engine, send: Send | None = None
+) -> tuple[Blueprint, WebhookState]:
+    """The intake at ``WEBHOOK_PATH``. ``send(ids)`` enqueues apply work on a background thread;
+    without it deliveries are only stored, and the sweeper enqueues them. Registering the
+    blueprint puts the state on ``app.extensions["orgsync"]`` (see ``get_state``)."""
     verifier = SignatureVerifier(settings.webhook_secrets)
-    owns_engine = engine is None
-    if engine is None:
-        engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)
     state = WebhookState(
         settings=settings,
         engine=engine,
         verifier=verifier,
         dispatcher=Dispatcher(send, max_batch=settings.apply_batch_size) if send is not None else None,
-        broker_check=broker_check,
-        owns_engine=owns_engine,
     )
     # On PostgreSQL the insert is the whole transaction, so it may commit itself: one round
     # trip instead of BEGIN, INSERT, COMMIT, and just as durable, since the server commits
@@ -135,8 +117,8 @@ def create_app(
         if engine.dialect.name == "postgresql"
         else engine
     )
-    app = Flask(__name__)
-    app.extensions[EXTENSION] = state
+    blueprint = Blueprint("webhooks", __name__)
+    blueprint.record_once(lambda setup: setup.app.extensions.__setitem__(EXTENSION, state))
     max_body = settings.max_body_bytes
 
     def receive_webhook() -> Response:
@@ -189,59 +171,5 @@ def create_app(
             logger.info("webhook %s stored as rejected: %s", delivery.svix_id, stored.reason)
         return _stored_response(stored)
 
-    def healthz() -> Response:
-        return _json(200, {"status": "ok"})
-
-    def readyz() -> Response:
-        checks: dict[str, str] = {}
-        try:
-            ping(state.engine)
-            checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = f"unavailable ({type(exc).__name__})"
-        if state.broker_check is None:
-            checks["broker"] = "not checked"
-        else:
-            try:
-                state.broker_check()
-                checks["broker"] = "ok"
-            except Exception as exc:
-                checks["broker"] = f"unavailable ({type(exc).__name__})"
-        failed = [name for name, result in checks.items() if result.startswith("unavailable")]
-        if failed:
-            logger.warning("not ready: %s", ", ".join(f"{name} {checks[name]}" for name in failed))
-            return _json(503, {"status": "unavailable", "failed": failed, "checks": checks})
-        return _json(200, {"status": "ok", "checks": checks})
-
-    if settings.api_tokens:
-        app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))
-        app.register_blueprint(
-            create_orgsync_blueprint(
-                engine,
-                settings.api_tokens,
-                send=command_send,
-                dry_run_default=settings.dry_run,
-                permission_cache=AccessCache(),
-            )
-        )
-
-    app.add_url_rule(WEBHOOK_PATH, "receive_webhook", receive_webhook, methods=["POST"])
-    app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
-    app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        code = exc.code or 500
-        name = (exc.name or "error").lower().replace(" ", "_")
-        response = _error(code, name, exc.description or exc.name or "error")
-        for key, value in exc.get_headers():
-            if key.lower() != "content-type":
-                response.headers[key] = value
-        return response
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc: Exception) -> Response:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        return _error(500, "internal_error", "internal server error")
-
-    return app
+    blueprint.add_url_rule(WEBHOOK_PATH, "receive_webhook", receive_webhook, methods=["POST"])
+    return blueprint, state

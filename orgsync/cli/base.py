@@ -19,12 +19,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import queries
+from models import reads
 from models.commands import CommandNotFoundError
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, OrganizationNotFoundError, OrgsyncError, PermanentError, RetryableError
 from models.migrate import require_database_file, require_migrated
-from models.queries import MAX_PAGE_SIZE, OrganizationView, Page
+from models.reads import MAX_PAGE_SIZE, Listing
 from models.redact import redact as redact_text
 from models.settings import Settings
 from models.submission import CommandService, Send
@@ -80,7 +80,7 @@ def exit_code_for(exc: OrgsyncError) -> int:
         return EXIT_NOT_FOUND
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
-    if isinstance(exc, queries.InvalidQueryError):
+    if isinstance(exc, reads.InvalidQueryError):
         return EXIT_USAGE
     if isinstance(exc, RetryableError):
         return EXIT_UNAVAILABLE
@@ -256,7 +256,9 @@ def paging_options(default_size: int) -> Callable[[Callable[..., Any]], Callable
     return decorate
 
 
-def emit_page(page: Page[Any], columns: Sequence[Column], *, as_json: bool, number: int, size: int) -> None:
+def emit_page(
+    page: Listing[Any], columns: Sequence[Column], *, as_json: bool, number: int, size: int
+) -> None:
     """One page of rows; for people, a footer saying where the page sits and how to get the next."""
     rows = [item.to_dict() for item in page.data]
     emit(rows, columns, as_json)
@@ -275,11 +277,12 @@ def emit_page(page: Page[Any], columns: Sequence[Column], *, as_json: bool, numb
     click.echo(footer)
 
 
-def resolve_org(session: Session, ref: str) -> OrganizationView:
-    org = queries.resolve_organization(session, ref)
-    if org is None:
+def resolve_org_id(session: Session, ref: str) -> str:
+    """The id of the live organization with id or slug ``ref``; not found is exit code 4."""
+    found = reads.organization_id(session, ref)
+    if found is None:
         raise NotFoundError(f"no organization with id or slug {ref!r}")
-    return org
+    return found
 
 
 # Groups whose commands come from more than one feature module (reading and changing).

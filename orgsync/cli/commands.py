@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import click
 from sqlalchemy.orm import Session
 
-from models import queries
+from models import reads
 from models.commands import (
     MAX_LIST,
     CommandRequest,
@@ -538,9 +538,9 @@ def commands() -> None:
 def organization_filter(session: Session, ref: str | None) -> str | None:
     if ref is None:
         return None
-    org = queries.resolve_organization(session, ref)
-    if org is not None:
-        return org.id
+    found = reads.organization_id(session, ref)
+    if found is not None:
+        return found
     if ref.startswith("org_"):
         # Commands outlive their organization: a deleted one's history stays listable by id.
         return ref

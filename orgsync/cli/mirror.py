@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 
-from models import queries, reads
+from models import reads
 from models.db import make_session_factory, session_scope
 from models.errors import PermanentError, RetryableError
-from models.queries import INVITATION_STATUSES
+from models.reads import INVITATION_STATUSES
 from models.tables import InboxEvent, InboxStatus
 from orgsync.cli.base import (
     EPILOG,
@@ -24,7 +24,7 @@ from orgsync.cli.base import (
     open_database,
     paging_options,
     reading,
-    resolve_org,
+    resolve_org_id,
     runtime,
     warn,
 )
@@ -45,7 +45,8 @@ def orgs_list(ctx: click.Context, *, page: int, page_size: int, as_json: bool) -
     """List organizations, oldest first."""
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        result = queries.list_organizations(session, page=page, page_size=page_size)
+        limit, offset = reads.page_window(page, page_size)
+        result = reads.list_organizations(session, limit=limit, offset=offset, order_by="created_at")
     emit_page(
         result,
         [
@@ -62,10 +63,10 @@ def orgs_list(ctx: click.Context, *, page: int, page_size: int, as_json: bool) -
     )
 
 
-def _filters_page(listing: reads.Listing[Any] | None, missing: str) -> queries.Page[Any]:
+def _filters_page(listing: reads.Listing[Any] | None, missing: str) -> reads.Listing[Any]:
     if listing is None:
         raise NotFoundError(missing)
-    return queries.Page(listing.data, listing.total_count)
+    return listing
 
 
 def _missing(org_ref: str | None, user: str | None) -> str:
@@ -123,7 +124,7 @@ def members_list(
         raise reads.InvalidParameterError("role", "must be a role key such as org:admin, not empty")
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        org_id = None if org_ref is None else resolve_org(session, org_ref).id
+        org_id = None if org_ref is None else resolve_org_id(session, org_ref)
         result = _filters_page(
             reads.list_memberships(
                 session,
@@ -186,7 +187,7 @@ def invitations_list(
     """List invitations: of an organization, of a user, or of every organization; newest first."""
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        org_id = None if org_ref is None else resolve_org(session, org_ref).id
+        org_id = None if org_ref is None else resolve_org_id(session, org_ref)
         result = _filters_page(
             reads.list_invitations(
                 session,
@@ -226,7 +227,8 @@ def roles_list(ctx: click.Context, *, page: int, page_size: int, as_json: bool) 
     """List roles by key, with their permissions."""
     settings = runtime(ctx).settings()
     with reading(settings) as session:
-        result = queries.list_roles(session, page=page, page_size=page_size)
+        limit, offset = reads.page_window(page, page_size)
+        result = reads.list_roles(session, limit=limit, offset=offset, order_by="key")
     emit_page(
         result,
         [("key", "key"), ("name", "name"), ("id", "id"), ("permissions", "permissions")],

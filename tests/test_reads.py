@@ -1,4 +1,7 @@
-"""The read API: Clerk-shaped pages from the mirror, tombstones hidden, expiry derived."""
+"""The read layer (``models.reads``): Clerk-shaped pages from the mirror, tombstones hidden, expiry derived.
+
+Filters and orders of every endpoint are in ``test_read_api.py``; these are the basics.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +18,19 @@ from models.db import make_session_factory, session_scope
 from models.errors import PermanentError
 from models.events import Event
 from models.mirror import apply_events
-from models.queries import (
+from models.reads import (
     InvalidQueryError,
-    Page,
-    get_memberships,
-    get_pending_invitations,
-    get_user_memberships,
+    Listing,
+    MembershipView,
+    get_organization,
     list_invitations,
     list_organizations,
     list_roles,
-    resolve_organization,
+    organization_id,
+    page_window,
+    read_sessions,
 )
+from models.reads import list_memberships as _list_memberships
 
 NOW = 1_800_000_000_000
 ACME = organization_data("org_acme", slug="acme", name="Acme", created_at=T0)
@@ -35,6 +40,12 @@ GLOBEX = organization_data("org_globex", slug="globex", name="Globex", created_a
 def apply(engine: Engine, events: list[Event]) -> None:
     with session_scope(make_session_factory(engine)) as session:
         apply_events(session, events, now_ms=NOW)
+
+
+def memberships(session: Session, organization: str, **filters: Any) -> Listing[MembershipView]:
+    """An organization's members oldest first (an unknown organization: an empty page)."""
+    found = _list_memberships(session, organization=organization, order_by="created_at", **filters)
+    return found or Listing([], 0)
 
 
 def join(org: dict[str, Any], user: str, at: int, role: str = "org:member") -> Event:
@@ -74,8 +85,8 @@ def seeded(engine: Engine) -> Engine:
 
 def test_resolve_organization_by_id_or_slug(seeded: Engine) -> None:
     with Session(seeded) as session:
-        by_id = resolve_organization(session, "org_acme")
-        by_slug = resolve_organization(session, "acme")
+        by_id = get_organization(session, "org_acme")
+        by_slug = get_organization(session, "acme")
         assert by_id is not None and by_id == by_slug
         assert by_id.members_count == 12
         shape = by_id.to_dict()
@@ -86,16 +97,17 @@ def test_resolve_organization_by_id_or_slug(seeded: Engine) -> None:
             "acme",
             12,
         )
-        assert resolve_organization(session, "nope") is None
-        assert resolve_organization(session, "org_dead") is None
-        assert resolve_organization(session, "dead") is None
+        assert organization_id(session, "acme") == "org_acme"
+        for missing in ("nope", "org_dead", "dead"):
+            assert get_organization(session, missing) is None
+            assert organization_id(session, missing) is None
 
 
 def test_list_organizations_hides_tombstones_and_pages(seeded: Engine) -> None:
     with Session(seeded) as session:
-        first = list_organizations(session, page=1, page_size=1)
-        second = list_organizations(session, page=2, page_size=1)
-        beyond = list_organizations(session, page=3, page_size=1)
+        first, second, beyond = (
+            list_organizations(session, limit=1, offset=offset, order_by="created_at") for offset in (0, 1, 2)
+        )
     assert first.total_count == second.total_count == beyond.total_count == 2
     assert [org.id for org in first.data + second.data] == ["org_acme", "org_globex"]
     assert beyond.data == []
@@ -104,24 +116,24 @@ def test_list_organizations_hides_tombstones_and_pages(seeded: Engine) -> None:
 
 def test_get_memberships_pages_in_a_stable_order(seeded: Engine) -> None:
     with Session(seeded) as session:
-        pages = [get_memberships(session, "acme", page=n, page_size=5) for n in (1, 2, 3)]
+        pages = [memberships(session, "acme", limit=5, offset=offset) for offset in (0, 5, 10)]
     assert [page.total_count for page in pages] == [12, 12, 12]
     users = [m.user_id for page in pages for m in page.data]
     assert users == [f"user_{i:02d}" for i in range(12)]
     assert [len(page.data) for page in pages] == [5, 5, 2]
 
 
-def test_get_memberships_ties_break_on_user_id(seeded: Engine) -> None:
+def test_get_memberships_ties_break_on_id(seeded: Engine) -> None:
     with Session(seeded) as session:
-        page = get_memberships(session, "org_globex")
+        page = memberships(session, "org_globex")
     assert [m.user_id for m in page.data] == ["user_00", "user_a", "user_b"]
 
 
 def test_get_memberships_role_filter(seeded: Engine) -> None:
     with Session(seeded) as session:
-        admins = get_memberships(session, "acme", role="org:admin", page_size=100)
-        members = get_memberships(session, "acme", role=["basic_member"], page_size=100)
-        both = get_memberships(session, "acme", role=("org:admin", "org:member"), page_size=100)
+        admins = memberships(session, "acme", roles=["org:admin"], limit=100)
+        members = memberships(session, "acme", roles=["org:member"], limit=100)
+        both = memberships(session, "acme", roles=("org:admin", "org:member"), limit=100)
     assert [m.user_id for m in admins.data] == ["user_00", "user_03", "user_06", "user_09"]
     assert admins.total_count == 4
     assert members.total_count == 8
@@ -130,7 +142,7 @@ def test_get_memberships_role_filter(seeded: Engine) -> None:
 
 def test_membership_shape_is_clerks(seeded: Engine) -> None:
     with Session(seeded) as session:
-        membership = get_memberships(session, "acme", page_size=1).data[0]
+        membership = memberships(session, "acme", limit=1).data[0]
     shape = membership.to_dict()
     assert shape["object"] == "organization_membership"
     assert shape["id"] == "orgmem_org_acme_user_00"
@@ -145,20 +157,21 @@ def test_membership_shape_is_clerks(seeded: Engine) -> None:
 
 def test_tombstones_never_show(seeded: Engine) -> None:
     with Session(seeded) as session:
-        assert "user_gone" not in {m.user_id for m in get_memberships(session, "acme", page_size=100).data}
-        dead = get_memberships(session, "org_dead")
-        assert (dead.data, dead.total_count) == ([], 0)
-        user_orgs = get_user_memberships(session, "user_00")
+        assert "user_gone" not in {m.user_id for m in memberships(session, "acme", limit=100).data}
+        assert _list_memberships(session, organization="org_dead") is None
+        user_orgs = _list_memberships(session, user="user_00", order_by="created_at")
+        assert user_orgs is not None
     assert [m.organization_id for m in user_orgs.data] == ["org_globex", "org_acme"]
     assert user_orgs.total_count == 2
     assert user_orgs.data[0].organization is not None
     assert user_orgs.data[0].organization.members_count == 3
 
 
-def test_unknown_organization_gives_an_empty_page(seeded: Engine) -> None:
+def test_unknown_organization_or_user_gives_none(seeded: Engine) -> None:
     with Session(seeded) as session:
-        assert get_memberships(session, "missing") == Page([], 0)
-        assert list_invitations(session, "missing") == Page([], 0)
+        assert _list_memberships(session, organization="missing") is None
+        assert _list_memberships(session, user="user_missing") is None
+        assert list_invitations(session, organization="missing") is None
 
 
 def test_invitations_status_and_expiry(engine: Engine) -> None:
@@ -185,10 +198,15 @@ def test_invitations_status_and_expiry(engine: Engine) -> None:
         ],
     )
     with Session(engine) as session:
-        pending = get_pending_invitations(session, "acme", now_ms=NOW)
+        pending = list_invitations(session, organization="acme", status="pending", now_ms=NOW)
+        everything = list_invitations(session, organization="acme", now_ms=NOW)
+        expired = list_invitations(session, organization="org_acme", status="expired", now_ms=NOW)
+        accepted = list_invitations(session, organization="acme", status="accepted", now_ms=NOW)
+        # The same invitations, read before they expired.
+        earlier = list_invitations(session, organization="acme", status="pending", now_ms=NOW - 2000)
+        assert pending and everything and expired and accepted and earlier
         assert [i.id for i in pending.data] == ["orginv_live"]
         assert pending.total_count == 1
-        everything = list_invitations(session, "acme", now_ms=NOW)
         statuses = {i.id: i.status for i in everything.data}
         assert statuses == {
             "orginv_live": "pending",
@@ -199,13 +217,8 @@ def test_invitations_status_and_expiry(engine: Engine) -> None:
         }
         # Newest first, as Clerk lists invitations.
         assert [i.id for i in everything.data][:2] == ["orginv_edge", "orginv_rev"]
-        expired = list_invitations(session, "org_acme", status="expired", now_ms=NOW)
         assert sorted(i.id for i in expired.data) == ["orginv_edge", "orginv_old"]
-        assert [i.id for i in list_invitations(session, "acme", status="accepted", now_ms=NOW).data] == [
-            "orginv_acc"
-        ]
-        # The same invitation, read before it expired.
-        earlier = list_invitations(session, "acme", status="pending", now_ms=NOW - 2000, page_size=10)
+        assert [i.id for i in accepted.data] == ["orginv_acc"]
         assert sorted(i.id for i in earlier.data) == ["orginv_edge", "orginv_live", "orginv_old"]
         shape = pending.data[0].to_dict()
         assert shape["object"] == "organization_invitation"
@@ -230,7 +243,9 @@ def test_invitations_of_a_deleted_organization_are_hidden(engine: Engine) -> Non
         ],
     )
     with Session(engine) as session:
-        assert get_pending_invitations(session, "org_acme", now_ms=NOW).total_count == 0
+        assert list_invitations(session, organization="org_acme", now_ms=NOW) is None
+        everywhere = list_invitations(session, status="pending", now_ms=NOW)
+        assert everywhere is not None and everywhere.total_count == 0
 
 
 def test_list_roles_with_permission_objects(engine: Engine) -> None:
@@ -249,7 +264,7 @@ def test_list_roles_with_permission_objects(engine: Engine) -> None:
         ],
     )
     with Session(engine) as session:
-        roles = list_roles(session)
+        roles = list_roles(session, order_by="key")
     assert [r.key for r in roles.data] == ["org:admin", "org:editor"]
     assert roles.total_count == 2
     editor = roles.data[1].to_dict()
@@ -270,19 +285,41 @@ def test_list_roles_with_permission_objects(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"page": 0}, "page must be a whole number >= 1"),
-        ({"page_size": 0}, "page_size must be a whole number from 1 to 500"),
-        ({"page_size": 501}, "page_size must be a whole number from 1 to 500"),
-        ({"role": []}, "role must be a role key"),
+        ({"limit": 0}, "limit must be a whole number from 1 to 500"),
+        ({"limit": 501}, "limit must be a whole number from 1 to 500"),
+        ({"offset": -1}, "offset must be a whole number greater than or equal to 0"),
+        ({"order_by": "-role"}, "order_by must be one of created_at"),
     ],
 )
 def test_bad_arguments_are_clear_errors(engine: Engine, kwargs: dict[str, Any], message: str) -> None:
     with Session(engine) as session, pytest.raises(InvalidQueryError, match=message) as caught:
-        get_memberships(session, "acme", **kwargs)
+        _list_memberships(session, organization="acme", **kwargs)
     assert isinstance(caught.value, ValueError)
     assert isinstance(caught.value, PermanentError)
 
 
+@pytest.mark.parametrize(
+    ("page", "page_size", "message"),
+    [(0, 10, "page must be"), (1, 0, "page_size must be"), (1, 501, "page_size must be")],
+)
+def test_page_numbers_are_checked(page: int, page_size: int, message: str) -> None:
+    assert page_window(3, 50) == (50, 100)
+    with pytest.raises(InvalidQueryError, match=message):
+        page_window(page, page_size)
+
+
 def test_unknown_invitation_status_is_refused(engine: Engine) -> None:
     with Session(engine) as session, pytest.raises(InvalidQueryError, match="status must be one of"):
-        list_invitations(session, "acme", status="lost")
+        list_invitations(session, organization="acme", status="lost")
+
+
+def test_read_sessions_keep_every_json_value_exact(engine: Engine) -> None:
+    big = 2**70  # beyond 64 bits: must not come back as a float
+    data = membership_data("orgmem_big", ACME, "user_big", created_at=T0 + 5)
+    data["public_metadata"] = {"big": big, "text": "é", "nested": [1.5, None, True]}
+    created = make_event("organizationMembership.created", data, T0 + 5)
+    apply(engine, [make_event("organization.created", ACME, T0), created])
+    with read_sessions(engine)() as session:
+        listing = _list_memberships(session, organization="acme")
+    assert listing is not None
+    assert listing.data[0].public_metadata == {"big": big, "text": "é", "nested": [1.5, None, True]}

@@ -7,7 +7,7 @@ change after the membership was last written), else from the membership's own li
 from Clerk's defaults for ``org:admin``.
 
 ``AccessCache`` keeps answers per process, keyed by (user, organization). Every mirror write
-transaction grows ``mirror_state.generation`` (``models.db.lock_mirror_writes``); the cache
+transaction grows the mirror's generation (``models.db.lock_mirror_writes``); the cache
 reads the generation before the data it caches and empties itself when the generation moves,
 so an answer never outlives the commit that changed it by more than ``recheck_s``.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
@@ -152,7 +152,8 @@ def organizations_of(session: Session, user_id: str) -> list[Access]:
 
 def mirror_generation(session: Session) -> int:
     """The mirror's write generation (0 before the first write)."""
-    value = session.scalar(select(MirrorState.generation).where(MirrorState.id == 1))
+    # Summed over its slots (``models.db``): concurrent writers each grow their own.
+    value = session.scalar(select(func.sum(MirrorState.generation)))
     return int(value or 0)
 
 

@@ -44,8 +44,24 @@ def _drain(
     profile_path: str | None,
 ) -> None:
     """One worker process: apply batches until the queue says stop; report CPU and counts."""
+    import worker.apply
     from models.db import create_db_engine, make_session_factory
+    from models.mirror import lock_for_events
     from worker.apply import apply_inbox
+
+    # Time spent taking mirror locks (waiting for other processes among it), and events left
+    # for a second transaction because another process held their organization.
+    waits = {"lock_s": 0.0, "deferred": 0, "locked_events": 0}
+
+    def timed_lock(session: Any, events: Any, *, wait: bool = True) -> Any:
+        began = time.perf_counter()
+        lock, covered = lock_for_events(session, events, wait=wait)
+        waits["lock_s"] += time.perf_counter() - began
+        waits["locked_events"] += len(events)
+        waits["deferred"] += len(events) - len(covered)
+        return lock, covered
+
+    worker.apply.lock_for_events = timed_lock  # type: ignore[assignment]
 
     engine = create_db_engine(database_url)
     backends: set[int] = set()
@@ -83,6 +99,7 @@ def _drain(
             "tasks": transactions,
             "cpu_s": own_cpu_seconds() - cpu_before,
             "postgres_cpu_s": backend_cpu,
+            **waits,
         }
     )
     engine.dispose()
@@ -151,6 +168,8 @@ def drain_with_processes(
         "postgres_cpu_s": pg_cpu,
         "worker_cpu_us_per_event": 1e6 * cpu / max(1, applied),
         "postgres_cpu_us_per_event": 1e6 * pg_cpu / max(1, applied),
+        "lock_s": sum(r["lock_s"] for r in reports),
+        "deferred_events": sum(r["deferred"] for r in reports),
         "per_process": reports,
     }
 
@@ -186,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{processes} process(es): {result['applied']} events in {result['seconds']:.2f} s = "
                     f"{result['rate_per_s']:.0f}/s; CPU per event: "
                     f"worker {result['worker_cpu_us_per_event']:.0f} us, "
-                    f"PostgreSQL {result['postgres_cpu_us_per_event']:.0f} us; pending left {pending}"
+                    f"PostgreSQL {result['postgres_cpu_us_per_event']:.0f} us; pending left {pending}; "
+                    f"{result['lock_s']:.2f} s taking locks, {result['deferred_events']} events deferred"
                 )
     return 0
 

@@ -183,12 +183,14 @@ def apply_inbox(
     # about 2 * log2(500) transactions instead of 500. The mirror's result does not depend on
     # the order or grouping of events (versions decide), so splitting is safe.
     stack: list[tuple[list[int], bool]] = [(todo, False)]
+    # Events parsed by an earlier transaction of this call (deferred ones): not parsed again.
+    known: dict[int, Event] = {}
     while stack:
         part, wait = stack.pop()
         unseen: list[str] | None = [] if on_unseen_organizations is not None else None
         try:
             applied, rejected, skipped, events, deferred = _apply_once(
-                factory, part, now_ms=now_ms, unseen=unseen, wait=wait
+                factory, part, now_ms=now_ms, unseen=unseen, wait=wait, known=known
             )
         except RetryableError as exc:
             remaining = part + [row_id for rest, _ in stack for row_id in rest]
@@ -270,10 +272,12 @@ def _apply_once(
     now_ms: int,
     unseen: list[str] | None = None,
     wait: bool = True,
+    known: dict[int, Event] | None = None,
 ) -> tuple[int, int, int, list[Event], list[int]]:
     """One transaction: (applied, rejected, skipped, applied events, ids deferred, still pending).
 
     Nothing is deferred with ``wait``; without it, the rows whose mirror locks were busy.
+    ``known`` holds events already parsed by row id; the deferred ones are added to it.
     """
     with session_scope(factory) as session:
         # FOR UPDATE: a second task holding the same ids waits here and then sees them applied,
@@ -289,7 +293,8 @@ def _apply_once(
         rejected: list[dict[str, Any]] = []
         for row in rows:
             try:
-                parsed.append((row.id, parse_event(row.svix_id, row.body)))
+                event = known.pop(row.id, None) if known is not None else None
+                parsed.append((row.id, event or parse_event(row.svix_id, row.body)))
             except PayloadError as exc:
                 reason = redact(str(exc))[:MAX_ERROR_CHARS]
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
@@ -299,6 +304,8 @@ def _apply_once(
             if len(covered) < len(parsed):
                 chosen = set(covered)
                 deferred = [row_id for n, (row_id, _) in enumerate(parsed) if n not in chosen]
+                if known is not None:
+                    known.update(item for n, item in enumerate(parsed) if n not in chosen)
                 parsed = [parsed[n] for n in covered]
         events = [event for _, event in parsed]
         applied_ids = [row_id for row_id, _ in parsed]

@@ -322,7 +322,8 @@ def _lock(session: Session, wanted: MirrorLock, *, wait: bool) -> MirrorLock:
         # Taking more locks later would break the one order that keeps writers deadlock-free.
         raise RuntimeError("a mirror lock cannot be widened within a transaction")
     postgres = session.get_bind().dialect.name == "postgresql"
-    # The slot first: it never waits, so a transaction waiting below holds no slot others need.
+    # The slot first: taking it does not wait (other writers' slots are skipped), and others
+    # skip this one while this transaction waits for the locks below.
     _bump_generation(session, postgres=postgres)
     got = wanted
     if postgres and wanted.organizations is None:

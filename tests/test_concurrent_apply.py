@@ -25,13 +25,14 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import FAST_SWEEPS, hermetic_env, running_stack
-from test_convergence import NOW, apply_in_order, clear_mirror, snapshot
+from test_convergence import NOW, clear_mirror, snapshot
 from test_crash_e2e import assert_mirror_is, enqueue, in_order_result, status_counts
 
 from emulator.payloads import webhook_body
 from models.db import lock_mirror_writes, lock_organizations, make_session_factory, session_scope
 from models.events import Event
 from models.inbox import store_delivery
+from models.mirror import apply_events
 from models.permissions import mirror_generation
 from models.tables import InboxEvent, InboxStatus, Membership
 from worker.apply import apply_inbox
@@ -39,6 +40,14 @@ from worker.apply import apply_inbox
 pytestmark = pytest.mark.postgres
 
 WORKERS = 3
+
+
+def apply_in_order(engine: Engine, events: Sequence[Event]) -> None:
+    """The reference: each event applied on its own, in order, by one writer holding everything."""
+    with session_scope(make_session_factory(engine)) as session:
+        lock_mirror_writes(session)
+        for event in events:
+            apply_events(session, [event], now_ms=NOW)
 
 
 def store(factory: sessionmaker[Session], events: Sequence[Event]) -> list[int]:

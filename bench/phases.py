@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from bench.apply_workers import drain_with_processes
 from bench.client import Load, LoadResult
 from bench.procs import (
     Service,
@@ -63,6 +64,9 @@ class Params:
     apply_events: int = 100_000
     apply_baseline_events: int = 5_000
     apply_celery_events: int = 100_000
+    # Drained by 1, then 2 plain worker processes (bench/apply_workers.py): what a second adds.
+    apply_process_events: int = 50_000
+    apply_processes: tuple[int, ...] = (1, 2)
     apply_timeout_s: float = 300.0
     organizations: int = 2_000
     users: int = 40_000
@@ -83,6 +87,7 @@ QUICK = Params(
     apply_events=2_000,
     apply_baseline_events=200,
     apply_celery_events=1_000,
+    apply_process_events=1_000,
     apply_timeout_s=60.0,
     organizations=50,
     users=500,
@@ -461,6 +466,32 @@ def bench_apply(env: Env, profile_path: Path | None) -> dict[str, Any]:
     finally:
         engine.dispose()
     out["celery"] = bench_apply_celery(env, bodies[: p.apply_celery_events], settings)
+    out["processes"] = bench_apply_processes(env, bodies[: p.apply_process_events], settings)
+    return out
+
+
+def bench_apply_processes(env: Env, bodies: Sequence[str], settings: Settings) -> dict[str, Any]:
+    """The same backlog drained by 1, then 2 worker processes, each from a fresh mirror."""
+    out: dict[str, Any] = {}
+    for processes in env.params.apply_processes:
+        env.reset()
+        ids = copy_inbox(env, bodies)
+        progress(f"apply with {processes} worker process(es): {len(ids)} rows")
+        result = drain_with_processes(
+            env.database_url,
+            ids,
+            processes=processes,
+            batch_size=settings.apply_batch_size,
+            max_attempts=settings.max_attempts,
+            timeout_s=env.params.apply_timeout_s,
+        )
+        result["statuses"] = env.status_counts()
+        out[str(processes)] = result
+        progress(
+            f"apply with {processes} worker process(es): {result['rate_per_s']:.0f}/s, CPU per event "
+            f"{result['worker_cpu_us_per_event']:.0f} us worker + "
+            f"{result['postgres_cpu_us_per_event']:.0f} us PostgreSQL"
+        )
     return out
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -225,28 +227,145 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-# An upsert rather than an update: the row is absent from a fresh or truncated database.
-_BUMP_GENERATION = text(
+# The generation is the SUM of ``mirror_state.generation`` over its rows, its "slots": each
+# writing transaction adds one to a slot no other transaction holds (SKIP LOCKED), so writers
+# never queue on one hot row, while the sum still moves exactly when a writer commits (a
+# reader's statement sees all of a commit or none of it). Slots are created as needed, so
+# there are as many as writers ever ran at once; the id of a new one is the backend's pid,
+# which no concurrent transaction shares.
+_BUMP_FREE_SLOT = text(
+    "UPDATE mirror_state SET generation = mirror_state.generation + 1 FROM ("
+    "SELECT id FROM mirror_state ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) AS slot "
+    "WHERE mirror_state.id = slot.id"
+)
+_BUMP_NEW_SLOT = text(
+    "INSERT INTO mirror_state (id, generation) VALUES (pg_backend_pid(), 1) "
+    "ON CONFLICT (id) DO UPDATE SET generation = mirror_state.generation + 1"
+)
+# SQLite has one writer at a time: one slot.
+_BUMP_ONE_SLOT = text(
     "INSERT INTO mirror_state (id, generation) VALUES (1, 1) "
     "ON CONFLICT (id) DO UPDATE SET generation = mirror_state.generation + 1"
 )
+# What the current transaction of a session locked, in ``session.info``: (transaction, lock).
+_HELD = "orgsync_mirror_lock"
+# Advisory lock key spaces (pg_advisory_xact_lock(int4, int4) never meets the bigint one).
+_ORGANIZATION_SPACE = 0x6F7267  # "org"
 
 
-def lock_mirror_writes(session: Session) -> None:
-    """Serialise mirror writes across processes for the rest of this transaction.
+@dataclass(frozen=True)
+class MirrorLock:
+    """What a transaction may write in the mirror: everything, or only these organizations'
+    rows (the organization, its memberships, invitations and domains)."""
 
-    Cascades (an organization deleted while a membership of it is written elsewhere) are
-    write skew under READ COMMITTED; one writer at a time makes them plain sequential logic.
-    Throughput comes from batching many events per transaction, not from parallel writers.
+    organizations: frozenset[str] | None
+
+    @property
+    def everything(self) -> bool:
+        return self.organizations is None
+
+    def covers(self, other: MirrorLock) -> bool:
+        if self.organizations is None:
+            return True
+        return other.organizations is not None and other.organizations <= self.organizations
+
+
+EVERYTHING = MirrorLock(None)
+
+
+def lock_mirror_writes(session: Session) -> MirrorLock:
+    """Lock the whole mirror for the rest of this transaction: no other mirror writer runs.
+
+    For writes whose effects cross organizations: users (their copies and cascades reach
+    every organization), roles and permissions (their copies reach every holder), reads
+    that must see the mirror still (reconciliation counting drift, the rules).
+    ``lock_organizations`` is the scalable path for writes confined to organizations.
     SQLite already serialises writers through BEGIN IMMEDIATE.
-
-    The mirror's generation grows in the same transaction, so a cached answer read before
-    this write's commit is recognised as stale right after it (``models.permissions``); under
-    the lock already, the bump adds no contention.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    return _lock(session, EVERYTHING, wait=True)
+
+
+def lock_organizations(session: Session, organization_ids: Iterable[str], *, wait: bool = True) -> MirrorLock:
+    """Lock these organizations' mirror rows for the rest of this transaction; returns what it got.
+
+    Writers of different organizations run in parallel: the whole-mirror lock is taken
+    SHARED, then one exclusive advisory lock per organization. With ``wait`` every lock is
+    waited for, in one fixed order (sorted keys), so two such transactions never deadlock;
+    without it none is waited for (a busy organization is left out of the result, which
+    may be empty) and no deadlock can involve it either. On SQLite this is the whole mirror.
+    """
+    wanted = MirrorLock(frozenset(organization_ids))
+    if session.get_bind().dialect.name != "postgresql":
+        return _lock(session, EVERYTHING, wait=True)
+    return _lock(session, wanted, wait=wait)
+
+
+def held_mirror_lock(session: Session) -> MirrorLock | None:
+    """What the session's current transaction locked, or None."""
+    held = session.info.get(_HELD)
+    if held is None or held[0] is not session.get_transaction():
+        return None
+    return cast(MirrorLock, held[1])
+
+
+def organization_lock_key(organization_id: str) -> int:
+    """The advisory lock of an organization (a shared key only costs parallelism, never safety)."""
+    digest = hashlib.blake2b(organization_id.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _lock(session: Session, wanted: MirrorLock, *, wait: bool) -> MirrorLock:
+    held = held_mirror_lock(session)
+    if held is not None:
+        if held.covers(wanted):
+            return wanted
+        # Taking more locks later would break the one order that keeps writers deadlock-free.
+        raise RuntimeError("a mirror lock cannot be widened within a transaction")
+    postgres = session.get_bind().dialect.name == "postgresql"
+    # The slot first: taking it does not wait (other writers' slots are skipped), and others
+    # skip this one while this transaction waits for the locks below.
+    _bump_generation(session, postgres=postgres)
+    got = wanted
+    if postgres and wanted.organizations is None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPLY_LOCK_KEY})
-    session.execute(_BUMP_GENERATION)
+    elif postgres and wanted.organizations is not None:
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": APPLY_LOCK_KEY})
+        keys = sorted({organization_lock_key(org) for org in wanted.organizations})
+        if wait:
+            # One statement; unnest yields the array in order, so the locks are taken in order.
+            session.execute(
+                text(
+                    "SELECT count(pg_advisory_xact_lock(:space, key)) "
+                    "FROM unnest(CAST(:keys AS integer[])) AS key"
+                ),
+                {"space": _ORGANIZATION_SPACE, "keys": keys},
+            )
+        else:
+            taken = set(
+                session.scalars(
+                    text(
+                        "SELECT key FROM unnest(CAST(:keys AS integer[])) AS key "
+                        "WHERE pg_try_advisory_xact_lock(:space, key)"
+                    ),
+                    {"space": _ORGANIZATION_SPACE, "keys": keys},
+                )
+            )
+            got = MirrorLock(
+                frozenset(org for org in wanted.organizations if organization_lock_key(org) in taken)
+            )
+    session.info[_HELD] = (session.get_transaction(), got)
+    return got
+
+
+def _bump_generation(session: Session, *, postgres: bool) -> None:
+    """Grow the mirror's generation in this transaction (``models.permissions`` reads it): a
+    cached answer read before this transaction commits is recognised as stale right after."""
+    if not postgres:
+        session.execute(_BUMP_ONE_SLOT)
+        return
+    result = session.execute(_BUMP_FREE_SLOT)
+    if not cast(Any, result).rowcount:
+        session.execute(_BUMP_NEW_SLOT)
 
 
 def ping(engine: Engine) -> None:

@@ -24,20 +24,43 @@ multiplicity or how they were split into batches:
   of the winning user/role write alone: a membership event carrying stale embedded user data,
   in any order with ``user.updated``, ends showing the newer user row's data. Without user data or
   a live role a copy keeps what its own event embedded.
+
+Concurrency. Writers lock what they write (``models.db``): a batch whose every row belongs to
+some organizations (organizations, memberships, invitations, domains: the bulk of the
+traffic) locks just those organizations, and batches of different organizations run in
+parallel; such a batch reads users, roles and permissions but writes none, and its cascades
+and copy refreshes touch only rows of its own organizations (``within``). Writes that reach
+across organizations (users, roles, permissions, role sets) lock the whole mirror. So every
+read-then-write above (a cascade reading a deletion, a copy reading its user or role) is
+done by the only writer of the rows involved, as if transactions ran one after the other.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    String,
+    Table,
+    TextClause,
+    any_,
+    bindparam,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models import tables
-from models.db import lock_mirror_writes
+from models.db import MirrorLock, held_mirror_lock, lock_mirror_writes, lock_organizations
 from models.events import (
     DOMAINS,
     INVITATIONS,
@@ -76,11 +99,57 @@ USER_COPY_FIELDS = ("identifier", "username", "first_name", "last_name", "image_
 # Keeps every statement far below SQLite's and PostgreSQL's bound-parameter limits.
 MAX_PARAMS = 30_000
 MAX_IN = 500
+# Rows per upsert statement on PostgreSQL (one JSON parameter each).
+PG_UPSERT_ROWS = 1_000
+
+
+def event_organizations(event: Event) -> frozenset[str] | None:
+    """The organizations whose rows ``event`` writes, or None when it writes rows outside any
+    organization (users, roles, permissions, role sets, a domain of no known organization)."""
+    found: set[str] = set()
+    for write in event_writes(event):
+        if write.table == ORGANIZATIONS:
+            found.add(write.key[0])
+        elif write.table in (MEMBERSHIPS, INVITATIONS, DOMAINS) and write.values.get("organization_id"):
+            found.add(write.values["organization_id"])
+        else:
+            return None
+    return frozenset(found)
+
+
+def lock_for_events(
+    session: Session, events: Sequence[Event], *, wait: bool = True
+) -> tuple[MirrorLock, list[int]]:
+    """Lock what applying ``events`` needs; returns the lock and the positions of the events it covers.
+
+    With ``wait`` every event is covered: its organizations are locked, or the whole mirror
+    if any event writes outside organizations. Without it nothing is waited for, except the
+    whole mirror when every event needs it: the organizations another writer holds are
+    skipped, and so are the events that need the whole mirror; the caller applies the
+    covered events now and the others in a later transaction (the result does not depend
+    on how events are grouped into batches).
+    """
+    scopes = [event_organizations(event) for event in events]
+    wanted: set[str] = set()
+    for scope in scopes:
+        if scope is not None:
+            wanted |= scope
+    if all(scope is None for scope in scopes) or (wait and any(scope is None for scope in scopes)):
+        return lock_mirror_writes(session), list(range(len(events)))
+    lock = lock_organizations(session, wanted, wait=wait)
+    return lock, [n for n, scope in enumerate(scopes) if scope is not None and lock.covers(MirrorLock(scope))]
 
 
 def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> None:
-    """Apply ``events`` (any order, duplicates allowed); executes statements, never commits."""
-    lock_mirror_writes(session)
+    """Apply ``events`` (any order, duplicates allowed); executes statements, never commits.
+
+    Locks what the events need unless the transaction holds a lock already (``lock_for_events``),
+    which must then cover them.
+    """
+    lock = held_mirror_lock(session)
+    if lock is None:
+        lock = lock_for_events(session, events)[0]
+    within = lock.organizations
     best: dict[str, dict[tuple[str, ...], Write]] = {name: {} for name in TABLES}
     sticky_deleted: dict[str, set[str]] = {name: set() for name in STICKY}
     stubs: dict[tuple[str, ...], Write] = {}  # keys of different tables never collide
@@ -111,6 +180,8 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
         rows = best[name]
         if not rows:
             continue
+        if within is not None and name not in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, DOMAINS):
+            raise RuntimeError(f"{name} are written under the whole-mirror lock only")
         values = []
         for key, write in rows.items():
             row = dict(write.values, synced_at=now_ms)
@@ -141,8 +212,10 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
                     copies.members.add(write.values["user_id"])
                 elif write.values["role"]:
                     copies.invitations.add(write.key[0])
-    _cascade(session, touched_orgs, touched_users, now_ms)
-    refresh_copies(session, copies)
+    if within is not None and not touched_orgs <= within:
+        raise RuntimeError("these events write organizations the transaction did not lock")
+    _cascade(session, touched_orgs, touched_users, now_ms, within=within)
+    refresh_copies(session, copies, within=within)
 
 
 @dataclass
@@ -157,19 +230,26 @@ class Touched:
     written_roles: set[str] = field(default_factory=set)  # role keys the written rows name
 
 
-def refresh_copies(session: Session, touched: Touched) -> int:
+def refresh_copies(session: Session, touched: Touched, *, within: frozenset[str] | None = None) -> int:
     """Rewrite the user and role data memberships and invitations embed from the live rows;
     returns how many memberships changed.
+
+    ``within`` (organization ids) confines the rewrite to those organizations' rows: a writer
+    holding only their locks writes no other row. It is enough after writing rows of those
+    organizations alone (no user, role or permission row), since only the written rows' copies
+    can have gone stale.
 
     ``synced_at`` stays: it says when Clerk last showed the row, which reconciliation's
     missed-delete check relies on, and a derived copy is no such evidence.
     """
-    changed = _refresh_user_copies(session, touched.users | touched.members)
-    changed |= _refresh_role_copies(session, touched)
+    changed = _refresh_user_copies(session, touched.users | touched.members, within)
+    changed |= _refresh_role_copies(session, touched, within)
     return len(changed)
 
 
-def _refresh_user_copies(session: Session, user_ids: set[str]) -> set[tuple[str, str]]:
+def _refresh_user_copies(
+    session: Session, user_ids: set[str], within: frozenset[str] | None
+) -> set[tuple[str, str]]:
     users = TABLES[USERS]
     members = TABLES[MEMBERSHIPS]
     changed: set[tuple[str, str]] = set()
@@ -178,7 +258,7 @@ def _refresh_user_copies(session: Session, user_ids: set[str]) -> set[tuple[str,
             row.id: row
             for row in session.execute(
                 select(users.c.id, *(users.c[name] for name in USER_COPY_FIELDS)).where(
-                    users.c.id.in_(chunk), users.c.version != STUB_VERSION
+                    _among(session, users.c.id, chunk), users.c.version != STUB_VERSION
                 )
             )
         }
@@ -186,9 +266,17 @@ def _refresh_user_copies(session: Session, user_ids: set[str]) -> set[tuple[str,
             continue
         changes: list[dict[str, Any]] = []
         rows = session.execute(
-            select(
-                members.c.organization_id, members.c.user_id, members.c.identifier, members.c.public_user_data
-            ).where(members.c.user_id.in_(sorted(live)))
+            _confine(
+                session,
+                select(
+                    members.c.organization_id,
+                    members.c.user_id,
+                    members.c.identifier,
+                    members.c.public_user_data,
+                ).where(_among(session, members.c.user_id, sorted(live))),
+                members,
+                within,
+            )
         )
         for row in rows:
             user = live[row.user_id]
@@ -234,7 +322,7 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
     found: dict[str, tuple[str, str | None, list[str] | None]] = {}
     batches = [None] if keys is None else list(_chunks(keys))
     for chunk in batches:
-        scoped = query if chunk is None else query.where(roles.c.key.in_(chunk))
+        scoped = query if chunk is None else query.where(_among(session, roles.c.key, chunk))
         for row in session.execute(scoped):
             current = found.get(row.key)
             if current is None or current[0] < row.version:
@@ -251,7 +339,7 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
         dead_keys -= set(
             session.scalars(
                 select(permissions.c.key).where(
-                    permissions.c.deleted.is_(False), permissions.c.key.in_(dead_keys)
+                    permissions.c.deleted.is_(False), _among(session, permissions.c.key, sorted(dead_keys))
                 )
             )
         )
@@ -261,31 +349,38 @@ def _live_roles(session: Session, keys: set[str] | None) -> dict[str, tuple[str 
     }
 
 
-def _refresh_role_copies(session: Session, touched: Touched) -> set[tuple[str, str]]:
+def _refresh_role_copies(
+    session: Session, touched: Touched, within: frozenset[str] | None
+) -> set[tuple[str, str]]:
     members = TABLES[MEMBERSHIPS]
     if touched.all_roles:
         roles = _live_roles(session, None)
-        scopes: list[Any] = [members.c.role.in_(chunk) for chunk in _chunks(roles)]
+        scopes: list[Any] = [_among(session, members.c.role, chunk) for chunk in _chunks(roles)]
     else:
         # The roles the written rows name: a row whose write lost keeps a copy derived when
         # its winning write (or, since, its role) was applied.
         roles = _live_roles(session, touched.role_keys | touched.written_roles)
-        scopes = [members.c.role.in_(chunk) for chunk in _chunks(touched.role_keys & set(roles))]
+        scopes = [_among(session, members.c.role, chunk) for chunk in _chunks(touched.role_keys & set(roles))]
         # Membership writes: only those users' rows; a superset of the written rows is harmless.
-        scopes += [members.c.user_id.in_(chunk) for chunk in _chunks(touched.members)]
+        scopes += [_among(session, members.c.user_id, chunk) for chunk in _chunks(touched.members)]
     if not roles:
         return set()
     changes: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     for scope in scopes:
         rows = session.execute(
-            select(
-                members.c.organization_id,
-                members.c.user_id,
-                members.c.role,
-                members.c.role_name,
-                members.c.permissions,
-            ).where(scope)
+            _confine(
+                session,
+                select(
+                    members.c.organization_id,
+                    members.c.user_id,
+                    members.c.role,
+                    members.c.role_name,
+                    members.c.permissions,
+                ).where(scope),
+                members,
+                within,
+            )
         )
         for row in rows:
             key = (row.organization_id, row.user_id)
@@ -313,25 +408,33 @@ def _refresh_role_copies(session: Session, touched: Touched) -> set[tuple[str, s
             changes,
             execution_options={"synchronize_session": False},
         )
-    _refresh_invitation_roles(session, touched, roles)
+    _refresh_invitation_roles(session, touched, roles, within)
     return {(change["k_org"], change["k_user"]) for change in changes}
 
 
 def _refresh_invitation_roles(
-    session: Session, touched: Touched, roles: dict[str, tuple[str | None, list[str] | None]]
+    session: Session,
+    touched: Touched,
+    roles: dict[str, tuple[str | None, list[str] | None]],
+    within: frozenset[str] | None,
 ) -> None:
     invitations = TABLES[INVITATIONS]
     if touched.all_roles or touched.role_keys:
         keys = set(roles) if touched.all_roles else touched.role_keys & set(roles)
-        scopes: list[Any] = [invitations.c.role.in_(chunk) for chunk in _chunks(keys)]
+        scopes: list[Any] = [_among(session, invitations.c.role, chunk) for chunk in _chunks(keys)]
     else:
         scopes = []
-    scopes += [invitations.c.id.in_(chunk) for chunk in _chunks(touched.invitations)]
+    scopes += [_among(session, invitations.c.id, chunk) for chunk in _chunks(touched.invitations)]
     changes: list[dict[str, Any]] = []
     seen: set[str] = set()
     for scope in scopes:
         for row in session.execute(
-            select(invitations.c.id, invitations.c.role, invitations.c.role_name).where(scope)
+            _confine(
+                session,
+                select(invitations.c.id, invitations.c.role, invitations.c.role_name).where(scope),
+                invitations,
+                within,
+            )
         ):
             if row.id in seen or row.role not in roles:
                 continue
@@ -349,27 +452,77 @@ def _refresh_invitation_roles(
         )
 
 
-def _insert(session: Session, table: Table) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, sticky: bool) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        statement = _pg_upsert(table, sticky=sticky)
+        for start in range(0, len(rows), PG_UPSERT_ROWS):
+            chunk = rows[start : start + PG_UPSERT_ROWS]
+            session.execute(statement, {"rows": json.dumps(chunk, separators=(",", ":"))})
+        return
     keys = [column.name for column in table.primary_key.columns]
-    insert = _insert(session, table)
+    insert = sqlite.insert(table)
     excluded = insert.excluded
     assignments: dict[str, Any] = {
         column.name: excluded[column.name] for column in table.columns if column.name not in keys
     }
     if sticky:
         assignments["deleted"] = or_(table.c.deleted, excluded.deleted)
-    statement = insert.on_conflict_do_update(
+    upsert = insert.on_conflict_do_update(
         index_elements=keys, set_=assignments, where=table.c.version < excluded.version
     )
-    chunk = max(1, MAX_PARAMS // len(table.columns))
-    for start in range(0, len(rows), chunk):
-        session.execute(statement, rows[start : start + chunk])
+    chunk_size = max(1, MAX_PARAMS // len(table.columns))
+    for start in range(0, len(rows), chunk_size):
+        session.execute(upsert, rows[start : start + chunk_size])
+
+
+@functools.cache
+def _pg_upsert(table: Table, *, sticky: bool) -> TextClause:
+    """The newer-only upsert of many rows sent as ONE json parameter, on PostgreSQL.
+
+    ``json_populate_recordset`` turns the array into rows of the table's type on the server:
+    one statement and one parameter per batch instead of a bind per row, which costs both
+    sides less than ``executemany``. A JSON column's ``None`` is stored as JSON ``null``, as
+    the ORM's JSON type stores it.
+    """
+    keys = {column.name for column in table.primary_key.columns}
+    json_columns = {column.name for column in table.columns if isinstance(column.type, JSON)}
+    names = [column.name for column in table.columns]
+    selected = ", ".join(
+        f"""COALESCE(r."{name}", 'null'::json)""" if name in json_columns else f'r."{name}"' for name in names
+    )
+    updates = [
+        f'"{name}" = t.deleted OR excluded.deleted'
+        if sticky and name == "deleted"
+        else f'"{name}" = excluded."{name}"'
+        for name in names
+        if name not in keys
+    ]
+    columns = ", ".join(f'"{name}"' for name in names)
+    conflict = ", ".join(f'"{name}"' for name in names if name in keys)
+    return text(
+        f'INSERT INTO "{table.name}" AS t ({columns}) '
+        f'SELECT {selected} FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)) AS r '
+        f"ON CONFLICT ({conflict}) DO UPDATE SET {', '.join(updates)} "
+        "WHERE t.version < excluded.version"
+    )
+
+
+def _among(session: Session, column: Any, values: list[str]) -> ColumnElement[bool]:
+    """``column IN values``; on PostgreSQL as ``= ANY(array)``, one parameter whatever the number
+    of values, so the statement's text stays the same (a literal list of hundreds is costly to
+    build, send and parse on every batch)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(
+            ColumnElement[bool], column == any_(bindparam(None, values, type_=postgresql.ARRAY(String)))
+        )
+    return cast(ColumnElement[bool], column.in_(values))
+
+
+def _confine(session: Session, query: Any, table: Table, within: frozenset[str] | None) -> Any:
+    """``query`` limited to the rows of the organizations ``within`` (None: no limit)."""
+    if within is None:
+        return query
+    return query.where(_among(session, table.c.organization_id, sorted(within)))
 
 
 def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
@@ -382,7 +535,7 @@ def _mark_deleted(session: Session, table: Table, ids: set[str], now_ms: int) ->
     for chunk in _chunks(ids):
         session.execute(
             update(table)
-            .where(table.c.id.in_(chunk), table.c.deleted.is_(False))
+            .where(_among(session, table.c.id, chunk), table.c.deleted.is_(False))
             .values(deleted=True, synced_at=now_ms)
         )
 
@@ -390,12 +543,17 @@ def _mark_deleted(session: Session, table: Table, ids: set[str], now_ms: int) ->
 def _deleted_ids(session: Session, table: Table, ids: set[str]) -> set[str]:
     found: set[str] = set()
     for chunk in _chunks(ids):
-        found.update(session.scalars(select(table.c.id).where(table.c.id.in_(chunk), table.c.deleted)))
+        found.update(
+            session.scalars(select(table.c.id).where(_among(session, table.c.id, chunk), table.c.deleted))
+        )
     return found
 
 
-def _cascade(session: Session, org_ids: set[str], user_ids: set[str], now_ms: int) -> None:
-    """Tombstone live memberships and invitations of the deleted organizations and users touched."""
+def _cascade(
+    session: Session, org_ids: set[str], user_ids: set[str], now_ms: int, *, within: frozenset[str] | None
+) -> None:
+    """Tombstone live memberships and invitations of the deleted organizations and users touched
+    (only rows of the organizations ``within``, when given)."""
     dead_orgs = _deleted_ids(session, TABLES[ORGANIZATIONS], org_ids)
     dead_users = _deleted_ids(session, TABLES[USERS], user_ids)
     for name in (MEMBERSHIPS, INVITATIONS, DOMAINS):
@@ -403,12 +561,15 @@ def _cascade(session: Session, org_ids: set[str], user_ids: set[str], now_ms: in
         for chunk in _chunks(dead_orgs):
             session.execute(
                 update(table)
-                .where(table.c.organization_id.in_(chunk), table.c.deleted.is_(False))
+                .where(_among(session, table.c.organization_id, chunk), table.c.deleted.is_(False))
                 .values(deleted=True, synced_at=now_ms)
             )
         for chunk in _chunks(dead_users if name != DOMAINS else ()):
             session.execute(
-                update(table)
-                .where(table.c.user_id.in_(chunk), table.c.deleted.is_(False))
-                .values(deleted=True, synced_at=now_ms)
+                _confine(
+                    session,
+                    update(table).where(_among(session, table.c.user_id, chunk), table.c.deleted.is_(False)),
+                    table,
+                    within,
+                ).values(deleted=True, synced_at=now_ms)
             )

@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
@@ -158,7 +158,8 @@ def organizations_of(session: Session, user_id: str) -> list[Access]:
 
 def mirror_generation(session: Session | Connection) -> int:
     """The mirror's write generation (0 before the first write): the one place that reads it."""
-    value = session.scalar(select(MirrorState.generation).where(MirrorState.id == 1))
+    # Summed over its slots (``models.db``): concurrent writers each grow their own.
+    value = session.scalar(select(func.sum(MirrorState.generation)))
     return int(value or 0)
 
 

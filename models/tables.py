@@ -356,10 +356,11 @@ class SyncRun(Base):
 
 
 class MirrorState(Base):
-    """One row: ``generation`` grows with every mirror write transaction (``lock_mirror_writes``).
+    """The mirror's generation is the sum of ``generation`` over the rows: every mirror write
+    transaction grows one row no concurrent writer holds (``models.db.lock_mirror_writes``).
 
     Readers that cache answers compare it with the generation their answers were read at; the
-    row may be missing (a fresh or truncated database), which reads as generation 0.
+    table may be empty (a fresh or truncated database), which reads as generation 0.
     """
 
     __tablename__ = "mirror_state"

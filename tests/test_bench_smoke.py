@@ -44,6 +44,7 @@ FIGURES_WITH_BASELINE = {
     "intake_paced_p99_ms",
     "apply_rate",
     "apply_celery_rate",
+    "apply_2_processes_rate",
     "freshness_p50_ms",
     "freshness_p99_ms",
     "web_rss_mb",
@@ -232,6 +233,10 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
     for name in ("http_check", "baseline_http_check", "http_page", "baseline_http_page"):
         assert reads[name]["ok"] == reads[name]["requests"], name
     assert reads["python_check"]["allowed"] > 0
+    for processes in ("1", "2"):
+        drained = raw["apply"]["processes"][processes]
+        assert drained["applied"] == drained["events"], processes
+        assert drained["statuses"] == {"applied": drained["events"]}, processes
     # The table is printed on stdout.
     assert "figure" in output
     assert "apply_rate" in output

@@ -11,11 +11,11 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.db import lock_mirror_writes, session_scope
+from models.db import session_scope
 from models.errors import PayloadError, RetryableError
 from models.events import Event, parse_event
 from models.inbox import due_pending_ids
-from models.mirror import apply_events
+from models.mirror import apply_events, lock_for_events
 from models.reconcile import unseen_organizations
 from models.redact import describe_error, redact
 from models.tables import InboxEvent, InboxStatus
@@ -118,9 +118,13 @@ def apply_inbox(
 ) -> ApplyReport:
     """Apply the still-pending inbox rows among ``ids`` to the mirror.
 
-    The happy path is one transaction for the whole batch: take the mirror lock, load the rows
-    that are still pending (others are skipped), mark unparseable ones ``rejected``, apply the
-    rest in one ``apply_events`` call and mark them ``applied``.
+    The happy path is one transaction for the whole batch: load and lock the rows that are
+    still pending (others are skipped), mark unparseable ones ``rejected``, lock the mirror
+    rows the rest write (``models.mirror.lock_for_events``), apply them in one
+    ``apply_events`` call and mark them ``applied``. So that workers run in parallel, that
+    first transaction waits for no organization another worker is writing: the events it could
+    not lock (and those that need the whole mirror, when others do not) stay pending for a
+    second transaction of the same call, which waits for their locks.
 
     A ``RetryableError`` (database unreachable, lock timeout) is not the events' fault: every
     row not yet applied gets one more attempt counted and a backoff. Any other exception means
@@ -178,14 +182,18 @@ def apply_inbox(
     # Halving rather than one transaction per row: one poison event in a batch of 500 costs
     # about 2 * log2(500) transactions instead of 500. The mirror's result does not depend on
     # the order or grouping of events (versions decide), so splitting is safe.
-    stack: list[list[int]] = [todo]
+    stack: list[tuple[list[int], bool]] = [(todo, False)]
+    # Events parsed by an earlier transaction of this call (deferred ones): not parsed again.
+    known: dict[int, Event] = {}
     while stack:
-        part = stack.pop()
+        part, wait = stack.pop()
         unseen: list[str] | None = [] if on_unseen_organizations is not None else None
         try:
-            applied, rejected, skipped, events = _apply_once(factory, part, now_ms=now_ms, unseen=unseen)
+            applied, rejected, skipped, events, deferred = _apply_once(
+                factory, part, now_ms=now_ms, unseen=unseen, wait=wait, known=known
+            )
         except RetryableError as exc:
-            remaining = part + [row_id for rest in stack for row_id in rest]
+            remaining = part + [row_id for rest, _ in stack for row_id in rest]
             stack.clear()
             log.warning("applying %d inbox rows failed, will retry: %s", len(remaining), describe_error(exc))
             report.merge_failure(
@@ -194,7 +202,7 @@ def apply_inbox(
         except Exception as exc:
             if len(part) > 1:
                 middle = len(part) // 2
-                stack.extend((part[middle:], part[:middle]))
+                stack.extend(((part[middle:], True), (part[:middle], True)))
                 continue
             log.warning("inbox row %d cannot be applied: %s", part[0], describe_error(exc))
             report.merge_failure(
@@ -204,6 +212,8 @@ def apply_inbox(
             report.applied += applied
             report.rejected += rejected
             report.skipped += skipped
+            if deferred:
+                stack.append((deferred, True))
             if after_batch is not None and events:
                 _run_after_batch(after_batch, factory, events, now_ms)
             if on_unseen_organizations is not None and unseen:
@@ -256,32 +266,52 @@ def _run_after_batch(
 
 
 def _apply_once(
-    factory: sessionmaker[Session], ids: list[int], *, now_ms: int, unseen: list[str] | None = None
-) -> tuple[int, int, int, list[Event]]:
+    factory: sessionmaker[Session],
+    ids: list[int],
+    *,
+    now_ms: int,
+    unseen: list[str] | None = None,
+    wait: bool = True,
+    known: dict[int, Event] | None = None,
+) -> tuple[int, int, int, list[Event], list[int]]:
+    """One transaction: (applied, rejected, skipped, applied events, ids deferred, still pending).
+
+    Nothing is deferred with ``wait``; without it, the rows whose mirror locks were busy.
+    ``known`` holds events already parsed by row id; the deferred ones are added to it.
+    """
     with session_scope(factory) as session:
-        # The lock comes before the read: a second task holding the same ids waits here and
-        # then sees them applied, instead of applying them twice.
-        lock_mirror_writes(session)
+        # FOR UPDATE: a second task holding the same ids waits here and then sees them applied,
+        # instead of applying them twice. The rows are locked in id order, before any mirror
+        # lock: a transaction holding mirror locks never waits for an inbox row.
         rows = session.execute(
             select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body)
             .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.PENDING)
             .order_by(InboxEvent.id)
             .with_for_update()
         ).all()
-        events: list[Event] = []
-        applied_ids: list[int] = []
+        parsed: list[tuple[int, Event]] = []
         rejected: list[dict[str, Any]] = []
         for row in rows:
             try:
-                events.append(parse_event(row.svix_id, row.body))
+                event = known.pop(row.id, None) if known is not None else None
+                parsed.append((row.id, event or parse_event(row.svix_id, row.body)))
             except PayloadError as exc:
                 reason = redact(str(exc))[:MAX_ERROR_CHARS]
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
-            else:
-                applied_ids.append(row.id)
+        deferred: list[int] = []
+        if parsed:
+            _, covered = lock_for_events(session, [event for _, event in parsed], wait=wait)
+            if len(covered) < len(parsed):
+                chosen = set(covered)
+                deferred = [row_id for n, (row_id, _) in enumerate(parsed) if n not in chosen]
+                if known is not None:
+                    known.update(item for n, item in enumerate(parsed) if n not in chosen)
+                parsed = [parsed[n] for n in covered]
+        events = [event for _, event in parsed]
+        applied_ids = [row_id for row_id, _ in parsed]
         if events:
             if unseen is not None:
-                # Under the mirror lock, before the batch writes them: "never seen" is exact.
+                # Under the mirror locks, before the batch writes them: "never seen" is exact.
                 unseen.extend(unseen_organizations(session, events))
             apply_events(session, events, now_ms=now_ms)
         if applied_ids:
@@ -293,7 +323,8 @@ def _apply_once(
             )
         if rejected:
             session.connection().execute(_MARK_REJECTED, rejected)
-    return len(applied_ids), len(rejected), len(ids) - len(rows), events
+    skipped = len(ids) - len(rows)
+    return len(applied_ids), len(rejected), skipped, events, deferred
 
 
 def _record_failure(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,24 +202,29 @@ def store_row(session: Session | Connection, row: InboxRow) -> Stored:
     return Stored(int(existing.id), duplicate=True, status=existing.status, reason=existing.last_error)
 
 
-# One statement for any number of rows, so PostgreSQL prepares it once: the columns travel as
-# arrays, in binary (%b), which spares the client escaping every body into an array literal.
-# Alone in an autocommitted statement it is its own transaction: PostgreSQL reports it complete
-# only once it is committed, so a lost answer may leave rows stored (their redeliveries then
-# find them) but never stores some of them without the others.
-_PG_INSERT_ROWS = (
+# Alone in an autocommitted statement, a batch is its own transaction: PostgreSQL reports it
+# complete only once it is committed, so a lost answer may leave rows stored (their
+# redeliveries then find them) but never stores some of them without the others. Plain
+# VALUES rows with scalar parameters: for the small batches intake forms, measured a third
+# cheaper on the client than passing each column as one array to unnest().
+_PG_INSERT_HEAD = (
     "INSERT INTO inbox_events"
     " (svix_id, event_type, instance_id, status, attempts, last_error, body, received_at, handled_at)"
-    " SELECT s, t, i, st, 0, e, b, r, h FROM unnest("
-    "%b::varchar[], %b::varchar[], %b::varchar[], %b::varchar[], %b::text[], %b::text[],"
-    " %b::bigint[], %b::bigint[]) AS u(s, t, i, st, e, b, r, h)"
-    " ON CONFLICT (svix_id) DO NOTHING RETURNING id, svix_id"
+    " VALUES "
 )
+_PG_INSERT_ROW = "(%s, %s, %s, %s, 0, %s, %s, %s, %s)"
+_PG_INSERT_TAIL = " ON CONFLICT (svix_id) DO NOTHING RETURNING id, svix_id"
 _PG_SELECT_EXISTING = "SELECT id, svix_id, status, last_error FROM inbox_events WHERE svix_id = ANY(%s)"
 
 
+@functools.cache
+def _pg_insert_rows(count: int) -> str:
+    """The insert of ``count`` rows (psycopg prepares each size that recurs)."""
+    return _PG_INSERT_HEAD + ", ".join([_PG_INSERT_ROW] * count) + _PG_INSERT_TAIL
+
+
 def store_rows_postgres(cursor: Any, rows: Sequence[InboxRow]) -> list[Stored | RetryableError]:
-    """Insert many classified rows with one statement on a psycopg cursor; one result per row.
+    """Insert classified rows with one statement on a psycopg cursor; one result per row.
 
     The caller runs it in autocommit mode (one round trip, one commit for the whole batch:
     group commit). A svix id already stored, or given twice in ``rows``, is answered as a
@@ -229,19 +235,19 @@ def store_rows_postgres(cursor: Any, rows: Sequence[InboxRow]) -> list[Stored | 
     for row in rows:
         first.setdefault(row.svix_id, row)
     unique = list(first.values())
-    cursor.execute(
-        _PG_INSERT_ROWS,
-        (
-            [row.svix_id for row in unique],
-            [row.event_type for row in unique],
-            [row.instance_id for row in unique],
-            [row.status for row in unique],
-            [row.last_error for row in unique],
-            [row.body for row in unique],
-            [row.received_at for row in unique],
-            [row.handled_at for row in unique],
-        ),
-    )
+    params: list[str | int | None] = []
+    for row in unique:
+        params += (
+            row.svix_id,
+            row.event_type,
+            row.instance_id,
+            row.status,
+            row.last_error,
+            row.body,
+            row.received_at,
+            row.handled_at,
+        )
+    cursor.execute(_pg_insert_rows(len(unique)), params)
     outcome: dict[str, Stored] = {}
     for inbox_id, svix_id in cursor.fetchall():
         row = first[svix_id]

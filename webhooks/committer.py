@@ -7,8 +7,8 @@ delivery is answered before the commit that holds it. There is no batching delay
 batch is being committed the next one gathers, so batches grow with the load and a lone
 request pays one round trip, as before.
 
-On PostgreSQL the batch is one autocommitted ``INSERT ... SELECT FROM unnest(...)`` on a
-pooled DB-API connection: one round trip, one fsync and no SQLAlchemy statement machinery
+On PostgreSQL the batch is one autocommitted multi-row ``INSERT ... ON CONFLICT DO NOTHING``
+on a pooled DB-API connection: one round trip, one fsync and no SQLAlchemy statement machinery
 for the whole batch. The pool checkout keeps the engine's bounds (``ORGSYNC_DB_TIMEOUT``: pool
 wait, statement timeout, connection hold), so a database that is down or hanging fails the
 batch, and each request in it is answered 503, within those bounds.
@@ -34,7 +34,7 @@ from models.tables import InboxStatus
 logger = logging.getLogger(__name__)
 
 # Rows per statement: bounds the statement's size (bodies are up to max_body_bytes each).
-MAX_BATCH = 128
+MAX_BATCH = 64
 
 StoreBatch = Callable[[Engine, Sequence[InboxRow]], list[Stored | RetryableError]]
 Committed = Callable[[list[int]], None]

@@ -151,8 +151,8 @@ class GroupCommitter:
     def commit(self, row: InboxRow) -> Stored:
         """Store ``row`` in the next batch and return once that batch is committed.
 
-        Raises ``DatabaseUnavailableError`` (or the storing's own ``RetryableError``) when it
-        could not be stored for now, and re-raises anything unexpected that failed its batch.
+        Raises ``RetryableError`` (``DatabaseUnavailableError`` for the database itself) when
+        it could not be stored for now, ``BatchFailedError`` when its batch failed otherwise.
         """
         waiter = _Waiter(row)
         with self._cond:
@@ -174,8 +174,8 @@ class GroupCommitter:
         error = waiter.error
         if error is not None:
             # A fresh exception per request: the batch's one is shared by other threads.
-            if isinstance(error, RetryableError) and not isinstance(error, DatabaseUnavailableError):
-                raise type(error)(str(error))
+            if isinstance(error, RetryableError):
+                raise RetryableError(str(error))
             if is_unavailable(error):
                 raise DatabaseUnavailableError(f"database unavailable: {type(error).__name__}")
             raise BatchFailedError("storing the delivery failed")

@@ -16,6 +16,9 @@ import redis
 TARGET_INTAKE_RATE = 1800.0
 TARGET_INTAKE_PACED_RATE = 1000.0
 TARGET_INTAKE_P99_MS = 50.0
+TARGET_INTAKE_HIGH_RATE = 1500.0
+TARGET_INTAKE_HIGH_P99_MS = 100.0
+TARGET_INTAKE_CPU_MS = 0.6
 TARGET_APPLY_RATE = 3000.0
 TARGET_FRESHNESS_P99_MS = 300.0
 TARGET_WEB_RSS_MB = 120.0
@@ -206,6 +209,34 @@ def build_figures(
             better="lower",
             target=TARGET_INTAKE_P99_MS,
             detail=f"acknowledgement p99 at {oi['paced']['offered_per_s']:g}/s offered, from scheduled send",
+        ),
+        figure(
+            "intake_server_cpu_ms",
+            "ms",
+            oi["closed_loop"]["cpu"]["server_cpu_ms_per_request"],
+            bi["closed_loop"]["cpu"]["server_cpu_ms_per_request"],
+            better="lower",
+            target=TARGET_INTAKE_CPU_MS,
+            detail="CPU of the web server's processes per request, closed loop",
+        ),
+        figure(
+            "intake_paced_high_rate",
+            "events/s",
+            oi["paced_high"]["achieved_per_s"],
+            bi["paced_high"]["achieved_per_s"],
+            better="higher",
+            target=None,
+            detail=f"achieved when offered {oi['paced_high']['offered_per_s']:g}/s",
+        ),
+        figure(
+            "intake_paced_high_p99_ms",
+            "ms",
+            oi["paced_high"]["p99_ms"],
+            bi["paced_high"]["p99_ms"],
+            better="lower",
+            target=TARGET_INTAKE_HIGH_P99_MS,
+            detail=f"acknowledgement p99 at {oi['paced_high']['offered_per_s']:g}/s offered, "
+            "from scheduled send",
         ),
         figure(
             "intake_paced_p99_during_prune_ms",

@@ -547,7 +547,7 @@ def test_unexpected_error_is_a_json_500_without_internals(
     def explode(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("internal detail")
 
-    monkeypatch.setattr("webhooks.app.store_delivery", explode)
+    monkeypatch.setattr("webhooks.committer.store_row", explode)
     with caplog.at_level(logging.ERROR, logger="webhooks.app"):
         response = post(client, BODY, signed_headers(signing_secret, BODY))
     assert response.status_code == 500

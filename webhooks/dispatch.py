@@ -90,11 +90,15 @@ class Dispatcher:
                 batch = batch[: max(room, 0)]
                 if not batch:
                     return
+            was_empty = not self._pending
             self._pending.extend(batch)
             self._submitted += len(batch)
             if self._thread is None:
                 self._start()
-            self._cond.notify_all()
+            elif was_empty:
+                # Only the wait for a first id needs waking: ids joining a batch that is
+                # already pacing change nothing it waits for (a wake-up per request would).
+                self._cond.notify_all()
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Send everything submitted so far without waiting for the interval; True when done."""

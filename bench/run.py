@@ -18,6 +18,9 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
   deleted mixed) bulk-copied into the inbox, drained by ``worker.apply.apply_inbox`` in
   batches of ``apply_batch_size`` in this process, then by real Celery worker processes.
 * memory: VmRSS (from /proc) of the web and worker processes after their load.
+* freshness elsewhere (bench/freshness.py): ``orgsync run`` on its embedded default (SQLite)
+  at 100 events/s and its idle CPU; receive -> applied at 100 events/s for new organizations
+  with no Clerk key, then with the Backend API down.
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -45,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.freshness import QUICK_FRESHNESS, FreshnessParams, bench_freshness, freshness_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -106,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine = machine_info(database.dsn, broker_url)
             web = bench_web(env)
             apply = bench_apply(env, args.profile)
+            fresh = bench_freshness(env, env.ids, QUICK_FRESHNESS if args.quick else FreshnessParams())
             figures = build_figures(web, apply)
+            figures.update(freshness_figures(fresh, figures["freshness_p99_ms"]["orgsync"]))
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply)},
+                "raw": {"web": web, "apply": dict(apply), "freshness": fresh},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,7 +13,7 @@
 bench/run.py runs both; alone, for a quicker look (a database and a Redis db of its own, as
 bench/run.py):
 
-    python bench/freshness.py [--quick] [--only embedded|clerk]
+    python bench/freshness.py [--quick] [--only embedded|clerk] [--timeout SECONDS]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -380,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="freshness on the embedded default and with Clerk down")
     parser.add_argument("--quick", action="store_true", help="a few seconds of load")
     parser.add_argument("--only", choices=("embedded", "clerk"), default=None)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for the last event")
     args = parser.parse_args(argv)
     params = QUICK_FRESHNESS if args.quick else FreshnessParams()
+    if args.timeout is not None:
+        params = replace(params, timeout_s=args.timeout)
     data_dir = Path(tempfile.mkdtemp(prefix="orgsync-freshness-"))
     broker_url = pick_redis_db()
     ids = MessageIds()

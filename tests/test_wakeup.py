@@ -123,6 +123,9 @@ def test_a_publish_wakes_a_consumer_that_polls_hourly(tmp_path: Path) -> None:
         assert [message.payload for message in received] == ["m0", "m1", "m2"]
         # Delivered messages are gone from the table, not kept invisible forever.
         assert message_rows(broker) == []
+    # Set up like the mirror's SQLite file: readers never wait for the writer.
+    with sqlite3.connect(broker) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_only_the_consumers_of_that_queue_are_woken(tmp_path: Path) -> None:

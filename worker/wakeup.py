@@ -11,7 +11,8 @@ a message (its pool has room again). The poll interval stays as the fallback, so
 wake-up (a full socket buffer, a consumer on another machine, no room for the directory) only
 means the old delay, never lost work: the message is in the database either way.
 
-The transport also deletes a message when it hands it to a consumer, where kombu's marks it
+The broker's SQLite file is set up like the mirror's (WAL, no fsync per commit), and the
+transport deletes a message when it hands it to a consumer, where kombu's marks it
 invisible and keeps it forever: invisible rows are never read again (kombu re-publishes
 unacknowledged messages it still holds when a channel closes), but they slowed every poll
 down as the table grew. Invisible rows left by earlier versions are deleted once per channel.
@@ -35,7 +36,7 @@ from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import create_engine, delete, text
+from sqlalchemy import create_engine, delete, event, text
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,22 @@ class Channel(kombu_sqla.Channel):
         options = {
             key: value for key, value in conninfo.transport_options.items() if key not in NOT_ENGINE_OPTIONS
         }
-        return create_engine(conninfo.hostname, **options)
+        if not str(conninfo.hostname).startswith("sqlite"):
+            return create_engine(conninfo.hostname, **options)
+        # As the mirror's SQLite file (models.db): WAL, so that readers never wait for the
+        # writer, and no fsync per commit. A message lost to a power cut is only a wake-up:
+        # the inbox row it pointed to is durable, and the sweeper enqueues it again.
+        options.setdefault("connect_args", {"timeout": 30})
+        engine = create_engine(conninfo.hostname, **options)
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
 
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super()._put(queue, payload, **kwargs)  # type: ignore[no-untyped-call]

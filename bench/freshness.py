@@ -145,19 +145,25 @@ def _embedded_env(data_dir: Path, secret: str) -> dict[str, str]:
     return env
 
 
-def _sqlite_users(database: Path) -> Callable[[list[str]], set[str]]:
+def _sqlite_users(database: Path) -> tuple[Callable[[list[str]], set[str]], Callable[[], None]]:
+    """A query for which of these users the mirror shows, and how to close it.
+
+    One read-only connection for the whole run: a SELECT outside a transaction takes a fresh
+    snapshot each time, and a connection per poll made every query (and so the poller's
+    back-off) several times slower.
+    """
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+
     def query(users: list[str]) -> set[str]:
-        # A connection per poll: a long-lived reader would pin an old WAL snapshot.
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
-            found: set[str] = set()
-            for start in range(0, len(users), 500):
-                chunk = users[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = db.execute(f"SELECT user_id FROM memberships WHERE user_id IN ({marks})", chunk)
-                found.update(str(row[0]) for row in rows)
+        found: set[str] = set()
+        for start in range(0, len(users), 500):
+            chunk = users[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(f"SELECT user_id FROM memberships WHERE user_id IN ({marks})", chunk)
+            found.update(str(row[0]) for row in rows)
         return found
 
-    return query
+    return query, db.close
 
 
 def _sqlite_handled_minus_received(database: Path) -> dict[str, Any]:
@@ -175,9 +181,9 @@ def measure_embedded(secret: str, ids: MessageIds, params: FreshnessParams, log_
     argv = [sys.executable, "-m", "orgsync", "run", "--host", "127.0.0.1", "--port", str(port)]
     service = Service("orgsync-run", argv, _embedded_env(data_dir, secret), log_dir)
     database = data_dir / "orgsync.db"
-    seen_query = _sqlite_users(database)
     with running(service) as run:
         wait_http_ok(run, port)
+        seen_query, close = _sqlite_users(database)
         load = _workload(params, 11, 50)
         tag = uuid.uuid4().hex[:8]
         warm_bodies, warm_users = load.created_for_new_users(20, f"w{tag}")
@@ -207,6 +213,7 @@ def measure_embedded(secret: str, ids: MessageIds, params: FreshnessParams, log_
         result = loader.wait()
         elapsed = time.perf_counter() - began
         busy_cpu = (tree_cpu_seconds(run.pid) - cpu_before) / elapsed
+        close()
         latencies = sorted((seen[i] - result.sent_ns[i]) / 1e6 for i in seen if result.status[i])
         missing = count - len(seen)
         figures: dict[str, Any] = {

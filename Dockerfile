@@ -1,4 +1,4 @@
-# orgsync: one image for every role (web, worker, beat, migrate); docker-compose.yml picks the command.
+# orgsync: one image for every role (web, apply and clerk workers, beat, migrate); docker-compose.yml picks the command.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -21,6 +21,9 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
 * reads (bench/reads.py, also runnable alone): permission checks from Python and over HTTP,
   pages of 100 memberships over HTTP, and intake beside a read load, with 100,000
   memberships in the mirror; the baseline is the emulator's Backend API asked the same.
+* freshness elsewhere (bench/freshness.py): ``orgsync run`` on its embedded default (SQLite)
+  at 100 events/s and its idle CPU; receive -> applied at 100 events/s for new organizations
+  with no Clerk key, then with the Backend API down.
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -48,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.freshness import QUICK_FRESHNESS, FreshnessParams, bench_freshness, freshness_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -112,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             apply = bench_apply(env, args.profile)
             read_params = QUICK_READS if args.quick else ReadParams()
             reads = bench_reads(env, read_params)
+            fresh = bench_freshness(env, env.ids, QUICK_FRESHNESS if args.quick else FreshnessParams())
             figures = build_figures(web, apply, reads)
+            figures.update(freshness_figures(fresh, figures["freshness_p99_ms"]["orgsync"]))
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply), "reads": reads},
+                "raw": {"web": web, "apply": dict(apply), "reads": reads, "freshness": fresh},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

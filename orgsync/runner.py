@@ -1,9 +1,10 @@
-"""``orgsync run``: the web server, a worker and beat as child processes, supervised together.
+"""``orgsync run``: the web server, the workers and beat as child processes, supervised together.
 
-The children are ``python -m orgsync serve|worker|beat`` with the same environment, each in
-its own process group: a Ctrl-C in the terminal reaches only the supervisor, which then
-stops every child in order, so no child sees a signal before the supervisor knows it is
-shutting down. When any child dies on its own, the others are stopped and ``run`` fails.
+The children are ``python -m orgsync serve|worker --queue apply|worker --queue clerk|beat``
+with the same environment, each in its own process group: a Ctrl-C in the terminal reaches
+only the supervisor, which then stops every child in order, so no child sees a signal before
+the supervisor knows it is shutting down. When any child dies on its own, the others are
+stopped and ``run`` fails. ``orgsync worker`` supervises its two pools the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Supervisor:
     stop_timeout: float = 30.0
     poll_interval: float = 0.2
     out: Callable[[str], None] = print
+    # False: the children stay in our process group, so a signal or a kill sent to the group
+    # (a service manager stopping ``orgsync worker``) reaches them all at once.
+    own_groups: bool = True
     children: list[Child] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     forced: threading.Event = field(default_factory=threading.Event)
@@ -71,7 +75,7 @@ class Supervisor:
             process = subprocess.Popen(
                 list(spec.argv),
                 env=None if self.env is None else dict(self.env),
-                process_group=0,
+                process_group=0 if self.own_groups else None,
                 preexec_fn=die_with_parent,  # noqa: PLW1509  (single-threaded here; see die_with_parent)
             )
             self.children.append(Child(spec, process))
@@ -109,13 +113,17 @@ class Supervisor:
                 for child in self.children:
                     if child.process.poll() is None:
                         log.warning("killing %s (pid %d)", child.name, child.process.pid)
-                        signal_group(child.process, signal.SIGKILL)
+                        if self.own_groups:
+                            signal_group(child.process, signal.SIGKILL)
+                        else:
+                            child.process.kill()
                         child.process.wait()
                 break
             self.forced.wait(self.poll_interval)
         # A leader that died abruptly can leave its workers behind in its process group.
-        for child in self.children:
-            signal_group(child.process, signal.SIGKILL)
+        if self.own_groups:
+            for child in self.children:
+                signal_group(child.process, signal.SIGKILL)
 
     def run(self, ready: Callable[[], bool] | None = None, on_ready: Callable[[], None] | None = None) -> int:
         """Supervise until told to stop (0) or until a child dies (1)."""
@@ -190,6 +198,19 @@ def web_ready(host: str, port: int) -> Callable[[], bool]:
     return check
 
 
+def worker_specs(*, concurrency: int | None = None, hostname: str | None = None) -> list[ChildSpec]:
+    """One ``orgsync worker --queue ROLE`` per queue: applying events has processes of its own."""
+    specs = []
+    for role in ("apply", "clerk"):
+        argv = [sys.executable, "-m", "orgsync", "worker", "--queue", role]
+        if concurrency is not None:
+            argv += ["--concurrency", str(concurrency)]
+        if hostname:
+            argv += ["--hostname", hostname]
+        specs.append(ChildSpec(f"{role}-worker", argv))
+    return specs
+
+
 def child_specs(host: str, port: int, *, web_workers: int = 1, web_threads: int = 8) -> list[ChildSpec]:
     base = [sys.executable, "-m", "orgsync"]
     return [
@@ -208,7 +229,7 @@ def child_specs(host: str, port: int, *, web_workers: int = 1, web_threads: int 
                 str(web_threads),
             ],
         ),
-        ChildSpec("worker", [*base, "worker"]),
+        *worker_specs(),
         ChildSpec("beat", [*base, "beat"]),
     ]
 

@@ -62,7 +62,15 @@ FIGURES_WITH_BASELINE = {
 }
 # The baseline handler has no worker process to weigh.
 # Nor a prune to run beside its intake.
-FIGURES_WITHOUT_BASELINE = {"worker_rss_mb", "intake_paced_p99_during_prune_ms"}
+# Nor the embedded default and the Backend API down (bench/freshness.py): orgsync against its targets.
+FIGURES_WITHOUT_BASELINE = {
+    "worker_rss_mb",
+    "intake_paced_p99_during_prune_ms",
+    "freshness_embedded_p99_ms",
+    "embedded_idle_cpu_percent",
+    "applied_no_key_p99_ms",
+    "applied_clerk_down_p99_ms",
+}
 
 
 def _number(value: object) -> bool:
@@ -224,6 +232,12 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
         == raw["web"]["orgsync_intake"]["closed_loop"]["requests"]
     )
     assert raw["web"]["orgsync_freshness"]["missing"] == 0
+    # The embedded default showed every event; with Clerk down or no key every event was applied.
+    assert raw["freshness"]["embedded"]["missing"] == 0
+    for case in ("no_key", "clerk_down"):
+        counts = raw["freshness"][case]["statuses"]
+        assert set(counts) == {"applied"}
+        assert counts["applied"] >= raw["freshness"][case]["events"]
     # The prune phase deleted exactly the rows it seeded, while intake acknowledged every request.
     during = raw["web"]["orgsync_intake_during_prune"]
     assert (during["prune_rows"], during["deleted"]) == (1000, 1000)

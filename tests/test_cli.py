@@ -34,10 +34,12 @@ from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
 from orgsync.cli import cli
 from orgsync.cli.base import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Runtime
+from orgsync.cli.processes import WORKER_QUEUES
 from orgsync.render import render_table
-from orgsync.runner import ChildSpec, Supervisor
+from orgsync.runner import ChildSpec, Supervisor, child_specs
 from orgsync.serve import ServeOptions, WebApplication
 from orgsync.wsgi import build_web_app
+from worker.app import WORKER_QUEUES as APP_QUEUES
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
@@ -559,14 +561,38 @@ class FakeCelery:
 
 WORKER_CASES = {
     # name: (DATABASE_URL or None for the test's SQLite file, BROKER_URL or None, args, expected, unexpected)
-    "embedded": (None, None, [], ["--concurrency=1", "--without-mingle", "--without-gossip"], []),
-    "embedded-explicit": (None, None, ["--concurrency", "3"], ["--concurrency=3"], ["--concurrency=1"]),
-    "sqlite-redis": (None, "redis://127.0.0.1:6379/0", [], ["--concurrency=1"], ["--without-mingle"]),
+    "embedded": (
+        None,
+        None,
+        ["--queue", "apply"],
+        [
+            "--concurrency=1",
+            "--without-mingle",
+            "--without-gossip",
+            "--queues=orgsync",
+            "--hostname=apply@%h",
+        ],
+        [],
+    ),
+    "embedded-explicit": (
+        None,
+        None,
+        ["--queue", "clerk", "--concurrency", "3"],
+        ["--concurrency=3", "--queues=orgsync.clerk", "--hostname=clerk@%h"],
+        ["--concurrency=1"],
+    ),
+    "sqlite-redis": (
+        None,
+        "redis://127.0.0.1:6379/0",
+        ["--queue", "apply"],
+        ["--concurrency=1"],
+        ["--without-mingle"],
+    ),
     "postgres-redis": (
         "postgresql://orgsync@127.0.0.1:5432/orgsync",
         "redis://127.0.0.1:6379/0",
-        ["-n", "w1@%h"],
-        ["--hostname=w1@%h"],
+        ["--queue", "clerk", "-n", "w1@%h"],
+        ["--hostname=clerk-w1@%h", "--queues=orgsync.clerk"],
         ["--without-mingle", "--concurrency=1"],
     ),
 }
@@ -589,6 +615,37 @@ def test_worker_arguments(
     assert fake.argv[:2] == ["worker", "--loglevel=WARNING"]
     assert set(expected) <= set(fake.argv)
     assert not set(unexpected) & set(fake.argv)
+
+
+def test_worker_queue_names_match_the_celery_app() -> None:
+    assert WORKER_QUEUES == APP_QUEUES
+
+
+def test_worker_without_queue_supervises_one_pool_per_queue(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str, tmp_path: Path
+) -> None:
+    started: list[Supervisor] = []
+
+    def fake_run(self: Supervisor, *_: object, **__: object) -> int:
+        started.append(self)
+        return 0
+
+    monkeypatch.setattr(Supervisor, "run", fake_run)
+    result = make_invoke(environment(sqlite_url, tmp_path))("worker", "--concurrency", "2", "-n", "w1@%h")
+    assert result.exit_code == EXIT_OK, result.output
+    (supervisor,) = started
+    # The pools share the supervisor's process group: killing the group stops them all.
+    assert supervisor.own_groups is False
+    assert [spec.name for spec in supervisor.specs] == ["apply-worker", "clerk-worker"]
+    for spec, role in zip(supervisor.specs, ("apply", "clerk"), strict=True):
+        assert list(spec.argv[1:]) == [
+            "-m", "orgsync", "worker", "--queue", role, "--concurrency", "2", "--hostname", "w1@%h",
+        ]  # fmt: skip
+
+
+def test_run_starts_both_worker_pools() -> None:
+    names = [spec.name for spec in child_specs("127.0.0.1", 8000)]
+    assert names == ["web", "apply-worker", "clerk-worker", "beat"]
 
 
 def test_beat_arguments(monkeypatch: pytest.MonkeyPatch, sqlite_url: str, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-ORGSYNC_SERVICES = {"migrate", "web", "worker", "beat"}
+ORGSYNC_SERVICES = {"migrate", "web", "worker", "clerk-worker", "beat"}
 SETTINGS = {"DATABASE_URL", "BROKER_URL", "CLERK_WEBHOOK_SIGNING_SECRET", "CLERK_SECRET_KEY", "CLERK_API_URL"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -159,6 +159,19 @@ def test_depends_on_graph(services: dict[str, dict[str, Any]]) -> None:
                 assert "healthcheck" in services[dep], (
                     f"{name} waits for {dep} to be healthy, it has no check"
                 )
+
+
+def test_each_queue_has_workers_of_its_own(services: dict[str, dict[str, Any]]) -> None:
+    # Applying events must never wait behind Backend API calls: one service per queue.
+    queues: dict[str, str] = {}
+    for name, service in services.items():
+        argv = command_argv(service)
+        if argv[:2] == ["orgsync", "worker"]:
+            queue = resolve(argv).params["queue"]
+            assert queue is not None, f"{name} runs both pools in one container"
+            assert queue not in queues, f"{name} and {queues[queue]} both run {queue}"
+            queues[queue] = name
+    assert set(queues) == {"apply", "clerk"}
 
 
 def test_migrate_is_one_shot(services: dict[str, dict[str, Any]]) -> None:

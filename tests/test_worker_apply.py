@@ -440,9 +440,10 @@ def test_create_celery_configuration(tmp_path: Any) -> None:
     assert TASK_APPLY in app.tasks
     assert TASK_SWEEP in app.tasks
     conf = app.conf
-    assert conf.broker_url.startswith("sqla+sqlite:///")
-    # kombu's SQLAlchemy transport hands unknown transport options to create_engine.
-    assert "polling_interval" not in conf.broker_transport_options
+    # The embedded broker: kombu's SQLAlchemy transport, woken up by publishers (worker.wakeup).
+    assert conf.broker_url.startswith("sqlite:///")
+    assert conf.broker_transport == "worker.wakeup:Transport"
+    assert conf.broker_transport_options["wake_dir"].endswith("broker.db.wake")
     assert "visibility_timeout" not in conf.broker_transport_options
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True

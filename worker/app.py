@@ -13,6 +13,7 @@ from celery._state import get_current_app
 from celery.beat import PersistentScheduler
 from celery.concurrency import get_implementation
 from celery.concurrency.prefork import TaskPool as PreforkPool
+from kombu.entity import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +23,7 @@ from models.errors import ConfigError, RetryableError
 from models.retention import Policy, prune
 from models.settings import Settings
 from models.submission import enqueue_commands
+from models.tables import SyncStatus
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
 from worker.clerk import ClerkClient
 from worker.commands import confirm_commands, due_command_ids, send_command
@@ -29,6 +31,8 @@ from worker.process import PerProcess
 from worker.ratelimit import RateLimiter
 from worker.reconcile import reconcile_client, reconcile_task_body
 from worker.rules import RulesHook
+from worker.wakeup import TRANSPORT as WAKING_TRANSPORT
+from worker.wakeup import wake_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,16 @@ TASK_CONFIRM_COMMANDS = "orgsync.confirm_commands"
 TASK_RECONCILE = "orgsync.reconcile"
 TASK_RECONCILE_ORG = "orgsync.reconcile_org"
 TASK_PRUNE = "orgsync.prune"
-# A queue of our own: the application orgsync runs beside may share the Redis server.
-QUEUE = "orgsync"
+# Queues of our own: the application orgsync runs beside may share the Redis server. Applying
+# events has a queue, and worker processes, to itself: nothing that talks to Clerk (commands,
+# reconciliation, confirmations) or takes long (pruning) may hold up the next batch. The apply
+# queue keeps the name orgsync always had, so messages queued before an upgrade still run.
+QUEUE_APPLY = "orgsync"
+QUEUE_CLERK = "orgsync.clerk"
+QUEUE = QUEUE_APPLY
+# What ``orgsync worker --queue`` takes: each role's queue.
+WORKER_QUEUES = {"apply": QUEUE_APPLY, "clerk": QUEUE_CLERK}
+APPLY_TASKS = frozenset({TASK_APPLY, TASK_SWEEP})
 # At most this many chunks of apply_batch_size per sweep: a long broker outage leaves a backlog
 # that a few sweeps drain, without one sweep holding the whole inbox in memory.
 SWEEP_MAX_CHUNKS = 20
@@ -49,6 +61,9 @@ SWEEP_MAX_CHUNKS = 20
 # worker that died holding a message is covered much sooner by the sweeper anyway.
 REDIS_VISIBILITY_TIMEOUT_S = 3600
 BROKER_CONNECT_TIMEOUT_S = 3.0
+# How long one organization's reconciliation waits for a rate-limit slot before it gives the
+# worker back and is retried later.
+ORG_RECONCILE_LIMIT_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,14 +143,35 @@ def _transport_options(broker_url: str) -> dict[str, Any]:
     if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
         options["visibility_timeout"] = REDIS_VISIBILITY_TIMEOUT_S
         options["socket_connect_timeout"] = BROKER_CONNECT_TIMEOUT_S
+    wake_dir = wake_dir_for(broker_url)
+    if wake_dir is not None:
+        options["wake_dir"] = str(wake_dir)
     return options
+
+
+def _broker(broker_url: str) -> tuple[str, str | None]:
+    """The URL and transport Celery connects with: our waking transport for ``sqla+`` URLs.
+
+    kombu takes a ``sqla+`` prefix over any transport named in the configuration, so the
+    prefix goes and the transport is named instead.
+    """
+    if broker_url.startswith("sqla+"):
+        return broker_url[len("sqla+") :], WAKING_TRANSPORT
+    return broker_url, None
+
+
+def route_task(name: str, *_: Any, **__: Any) -> dict[str, str]:
+    """Apply and the sweeper on the apply queue; everything else (Clerk, beat's chores) on the other."""
+    return {"queue": QUEUE_APPLY if name in APPLY_TASKS else QUEUE_CLERK}
 
 
 def create_celery(settings: Settings) -> Celery:
     """The Celery app for ``settings``: tasks registered, sweeper scheduled, no connection made."""
     app = Celery("orgsync")
+    broker_url, transport = _broker(settings.broker_url)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
+        broker_transport=transport,
         broker_transport_options=_transport_options(settings.broker_url),
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT_S,
         # A worker started before the broker, or outliving it, waits for it instead of exiting:
@@ -147,7 +183,11 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        task_default_queue=QUEUE,
+        task_default_queue=QUEUE_APPLY,
+        # A worker started without -Q consumes both (as ``celery -A worker.main worker`` does);
+        # ``orgsync worker`` runs one worker per queue.
+        task_queues=[Queue(name, routing_key=name) for name in (QUEUE_APPLY, QUEUE_CLERK)],  # type: ignore[no-untyped-call]
+        task_routes=(route_task,),
         # At-least-once: a message is acknowledged after its task ran, and given back when the
         # process running it dies. Applying is idempotent, so running twice is harmless.
         task_acks_late=True,
@@ -178,6 +218,9 @@ def create_celery(settings: Settings) -> Celery:
     send_commands = make_command_sender(app)
     rules_hook = RulesHook.from_settings(settings, send=send_commands)
     reconcile_clients = PerProcess(lambda: reconcile_client(settings), close=ClerkClient.close)
+    org_clients = PerProcess(
+        lambda: reconcile_client(settings, limit_wait=ORG_RECONCILE_LIMIT_WAIT_S), close=ClerkClient.close
+    )
     send_reconcile_org = make_reconcile_org_sender(app)
     confirm_timeout_ms = int(settings.confirm_timeout * 1000)
     grace_ms = int(settings.sweep_grace * 1000)
@@ -300,9 +343,22 @@ def create_celery(settings: Settings) -> Celery:
     def reconcile_task() -> dict[str, Any] | None:
         return reconcile_task_body(database.session_factory(), reconcile_clients, None)
 
-    @app.task(name=TASK_RECONCILE_ORG, shared=False)  # type: ignore[untyped-decorator]
-    def reconcile_org_task(organization_id: str) -> dict[str, Any] | None:
-        return reconcile_task_body(database.session_factory(), reconcile_clients, str(organization_id))
+    # One organization's run is short: on a transient failure (Clerk down, its budget spent)
+    # it gives up at once and is tried again later by a new message, so the worker slot is
+    # free meanwhile instead of sleeping through backoffs inside the task.
+    @app.task(name=TASK_RECONCILE_ORG, bind=True, max_retries=settings.max_attempts, shared=False)  # type: ignore[untyped-decorator]
+    def reconcile_org_task(self: Any, organization_id: str) -> dict[str, Any] | None:
+        countdown = backoff_ms(self.request.retries + 1) / 1000
+        try:
+            result = reconcile_task_body(
+                database.session_factory(), org_clients, str(organization_id), call_attempts=1
+            )
+        except RetryableError as exc:
+            _retry_reconcile(self, organization_id, countdown, exc)
+            return None
+        if result is not None and result.get("status") == SyncStatus.INTERRUPTED:
+            _retry_reconcile(self, organization_id, countdown, None)
+        return result
 
     _connect_process_signals(app, database)
     app.orgsync_settings = settings
@@ -340,6 +396,16 @@ def _retry(task: Any, ids: list[int], countdown: float, exc: BaseException | Non
     # Celery publishes the retry before raising; if that publish fails it rejects the message
     # without requeueing, and the rows, still pending, are left to the sweeper.
     raise task.retry(args=[list(ids)], countdown=countdown, exc=exc)
+
+
+def _retry_reconcile(task: Any, organization_id: str, countdown: float, exc: BaseException | None) -> None:
+    if task.request.retries >= task.max_retries:
+        # The next instance reconciliation (ORGSYNC_RECONCILE_INTERVAL, `orgsync sync`) covers it.
+        tries = task.request.retries + 1
+        log.warning("giving up reconciling %s for now after %d tries", organization_id, tries)
+        return
+    log.info("reconciling %s again in %.0f s: %s", organization_id, countdown, exc or "interrupted")
+    raise task.retry(args=[str(organization_id)], countdown=countdown, exc=exc)
 
 
 def _connect_process_signals(app: Celery, database: ProcessDatabase) -> None:

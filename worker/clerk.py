@@ -307,8 +307,14 @@ class ClerkClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, limiter: RateLimiter, recorder: Recorder | None = None
+        cls,
+        settings: Settings,
+        limiter: RateLimiter,
+        recorder: Recorder | None = None,
+        *,
+        limit_wait: float = 60.0,
     ) -> ClerkClient:
+        """``limit_wait``: seconds a call may wait for a rate-limit slot before it gives up."""
         if not settings.clerk_secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set: orgsync cannot call the Backend API")
         return cls(
@@ -317,6 +323,7 @@ class ClerkClient:
             timeout=settings.clerk_timeout,
             limiter=limiter,
             recorder=recorder,
+            limit_wait=limit_wait,
         )
 
     @property

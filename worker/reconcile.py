@@ -132,8 +132,8 @@ def reconcile_limiter(settings: Settings) -> CountingLimiter:
     )
 
 
-def reconcile_client(settings: Settings) -> ClerkClient:
-    return ClerkClient.from_settings(settings, reconcile_limiter(settings))
+def reconcile_client(settings: Settings, *, limit_wait: float = 60.0) -> ClerkClient:
+    return ClerkClient.from_settings(settings, reconcile_limiter(settings), limit_wait=limit_wait)
 
 
 @dataclass(frozen=True)
@@ -232,9 +232,13 @@ class Reconciler:
         stop: threading.Event | None = None,
         stale_after_ms: int = STALE_AFTER_MS,
         sleep: Callable[[float], None] = time.sleep,
+        call_attempts: int = CALL_ATTEMPTS,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if call_attempts < 1:
+            raise ValueError("call_attempts must be at least 1")
+        self._call_attempts = call_attempts
         self._factory = factory
         self._client = client.with_recorder(self._record)
         self._limiter = client.limiter
@@ -335,12 +339,12 @@ class Reconciler:
 
     def _call(self, operation: Callable[[], T]) -> T:
         """One GET, repeated on transient failures (a read is always safe to repeat)."""
-        for attempt in range(1, CALL_ATTEMPTS + 1):
+        for attempt in range(1, self._call_attempts + 1):
             self._check_stop()
             try:
                 return operation()
             except (ClerkTransientError, RateLimitTimeoutError) as exc:
-                if attempt == CALL_ATTEMPTS:
+                if attempt == self._call_attempts:
                     raise
                 if isinstance(exc, RateLimitTimeoutError):
                     delay = exc.wait_s
@@ -797,11 +801,13 @@ def run_reconcile(
     stop: threading.Event | None = None,
     clock_ms: Callable[[], int] = now_ms,
     stale_after_ms: int = STALE_AFTER_MS,
+    call_attempts: int = CALL_ATTEMPTS,
 ) -> SyncResult:
     """One reconciliation run (the body of ``orgsync sync`` and of the reconcile tasks).
 
     Raises ``SyncBusyError`` if a run of the same scope is running, ``OrganizationNotFoundError``
     for an unknown ``organization``; every other failure is in the result's status and error.
+    ``call_attempts`` bounds the tries of each GET inside the run (1: the caller retries the run).
     """
     reconciler = Reconciler(
         factory,
@@ -811,21 +817,30 @@ def run_reconcile(
         stop=stop,
         clock_ms=clock_ms,
         stale_after_ms=stale_after_ms,
+        call_attempts=call_attempts,
     )
     return reconciler.run(organization)
 
 
 def reconcile_task_body(
-    factory: sessionmaker[Session], clients: PerProcess[ClerkClient], organization: str | None
+    factory: sessionmaker[Session],
+    clients: PerProcess[ClerkClient],
+    organization: str | None,
+    *,
+    call_attempts: int = CALL_ATTEMPTS,
 ) -> dict[str, Any] | None:
-    """What the Celery tasks run: a run, or None when it cannot or need not run now."""
+    """What the Celery tasks run: a run, or None when it cannot or need not run now.
+
+    A transient failure looking the organization up raises (``RetryableError``); one during
+    the run ends it ``interrupted``: either way the task may try again later.
+    """
     try:
         client = clients.get()
     except ConfigError as exc:
         log.error("reconciliation skipped: %s", exc)
         return None
     try:
-        result = run_reconcile(factory, client, organization=organization)
+        result = run_reconcile(factory, client, organization=organization, call_attempts=call_attempts)
     except SyncBusyError as exc:
         log.info("reconciliation skipped: %s", exc)
         return None

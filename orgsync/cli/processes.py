@@ -13,6 +13,11 @@ from models.migrate import require_migrated, upgrade_database
 from models.settings import Settings
 from orgsync.cli.base import EPILOG, EXIT_OK, runtime
 
+# ``orgsync worker --queue`` roles, and the Celery queue each consumes (worker.app's names,
+# repeated here so that the command line loads without Celery).
+WORKER_QUEUES = {"apply": "orgsync", "clerk": "orgsync.clerk"}
+WORKER_ROLES = tuple(WORKER_QUEUES)
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -24,9 +29,9 @@ log = logging.getLogger("orgsync")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.pass_context
 def run(ctx: click.Context, host: str, port: int) -> None:
-    """Run everything: web server, worker and beat together.
+    """Run everything: web server, the apply and clerk workers, and beat together.
 
-    Migrates the database first, then starts the three as child processes with the same
+    Migrates the database first, then starts them as child processes with the same
     environment. Ctrl-C or SIGTERM stops all of them; if one of them dies, the others are
     stopped and `run` fails.
     """
@@ -100,24 +105,47 @@ def exit_with(ctx: click.Context, code: object) -> None:
 
 @click.command(epilog=EPILOG)
 @click.option(
+    "--queue",
+    "queue",
+    type=click.Choice(sorted(WORKER_ROLES)),
+    default=None,
+    help="Run the pool of one queue only: apply (inbox events) or clerk (Backend API calls, "
+    "reconciliation, beat's chores). Default: both, as two worker processes.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1),
     default=None,
-    help="Worker processes (default: 1 on SQLite, else one per CPU).",
+    help="Processes of each pool (default: 1 on SQLite, else one per CPU).",
 )
-@click.option("--hostname", "-n", default=None, help="Node name, e.g. worker1@%h.")
+@click.option(
+    "--hostname", "-n", default=None, help="Node name, e.g. w1@%h; each pool prefixes its role: apply-w1@%h."
+)
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, hostname: str | None) -> None:
-    """Run a Celery worker: applies inbox events to the mirror."""
+def worker(ctx: click.Context, queue: str | None, concurrency: int | None, hostname: str | None) -> None:
+    """Run Celery workers: one pool applies inbox events, the other talks to Clerk.
+
+    Applying events never waits behind a Backend API call: each queue has worker processes
+    of its own. Without --queue both pools run, as child processes stopped together.
+    """
     settings = runtime(ctx).settings(configure_logging=False)
+    if queue is None:
+        from orgsync.runner import Supervisor, worker_specs  # noqa: PLC0415
+
+        supervisor = Supervisor(
+            worker_specs(concurrency=concurrency, hostname=hostname),
+            # One process group: whoever signals or kills ours reaches the pools too.
+            own_groups=False,
+            out=lambda message: click.echo(message, err=True),
+        )
+        ctx.exit(supervisor.run())
     if concurrency is None and settings.database_url.startswith("sqlite"):
         # SQLite has one writer at a time: more processes would only queue on its lock.
         concurrency = 1
-    argv = ["worker", f"--loglevel={settings.log_level}"]
+    argv = ["worker", f"--loglevel={settings.log_level}", f"--queues={WORKER_QUEUES[queue]}"]
+    argv.append(f"--hostname={queue}-{hostname}" if hostname else f"--hostname={queue}@%h")
     if concurrency is not None:
         argv.append(f"--concurrency={concurrency}")
-    if hostname:
-        argv.append(f"--hostname={hostname}")
     if settings.broker_url.startswith("sqla+"):
         # kombu's SQLAlchemy transport has no fanout exchanges, which these features need.
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]

@@ -52,6 +52,7 @@ class WebApplication(BaseApplication):  # type: ignore[misc]
             "proc_name": "orgsync-web",
             # The app is built in each worker after the fork (see ``load``), not in the arbiter.
             "preload_app": False,
+            "child_exit": _child_exit,
         }
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn >= 25 opens a control socket in $HOME by default: one per user, so two
@@ -69,6 +70,13 @@ class WebApplication(BaseApplication):  # type: ignore[misc]
 
             factory = build_web_app
         return factory(self.settings)
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """In the arbiter, for each worker that exits: its live metrics files go, its counts stay."""
+    from models.metrics import mark_dead  # noqa: PLC0415
+
+    mark_dead(worker.pid)
 
 
 def bracket_ipv6(host: str) -> str:

@@ -13,7 +13,9 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 
 from api import create_api_blueprint
+from api.metrics import create_metrics_blueprint
 from api.orgsync import create_orgsync_blueprint
+from models import metrics
 from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
@@ -142,9 +144,11 @@ def create_app(
     def receive_webhook() -> Response:
         length = request.content_length
         if length is not None and length > max_body:
+            metrics.delivery("too_large")
             return _too_large(max_body)
         body = _read_body(request.stream, max_body)
         if body is None:
+            metrics.delivery("too_large")
             return _too_large(max_body)
         try:
             delivery = verifier.verify(request.headers, body)
@@ -155,6 +159,7 @@ def create_app(
                 rejection.message,
                 request.headers.get("svix-id") or request.headers.get("webhook-id"),
             )
+            metrics.delivery("refused", rejection.code)
             return _error(rejection.status, rejection.code, rejection.message)
         try:
             # A plain connection, committed on leaving the block: the ORM unit of work would
@@ -176,6 +181,7 @@ def create_app(
             logger.warning(
                 "webhook %s not stored, database unavailable: %s", delivery.svix_id, type(exc).__name__
             )
+            metrics.delivery("unavailable", type(exc).__name__)
             return _error(
                 503,
                 "database_unavailable",
@@ -187,6 +193,12 @@ def create_app(
             state.dispatcher.submit((stored.inbox_id,))
         if stored.status == InboxStatus.REJECTED and not stored.duplicate:
             logger.info("webhook %s stored as rejected: %s", delivery.svix_id, stored.reason)
+        if stored.duplicate:
+            metrics.delivery("duplicate")
+        elif stored.status == InboxStatus.PENDING:
+            metrics.delivery("accepted")
+        else:
+            metrics.delivery(stored.status, stored.reason)
         return _stored_response(stored)
 
     def healthz() -> Response:
@@ -225,6 +237,9 @@ def create_app(
             )
         )
 
+    app.register_blueprint(
+        create_metrics_blueprint(engine, settings.api_tokens, public=settings.metrics_public)
+    )
     app.add_url_rule(WEBHOOK_PATH, "receive_webhook", receive_webhook, methods=["POST"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", readyz, methods=["GET"])

@@ -16,6 +16,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models import metrics
 from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
@@ -356,6 +357,8 @@ def _connect_process_signals(app: Celery, database: ProcessDatabase) -> None:
     def on_shutdown(sender: Any = None, **_: Any) -> None:
         if get_current_app() is app or getattr(sender, "app", None) is app:
             database.stop()
+            # This process's live metrics files go; its counts stay for /metrics to sum.
+            metrics.mark_dead()
 
     handlers = (on_worker_init, on_process_init, on_shutdown)
     # Signals hold weak references: keep the handlers alive exactly as long as the app.

@@ -11,6 +11,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from models import metrics
 from models.db import lock_mirror_writes, session_scope
 from models.errors import PayloadError, RetryableError
 from models.events import Event, parse_event
@@ -263,13 +264,14 @@ def _apply_once(
         # then sees them applied, instead of applying them twice.
         lock_mirror_writes(session)
         rows = session.execute(
-            select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body)
+            select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body, InboxEvent.received_at)
             .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.PENDING)
             .order_by(InboxEvent.id)
             .with_for_update()
         ).all()
         events: list[Event] = []
         applied_ids: list[int] = []
+        received: list[int] = []
         rejected: list[dict[str, Any]] = []
         for row in rows:
             try:
@@ -279,6 +281,7 @@ def _apply_once(
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
             else:
                 applied_ids.append(row.id)
+                received.append(row.received_at)
         if events:
             if unseen is not None:
                 # Under the mirror lock, before the batch writes them: "never seen" is exact.
@@ -293,6 +296,9 @@ def _apply_once(
             )
         if rejected:
             session.connection().execute(_MARK_REJECTED, rejected)
+    # Committed: counted once, with each event's wait from receipt to this transaction.
+    metrics.applied((now_ms - at) / 1000 for at in received)
+    metrics.skipped(len(ids) - len(rows))
     return len(applied_ids), len(rejected), len(ids) - len(rows), events
 
 
@@ -345,6 +351,7 @@ def _record_failure(
             session.connection().execute(_MARK_FAILED, changes)
         outcome.skipped = len(ids) - len(rows)
     if outcome.dead:
+        metrics.dead(outcome.dead)
         log.error("%d inbox rows are dead after %d attempts: %s", outcome.dead, max_attempts, error)
     return outcome
 

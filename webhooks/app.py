@@ -153,11 +153,13 @@ def create_app(
         try:
             delivery = verifier.verify(request.headers, body)
         except RejectionError as rejection:
+            refused_id = request.headers.get("svix-id") or request.headers.get("webhook-id")
             logger.info(
                 "webhook refused: %s (%s), id %r",
                 rejection.code,
                 rejection.message,
-                request.headers.get("svix-id") or request.headers.get("webhook-id"),
+                refused_id,
+                extra={"delivery_id": refused_id},
             )
             metrics.delivery("refused", rejection.code)
             return _error(rejection.status, rejection.code, rejection.message)
@@ -179,7 +181,10 @@ def create_app(
             # acknowledged: Svix delivers it again later. The insert may have committed before
             # the connection was lost; the redelivery then finds it and is answered "duplicate".
             logger.warning(
-                "webhook %s not stored, database unavailable: %s", delivery.svix_id, type(exc).__name__
+                "webhook %s not stored, database unavailable: %s",
+                delivery.svix_id,
+                type(exc).__name__,
+                extra={"delivery_id": delivery.svix_id},
             )
             metrics.delivery("unavailable", type(exc).__name__)
             return _error(
@@ -192,7 +197,12 @@ def create_app(
         if not stored.duplicate and stored.status == InboxStatus.PENDING and state.dispatcher is not None:
             state.dispatcher.submit((stored.inbox_id,))
         if stored.status == InboxStatus.REJECTED and not stored.duplicate:
-            logger.info("webhook %s stored as rejected: %s", delivery.svix_id, stored.reason)
+            logger.info(
+                "webhook %s stored as rejected: %s",
+                delivery.svix_id,
+                stored.reason,
+                extra={"delivery_id": delivery.svix_id},
+            )
         if stored.duplicate:
             metrics.delivery("duplicate")
         elif stored.status == InboxStatus.PENDING:

@@ -15,6 +15,7 @@ from models.metrics import prepare_multiprocess_dir
 from models.migrate import require_migrated, upgrade_database
 from models.settings import Settings
 from orgsync.cli.base import EPILOG, EXIT_OK, runtime
+from orgsync.logs import quiet_celery
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -136,6 +137,7 @@ def worker(ctx: click.Context, concurrency: int | None, hostname: str | None) ->
     if concurrency is None and settings.database_url.startswith("sqlite"):
         # SQLite has one writer at a time: more processes would only queue on its lock.
         concurrency = 1
+    quiet_celery(settings.log_level, settings.log_format)
     argv = ["worker", f"--loglevel={settings.log_level}"]
     if concurrency is not None:
         argv.append(f"--concurrency={concurrency}")
@@ -155,6 +157,7 @@ def beat(ctx: click.Context) -> None:
     The sweeper enqueues inbox rows left pending (broker down, worker crashed). Run exactly one.
     """
     settings = runtime(ctx).settings(configure_logging=False)
+    quiet_celery(settings.log_level, settings.log_format)
     # The schedule file lives in ORGSYNC_DATA_DIR (create_celery sets beat_schedule_filename).
     exit_with(ctx, celery_app(settings).start(["beat", f"--loglevel={settings.log_level}"]))
 

@@ -20,7 +20,7 @@ from models import metrics
 from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
-from models.retention import Policy, prune
+from models.retention import Pacer, Policy, prune
 from models.settings import Settings
 from models.submission import enqueue_commands
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
@@ -292,7 +292,11 @@ def create_celery(settings: Settings) -> Celery:
     @app.task(name=TASK_PRUNE, shared=False)  # type: ignore[untyped-decorator]
     def prune_task() -> dict[str, Any]:
         # Batches commit as they go: a prune cut short keeps what it did, the next one goes on.
-        report = prune(database.session_factory(), Policy.from_settings(settings, now_ms=now_ms()))
+        report = prune(
+            database.session_factory(),
+            Policy.from_settings(settings, now_ms=now_ms()),
+            pacer=Pacer(rows_per_s=settings.prune_rate),
+        )
         if report.redacted or any(report.deleted.values()):
             log.info("pruned %s, redacted %d inbox rows", report.deleted, report.redacted)
         return report.as_dict()

@@ -1,4 +1,10 @@
-"""Intake while a prune runs: paced intake p99 with ``orgsync prune`` deleting old inbox rows beside it."""
+"""Intake while a prune runs: paced intake p99 with ``orgsync prune`` deleting old inbox rows beside it.
+
+``bench/run.py`` measures it as one of its phases; on its own, with variants of the prune's
+pacing compared in one run:
+
+    python bench/prune.py --prune-rows 1000000 --rate 1000 --variant 0.5:2000:100000000 --variant ::
+"""
 
 from __future__ import annotations
 

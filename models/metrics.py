@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.multiprocess import mark_process_dead
@@ -140,8 +141,16 @@ def label(value: str | None) -> str:
 # -- recording (each one is a few microseconds; none touches the database) ---------------------
 
 
+# The intake path's counters by (outcome, reason code), found once: a lookup, not labels().
+_delivery_counters: dict[tuple[str, str], Any] = {}
+
+
 def delivery(outcome: str, reason: str | None = None) -> None:
-    instruments().deliveries.labels(outcome, label(reason)).inc()
+    key = (outcome, label(reason) if reason else "")
+    counter = _delivery_counters.get(key)
+    if counter is None:
+        counter = _delivery_counters[key] = instruments().deliveries.labels(*key)
+    counter.inc()
 
 
 def applied(lags_s: Iterable[float]) -> None:

@@ -16,9 +16,11 @@ COPY worker ./worker
 COPY emulator ./emulator
 COPY api ./api
 RUN pip install . \
-    && useradd --system --home-dir /var/lib/orgsync --create-home orgsync
+    && useradd --system --home-dir /var/lib/orgsync --create-home orgsync \
+    && install -d -o orgsync /var/lib/orgsync/metrics
 
-# Beat keeps its schedule file in ORGSYNC_DATA_DIR, which must be writable.
+# Beat keeps its schedule file in ORGSYNC_DATA_DIR, which must be writable; metrics/ in it is
+# the metrics files' directory (a volume shared by the web and worker containers in compose).
 USER orgsync
 WORKDIR /var/lib/orgsync
 EXPOSE 8000

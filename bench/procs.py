@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg
 import redis
 
+from models.db import db_schema
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Base
@@ -280,7 +281,11 @@ def fresh_database(
         try:
             url = f"{pg_url.rstrip('/')}/{name}"
             upgrade(url)
-            yield Database(name, url, psycopg.conninfo.make_conninfo(pg_admin, dbname=name))
+            # Raw connections (bulk loads, probes) see orgsync's tables as its engines do.
+            dsn = psycopg.conninfo.make_conninfo(
+                pg_admin, dbname=name, options=f"-c search_path={db_schema()}"
+            )
+            yield Database(name, url, dsn)
         finally:
             with contextlib.suppress(psycopg.Error):
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

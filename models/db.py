@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import RetryableError
+from models.settings import parse_db_schema
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,15 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def create_db_engine(url: str, *, timeout: float | None = None, **kwargs: Any) -> Engine:
+def db_schema(environ: Mapping[str, str] | None = None) -> str:
+    """orgsync's PostgreSQL schema: ``ORGSYNC_DB_SCHEMA``, checked, or ``orgsync``."""
+    env = os.environ if environ is None else environ
+    return parse_db_schema(env.get("ORGSYNC_DB_SCHEMA", ""))
+
+
+def create_db_engine(
+    url: str, *, timeout: float | None = None, schema: str | None = None, **kwargs: Any
+) -> Engine:
     """Create the process's engine; SQLite gets WAL, a busy timeout and immediate transactions.
 
     PostgreSQL connections always get a connect timeout and TCP keepalives. ``timeout`` (seconds,
@@ -52,6 +61,13 @@ def create_db_engine(url: str, *, timeout: float | None = None, **kwargs: Any) -
     socket is shut down, so that a server that accepted the connection but never answers (a
     stuck proxy) fails the caller with ``OperationalError`` instead of hanging it. ``timeout``
     does not apply to SQLite, whose busy timeout already bounds waiting for the one writer.
+
+    On PostgreSQL every connection's ``search_path`` is orgsync's own schema (``schema``, by
+    default ``ORGSYNC_DB_SCHEMA`` or ``orgsync``), and only it: every unqualified name in
+    orgsync's queries and migrations, the alembic version table included, resolves there and
+    never to an application's table of the same name in ``public``. It is sent as a startup
+    option, so it costs no round trip. The schema is created by the migrations
+    (``models.migrations.env``).
     """
     if is_sqlite(url):
         database = make_url(url).database
@@ -89,12 +105,13 @@ def create_db_engine(url: str, *, timeout: float | None = None, **kwargs: Any) -
         "tcp_user_timeout": int((timeout if timeout is not None else DEFAULT_TCP_USER_TIMEOUT_S) * 1000),
         **_KEEPALIVES,
     }
+    options = f"-c search_path={schema or db_schema()}"
     if timeout is not None:
-        # Added to any options the URL carries, which connect_args would otherwise replace.
-        given = make_url(url).query.get("options")
-        options = f"-c statement_timeout={int(timeout * 1000)}"
-        bounds["options"] = f"{given} {options}" if isinstance(given, str) else options
+        options += f" -c statement_timeout={int(timeout * 1000)}"
         kwargs.setdefault("pool_timeout", timeout)
+    # Added to any options the URL carries, which connect_args would otherwise replace.
+    given = make_url(url).query.get("options")
+    bounds["options"] = f"{given} {options}" if isinstance(given, str) else options
     kwargs["connect_args"] = {**bounds, **kwargs.get("connect_args", {})}
     engine = create_engine(url, **kwargs)
     if timeout is not None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
@@ -161,31 +161,65 @@ class PruneReport:
 
 Progress = Callable[[str, int], None]
 # The share of its time a prune works: it rests after each batch as long again as the batch
-# took, so the database's CPU and I/O stay mostly with intake and the workers.
+# took, so the database's CPU stays mostly with intake and the workers.
 DEFAULT_DUTY = 0.5
 
 
+class _Batch:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def rows(self, count: int) -> None:
+        """Rows this batch changed: what the rate cap counts."""
+        self.count += count
+
+
 class Pacer:
-    """Rests after each batch in proportion to the batch's time; ``duty`` 1 never rests."""
+    """Rests between batches: in proportion to each batch's time, and to hold a rate of rows.
+
+    ``duty`` bounds the prune's share of time (1 never rests). ``rows_per_s`` bounds what it
+    writes: a batch's cost to PostgreSQL is mostly I/O that comes after its commit (the WAL,
+    with a full-page image for most pages touched, and the dirtied pages the next checkpoint
+    writes), which the batch's own time does not show. Capping rows per second caps that I/O,
+    which intake's commits share.
+    """
 
     def __init__(
         self,
         duty: float = DEFAULT_DUTY,
         *,
+        rows_per_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not 0 < duty <= 1:
             raise ValueError(f"duty must be more than 0 and at most 1, got {duty}")
+        if rows_per_s is not None and rows_per_s <= 0:
+            raise ValueError(f"rows_per_s must be positive, got {rows_per_s}")
         self._rest_per_work = (1 - duty) / duty
+        self._rows_per_s = rows_per_s
         self._clock = clock
         self._sleep = sleep
+        self._began: float | None = None
+        self._rows = 0
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> Iterator[_Batch]:
         started = self._clock()
-        yield
-        rest = (self._clock() - started) * self._rest_per_work
+        if self._began is None:
+            self._began = started
+        batch = _Batch()
+        yield batch
+        ended = self._clock()
+        rest = (ended - started) * self._rest_per_work
+        self._rows += batch.count
+        if self._rows_per_s is not None:
+            due = self._began + self._rows / self._rows_per_s
+            if due < ended:
+                # Behind schedule (slow batches): start the schedule again from now, so the
+                # time lost is not made up later in a burst.
+                self._began = ended - self._rows / self._rows_per_s
+            rest = max(rest, due - ended)
         if rest > 0:
             self._sleep(rest)
 
@@ -256,6 +290,16 @@ def count_prunable(factory: sessionmaker[Session], policy: Policy) -> PruneRepor
     return report
 
 
+def _relax_durability(session: Session) -> None:
+    """Let this batch's commit return before its WAL is flushed (PostgreSQL).
+
+    A prune batch lost in a crash is deleted again by the next prune, so it need not wait for
+    the disk; intake's commits, which must, then do not queue behind the prune's flushes.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
 def _delete_batches(
     factory: sessionmaker[Session], target: _Target, batch_size: int, progress: Progress | None, pacer: Pacer
 ) -> int:
@@ -263,14 +307,19 @@ def _delete_batches(
     total = 0
     last_id = 0
     while True:
-        with pacer.batch(), session_scope(factory) as session:
+        with pacer.batch() as batch, session_scope(factory) as session:
+            _relax_durability(session)
             where = target.where(session)
             ids = list(session.scalars(select(pk).where(pk > last_id, where).order_by(pk).limit(batch_size)))
             if not ids:
                 return total
-            # The range and the conditions again: a row changed since the select stays.
+            # The range and the conditions again: a row changed since the select stays. A range
+            # scan of the primary key costs PostgreSQL a quarter of ``id IN (ids)`` (measured
+            # with EXPLAIN (ANALYZE, BUFFERS): 2,300 against 10,300 buffer hits per 2,000 rows).
             result = session.execute(delete(target.table).where(pk >= ids[0], pk <= ids[-1], where))
-            total += int(getattr(result, "rowcount", 0) or 0)
+            deleted = int(getattr(result, "rowcount", 0) or 0)
+            batch.rows(deleted)
+            total += deleted
         last_id = ids[-1]
         if progress is not None:
             progress(target.name, total)
@@ -289,7 +338,8 @@ def _redact_batches(
     total = 0
     last_id = 0
     while True:
-        with pacer.batch(), session_scope(factory) as session:
+        with pacer.batch() as batch, session_scope(factory) as session:
+            _relax_durability(session)
             rows = session.execute(
                 select(inbox.c.id, inbox.c.body)
                 .where(inbox.c.id > last_id, where)
@@ -302,7 +352,9 @@ def _redact_batches(
             result = session.connection().execute(rewrite, params)
             # Both drivers sum an executemany's row counts; a row replayed meanwhile is not counted.
             count = int(getattr(result, "rowcount", -1))
-            total += count if count >= 0 else len(params)
+            count = count if count >= 0 else len(params)
+            batch.rows(count)
+            total += count
         last_id = rows[-1][0]
         if progress is not None:
             progress(REDACTION, total)

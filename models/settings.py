@@ -29,6 +29,14 @@ DEFAULT_REDACT_AFTER_DAYS = 7
 DEFAULT_PRUNE_INTERVAL = 3600.0
 DEFAULT_PRUNE_BATCH_SIZE = 2000
 MAX_PRUNE_BATCH_SIZE = 10_000
+# Rows a prune deletes or redacts per second at most: about 3 MB/s of WAL for inbox rows,
+# a write load intake's commits barely notice; a first prune of 1,000,000 rows takes minutes.
+DEFAULT_PRUNE_RATE = 5000
+# orgsync's own PostgreSQL schema: its tables (users, organizations...) never meet an
+# application's of the same name in ``public``.
+DEFAULT_DB_SCHEMA = "orgsync"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+LOG_FORMATS = ("text", "json")
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -111,6 +119,30 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
     if raw in {"1", "true", "yes", "on"}:
         return True
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def parse_db_schema(raw: str, name: str = "ORGSYNC_DB_SCHEMA") -> str:
+    """The PostgreSQL schema orgsync keeps its tables in: a plain lower-case identifier.
+
+    Plain, so that it never needs quoting (it goes into ``search_path`` and into the grants
+    an operator types); ``public`` is allowed for a database of orgsync's own.
+    """
+    value = raw.strip() or DEFAULT_DB_SCHEMA
+    if not _SCHEMA_NAME.fullmatch(value) or value.startswith("pg_"):
+        raise ConfigError(
+            f"{name} must be a lower-case identifier (letters, digits, '_'; at most 63; "
+            f"not starting with a digit or 'pg_'), got {value!r}"
+        )
+    return value
 
 
 def parse_signing_secrets(raw: str, name: str = "CLERK_WEBHOOK_SIGNING_SECRET") -> tuple[str, ...]:
@@ -258,7 +290,11 @@ class Settings:
     redact_after_days: int = DEFAULT_REDACT_AFTER_DAYS
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
     prune_batch_size: int = DEFAULT_PRUNE_BATCH_SIZE
+    prune_rate: int = DEFAULT_PRUNE_RATE
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    metrics_public: bool = False
+    db_schema: str = DEFAULT_DB_SCHEMA
+    log_format: str = "text"
 
     @property
     def embedded(self) -> bool:
@@ -356,6 +392,10 @@ class Settings:
             redact_after_days=redact_after,
             prune_interval=_seconds_or_off_default(env, "ORGSYNC_PRUNE_INTERVAL", DEFAULT_PRUNE_INTERVAL),
             prune_batch_size=prune_batch_size,
+            prune_rate=_int(env, "ORGSYNC_PRUNE_RATE", DEFAULT_PRUNE_RATE),
             # The read API is served only when at least one token is configured.
             api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
+            metrics_public=_bool(env, "ORGSYNC_METRICS_PUBLIC"),
+            db_schema=parse_db_schema(env.get("ORGSYNC_DB_SCHEMA", "")),
+            log_format=_choice(env, "ORGSYNC_LOG_FORMAT", LOG_FORMATS),
         )

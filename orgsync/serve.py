@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from models.settings import Settings
 
@@ -52,6 +53,9 @@ class WebApplication(BaseApplication):  # type: ignore[misc]
             "proc_name": "orgsync-web",
             # The app is built in each worker after the fork (see ``load``), not in the arbiter.
             "preload_app": False,
+            "child_exit": _child_exit,
+            # The root logger set up by ``orgsync.logs`` writes gunicorn's lines too, in its format.
+            "logger_class": GunicornLogger,
         }
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn >= 25 opens a control socket in $HOME by default: one per user, so two
@@ -69,6 +73,24 @@ class WebApplication(BaseApplication):  # type: ignore[misc]
 
             factory = build_web_app
         return factory(self.settings)
+
+
+class GunicornLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger, handing its error (and access) lines to the root logger."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """In the arbiter, for each worker that exits: its live metrics files go, its counts stay."""
+    from models.metrics import mark_dead  # noqa: PLC0415
+
+    mark_dead(worker.pid)
 
 
 def bracket_ipv6(host: str) -> str:

@@ -5,9 +5,11 @@
 - the webhook intake (``webhooks``: ``POST /webhooks/clerk``), always;
 - the health probes (``/healthz``, ``/readyz``, below), always;
 - Clerk's read API (``api.blueprint``: ``/v1``) and the orgsync API (``api.orgsync``:
-  ``/orgsync/v1``), when ``ORGSYNC_API_TOKENS`` is set.
+  ``/orgsync/v1``), when ``ORGSYNC_API_TOKENS`` is set;
+- Prometheus metrics (``api.metrics``: ``/metrics``), always (403 until a token or
+  ``ORGSYNC_METRICS_PUBLIC`` allows a scraper).
 
-A new surface (a console, ``/metrics``) is one more blueprint registered in ``create_app``;
+A new surface is one more blueprint registered in ``create_app``;
 blueprints answer their own errors, and the handlers at the end of ``create_app`` give every
 other route the intake's ``{"error", "message"}`` JSON. The engine is shared by every
 blueprint: one pool per process. ``orgsync.wsgi`` wires the broker into this factory.
@@ -26,6 +28,7 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 
 from api.blueprint import create_api_blueprint
+from api.metrics import create_metrics_blueprint
 from api.orgsync import create_orgsync_blueprint
 from models.db import create_db_engine, ping
 from models.permissions import AccessCache
@@ -134,7 +137,8 @@ def create_app(
                 permission_cache=AccessCache(),
             )
         )
-    # Register further blueprints (console, metrics) here.
+    app.register_blueprint(create_metrics_blueprint(engine, settings.api_tokens, public=settings.metrics_public))
+    # Register further blueprints here.
 
     app.extensions[EXTENSION] = WebState(engine=engine, intake=intake_state, owns_engine=owns_engine)
 

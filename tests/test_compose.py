@@ -203,3 +203,82 @@ def test_dockerfile_installs_the_project() -> None:
     assert "pyproject.toml" in copied
     for source in copied:
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+
+
+# ---------------------------------------------------------------- profiles: emulator, prometheus
+
+PROFILED = {"emulator": "emulator", "prometheus": "prometheus"}
+
+
+def test_the_base_services_run_without_a_profile(services: dict[str, dict[str, Any]]) -> None:
+    for name in {"postgres", "redis", *ORGSYNC_SERVICES}:
+        assert "profiles" not in services[name], name
+
+
+@pytest.mark.parametrize("name", sorted(PROFILED))
+def test_optional_services_are_in_their_profile(services: dict[str, dict[str, Any]], name: str) -> None:
+    assert services[name]["profiles"] == [PROFILED[name]]
+
+
+def test_the_emulator_delivers_to_the_web_service_with_its_secret(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    emulator = services["emulator"]
+    context = resolve(command_argv(emulator))
+    assert context.command.name == "emulator"
+    assert context.params["host"] == "0.0.0.0"
+    web = resolve(command_argv(services["web"]))
+    assert context.params["webhook_urls"] == (f"http://web:{web.params['port']}/webhooks/clerk",)
+    published = [str(item) for item in emulator.get("ports", [])]
+    assert any(item.split(":")[-1] == str(context.params["port"]) for item in published), published
+    # The same secrets as orgsync's, so that the signatures verify and the API key is accepted.
+    env = environment(emulator)
+    for name in ("CLERK_WEBHOOK_SIGNING_SECRET", "CLERK_SECRET_KEY"):
+        assert env[name] == environment(services["web"])[name], name
+    assert emulator["depends_on"]["web"]["condition"] == "service_healthy"
+    build = emulator.get("build")
+    assert build in {".", "./"}
+    # The comment tells how to point orgsync at it: CLERK_API_URL naming this service and port.
+    assert f"CLERK_API_URL=http://emulator:{context.params['port']}/v1" in COMPOSE.read_text()
+
+
+def test_prometheus_scrapes_the_web_service_with_the_repository_config(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    prometheus = services["prometheus"]
+    mounts = {}
+    for volume in prometheus["volumes"]:
+        source, target, *_ = str(volume).split(":")
+        mounts[target] = source
+    config_path = next(
+        arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file=")
+    )
+    source = mounts[config_path]
+    assert (ROOT / source).is_file(), source
+    config = yaml.safe_load((ROOT / source).read_text())
+    # Rule files resolve beside the config file, and are mounted there.
+    directory = config_path.rsplit("/", 1)[0]
+    for rule_file in config["rule_files"]:
+        assert (ROOT / mounts[f"{directory}/{rule_file}"]).is_file(), rule_file
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "orgsync")
+    web = resolve(command_argv(services["web"]))
+    assert job["static_configs"][0]["targets"] == [f"web:{web.params['port']}"]
+    # The bearer token file is the compose config holding ORGSYNC_METRICS_TOKEN.
+    token = next(
+        item for item in prometheus["configs"] if item["target"] == job["authorization"]["credentials_file"]
+    )
+    assert "ORGSYNC_METRICS_TOKEN" in compose["configs"][token["source"]]["content"]
+    assert prometheus["depends_on"]["web"]["condition"] == "service_healthy"
+
+
+def test_web_and_worker_share_the_metrics_directory(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    for name in ORGSYNC_SERVICES:
+        volumes = [str(item) for item in services[name].get("volumes", [])]
+        assert "metrics:/var/lib/orgsync/metrics" in volumes, name
+    assert "metrics" in compose["volumes"]
+    # The image's data directory holds it, owned by the user the processes run as.
+    text = DOCKERFILE.read_text()
+    assert "ORGSYNC_DATA_DIR=/var/lib/orgsync" in text
+    assert re.search(r"install -d -o orgsync /var/lib/orgsync/metrics", text)

@@ -346,3 +346,17 @@ def test_the_pacer_rests_in_proportion_to_the_work() -> None:
     assert rests == [6.0, 1.5]
     with pytest.raises(ValueError, match="duty must be more than 0 and at most 1"):
         Pacer(0)
+
+
+def test_the_pacer_holds_a_rate_of_rows_without_making_up_lost_time() -> None:
+    ticks = iter([0.0, 0.1, 1.0, 1.1, 10.0, 10.1, 10.1, 10.2])
+    rests: list[float] = []
+    pacer = Pacer(1.0, rows_per_s=1000, clock=lambda: next(ticks), sleep=rests.append)
+    for count in (1000, 1000, 1000, 1000):
+        with pacer.batch() as batch:
+            batch.rows(count)
+    # 1,000 rows due by 1.0 s, 2,000 by 2.0 s; the third batch ends late (10.1 s), so the
+    # schedule starts again there instead of allowing a burst: the fourth is due at 11.1 s.
+    assert rests == pytest.approx([0.9, 0.9, 0.9])
+    with pytest.raises(ValueError, match="rows_per_s must be positive"):
+        Pacer(0.5, rows_per_s=0)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from models import metrics
 from models.clock import now_ms
 from models.errors import RetryableError
 from models.inbox import Stored, inbox_row
@@ -56,6 +57,7 @@ def error(status: int, code: str, message: str, headers: tuple[tuple[str, str], 
 
 
 def too_large(limit: int) -> Answer:
+    metrics.delivery("too_large")
     return error(413, "payload_too_large", f"body exceeds {limit} bytes")
 
 
@@ -100,12 +102,15 @@ class Intake:
         try:
             delivery = self.verifier.verify(headers, body)
         except RejectionError as rejection:
+            refused_id = headers.get("svix-id") or headers.get("webhook-id")
             logger.info(
                 "webhook refused: %s (%s), id %r",
                 rejection.code,
                 rejection.message,
-                headers.get("svix-id") or headers.get("webhook-id"),
+                refused_id,
+                extra={"delivery_id": refused_id},
             )
+            metrics.delivery("refused", rejection.code)
             return error(rejection.status, rejection.code, rejection.message)
         row = inbox_row(
             svix_id=delivery.svix_id,
@@ -119,12 +124,27 @@ class Intake:
             # Unreachable, dropped, timed out or no pooled connection free in time. Not
             # acknowledged: Svix delivers it again later. The insert may have committed before
             # the connection was lost; the redelivery then finds it and is answered "duplicate".
-            logger.warning("webhook %s not stored, %s", delivery.svix_id, exc)
+            logger.warning(
+                "webhook %s not stored, %s", delivery.svix_id, exc, extra={"delivery_id": delivery.svix_id}
+            )
+            metrics.delivery("unavailable", type(exc).__name__)
             return _UNAVAILABLE
         except BatchFailedError:
+            metrics.delivery("unavailable", "internal_error")
             return _INTERNAL  # logged with its traceback by the committer
-        if stored.status == InboxStatus.REJECTED and not stored.duplicate:
-            logger.info("webhook %s stored as rejected: %s", delivery.svix_id, stored.reason)
+        if stored.duplicate:
+            metrics.delivery("duplicate")
+        elif stored.status == InboxStatus.PENDING:
+            metrics.delivery("accepted")
+        else:
+            if stored.status == InboxStatus.REJECTED:
+                logger.info(
+                    "webhook %s stored as rejected: %s",
+                    delivery.svix_id,
+                    stored.reason,
+                    extra={"delivery_id": delivery.svix_id},
+                )
+            metrics.delivery(stored.status, stored.reason)
         return _stored_answer(stored)
 
 

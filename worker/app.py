@@ -17,10 +17,11 @@ from kombu.entity import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models import metrics
 from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
-from models.retention import Policy, prune
+from models.retention import Pacer, Policy, prune
 from models.settings import Settings
 from models.submission import enqueue_commands
 from models.tables import SyncStatus
@@ -334,7 +335,11 @@ def create_celery(settings: Settings) -> Celery:
     @app.task(name=TASK_PRUNE, shared=False)  # type: ignore[untyped-decorator]
     def prune_task() -> dict[str, Any]:
         # Batches commit as they go: a prune cut short keeps what it did, the next one goes on.
-        report = prune(database.session_factory(), Policy.from_settings(settings, now_ms=now_ms()))
+        report = prune(
+            database.session_factory(),
+            Policy.from_settings(settings, now_ms=now_ms()),
+            pacer=Pacer(rows_per_s=settings.prune_rate),
+        )
         if report.redacted or any(report.deleted.values()):
             log.info("pruned %s, redacted %d inbox rows", report.deleted, report.redacted)
         return report.as_dict()
@@ -422,6 +427,8 @@ def _connect_process_signals(app: Celery, database: ProcessDatabase) -> None:
     def on_shutdown(sender: Any = None, **_: Any) -> None:
         if get_current_app() is app or getattr(sender, "app", None) is app:
             database.stop()
+            # This process's live metrics files go; its counts stay for /metrics to sum.
+            metrics.mark_dead()
 
     handlers = (on_worker_init, on_process_init, on_shutdown)
     # Signals hold weak references: keep the handlers alive exactly as long as the app.

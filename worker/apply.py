@@ -11,6 +11,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from models import metrics
 from models.db import session_scope
 from models.errors import PayloadError, RetryableError
 from models.events import Event, parse_event
@@ -284,7 +285,7 @@ def _apply_once(
         # instead of applying them twice. The rows are locked in id order, before any mirror
         # lock: a transaction holding mirror locks never waits for an inbox row.
         rows = session.execute(
-            select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body)
+            select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.body, InboxEvent.received_at)
             .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.PENDING)
             .order_by(InboxEvent.id)
             .with_for_update()
@@ -298,17 +299,12 @@ def _apply_once(
             except PayloadError as exc:
                 reason = redact(str(exc))[:MAX_ERROR_CHARS]
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
-        deferred: list[int] = []
-        if parsed:
-            _, covered = lock_for_events(session, [event for _, event in parsed], wait=wait)
-            if len(covered) < len(parsed):
-                chosen = set(covered)
-                deferred = [row_id for n, (row_id, _) in enumerate(parsed) if n not in chosen]
-                if known is not None:
-                    known.update(item for n, item in enumerate(parsed) if n not in chosen)
-                parsed = [parsed[n] for n in covered]
-        events = [event for _, event in parsed]
-        applied_ids = [row_id for row_id, _ in parsed]
+    skipped = len(ids) - len(rows)
+    # Committed: counted once, with each event's wait from receipt to this transaction.
+    received = {int(row.id): int(row.received_at) for row in rows}
+    metrics.applied((now_ms - received[row_id]) / 1000 for row_id in applied_ids)
+    metrics.skipped(skipped)
+    return len(applied_ids), len(rejected), skipped, events, deferred
         if events:
             if unseen is not None:
                 # Under the mirror locks, before the batch writes them: "never seen" is exact.
@@ -323,8 +319,6 @@ def _apply_once(
             )
         if rejected:
             session.connection().execute(_MARK_REJECTED, rejected)
-    skipped = len(ids) - len(rows)
-    return len(applied_ids), len(rejected), skipped, events, deferred
 
 
 def _record_failure(
@@ -376,6 +370,7 @@ def _record_failure(
             session.connection().execute(_MARK_FAILED, changes)
         outcome.skipped = len(ids) - len(rows)
     if outcome.dead:
+        metrics.dead(outcome.dead)
         log.error("%d inbox rows are dead after %d attempts: %s", outcome.dead, max_attempts, error)
     return outcome
 

@@ -32,6 +32,7 @@ from clerk_backend_api.models import ResponseValidationError as SdkValidationErr
 from clerk_backend_api.utils.retries import BackoffStrategy, RetryConfig
 from pydantic import BaseModel
 
+from models import metrics
 from models.clock import now_ms
 from models.errors import ConfigError, OrgsyncError, PermanentError, RetryableError
 from models.settings import Settings
@@ -342,6 +343,7 @@ class ClerkClient:
 
     # ---------------------------------------------------------------- plumbing
     def _record(self, record: CallRecord) -> None:
+        metrics.api_call(record.status_code, record.purpose)
         if self._recorder is not None:
             self._recorder(record)
 

@@ -21,6 +21,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import RedisStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from models import metrics
 from models.errors import RetryableError
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ class RateLimiter:
                 # instance slot just taken is lost, which only errs on the side of fewer calls.
                 wait = self._wait_for(self._membership, membership_key)
             else:
+                metrics.rate_limit_wait(now - started)
                 return now - started
             if now + wait > deadline:
+                metrics.rate_limit_wait(now - started)
                 raise RateLimitTimeoutError(
                     f"Clerk rate limit: no slot within {timeout:g} s", wait_s=max(wait, MIN_SLEEP_S)
                 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from models.reads import MAX_PAGE_SIZE, Listing
 from models.redact import redact as redact_text
 from models.settings import Settings
 from models.submission import CommandService, Send
+from orgsync import logs
 from orgsync.render import Column, render_table, to_json
 
 log = logging.getLogger("orgsync")
@@ -100,21 +100,14 @@ class Runtime:
         """Read the settings once for this command and set up logging from them."""
         settings = Settings.from_env(self.environ, require_webhook_secret=require_webhook_secret)
         if configure_logging:
-            self.configure_logging(settings.log_level)
+            self.configure_logging(settings.log_level, settings.log_format)
         return settings
 
-    def configure_logging(self, level: str) -> None:
+    def configure_logging(self, level: str, fmt: str = "text") -> None:
         if self.logging_configured:
             return
         self.logging_configured = True
-        logging.basicConfig(
-            level=level,
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        if level != "DEBUG":
-            # Alembic narrates every plugin and context at INFO; `db upgrade` reports the result.
-            logging.getLogger("alembic").setLevel(logging.WARNING)
+        logs.configure(level, fmt)
 
     def sender(self, settings: Settings) -> Send:
         """``send(inbox_ids)`` enqueueing apply tasks."""

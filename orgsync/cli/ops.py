@@ -99,10 +99,16 @@ def _prune_rows(report: PruneReport, settings: Settings) -> list[dict[str, Any]]
     show_default=True,
     help="Share of the time spent pruning; it rests between batches the rest (1: full speed).",
 )
+@click.option(
+    "--rate",
+    type=click.IntRange(1),
+    default=None,
+    help="Rows deleted or redacted per second at most (default ORGSYNC_PRUNE_RATE).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @click.pass_context
 def prune_command(
-    ctx: click.Context, dry_run: bool, batch_size: int | None, duty: float, as_json: bool
+    ctx: click.Context, *, dry_run: bool, batch_size: int | None, duty: float, rate: int | None, as_json: bool
 ) -> None:
     """Delete rows past their retention and redact personal data in old inbox payloads.
 
@@ -122,7 +128,8 @@ def prune_command(
                 verb = "redacted" if name == REDACTION else "deleted"
                 click.echo(f"orgsync: prune: {name}: {done:,} {verb}", err=True)
 
-            report = prune(factory, policy, progress=progress, pacer=Pacer(duty))
+            pacer = Pacer(duty, rows_per_s=rate or settings.prune_rate)
+            report = prune(factory, policy, progress=progress, pacer=pacer)
     if as_json:
         click.echo(json.dumps({**report.as_dict(), "rows": _prune_rows(report, settings)}, indent=2))
         return

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from models.db import create_db_engine
 from models.errors import RetryableError
+from models.metrics import prepare_multiprocess_dir
 from models.migrate import require_migrated, upgrade_database
 from models.settings import Settings
 from orgsync.cli.base import EPILOG, EXIT_OK, runtime
+from orgsync.logs import quiet_celery
 
 # ``orgsync worker --queue`` roles, and the Celery queue each consumes (worker.app's names,
 # repeated here so that the command line loads without Celery).
@@ -40,9 +44,12 @@ def run(ctx: click.Context, host: str, port: int) -> None:
     rt = runtime(ctx)
     settings = rt.settings(require_webhook_secret=True)
     click.echo(upgrade_database(settings.database_url), err=True)
+    env = dict(rt.environ)
+    # One metrics directory for the web, worker and beat processes: /metrics sums them all.
+    prepare_multiprocess_dir(env, metrics_dir(settings))
     supervisor = Supervisor(
         child_specs(host, port),
-        env=dict(rt.environ),
+        env=env,
         out=lambda message: click.echo(message, err=True),
     )
     url = f"http://{url_host(host)}:{port}/webhooks/clerk"
@@ -71,6 +78,7 @@ def serve(ctx: click.Context, *, host: str, port: int, workers: int, threads: in
 
     settings = runtime(ctx).settings(require_webhook_secret=True)
     check_schema_at_start(settings)
+    share_metrics_dir(settings)
     run_server(
         settings,
         ServeOptions(host=host, port=port, workers=workers, threads=threads, access_log=access_log),
@@ -92,10 +100,26 @@ def check_schema_at_start(settings: Settings) -> None:
         engine.dispose()
 
 
+def metrics_dir(settings: Settings) -> Path:
+    """Where the processes of this data directory keep their metrics, unless the operator says."""
+    return settings.data_dir / "metrics"
+
+
+def share_metrics_dir(settings: Settings) -> None:
+    """Set up this process's metrics directory before it forks: its children inherit it.
+
+    The web server's gunicorn workers and the worker's pool processes each write their own
+    files there; processes of the same data directory (a ``serve`` and a ``worker`` started
+    apart) share it, so one ``/metrics`` shows them all.
+    """
+    prepare_multiprocess_dir(os.environ, metrics_dir(settings))
+
+
 def celery_app(settings: Settings) -> Celery:
     from worker.app import create_celery  # noqa: PLC0415
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    share_metrics_dir(settings)
     return create_celery(settings)
 
 
@@ -142,6 +166,7 @@ def worker(ctx: click.Context, queue: str | None, concurrency: int | None, hostn
     if concurrency is None and settings.database_url.startswith("sqlite"):
         # SQLite has one writer at a time: more processes would only queue on its lock.
         concurrency = 1
+    quiet_celery(settings.log_level, settings.log_format)
     argv = ["worker", f"--loglevel={settings.log_level}", f"--queues={WORKER_QUEUES[queue]}"]
     argv.append(f"--hostname={queue}-{hostname}" if hostname else f"--hostname={queue}@%h")
     if concurrency is not None:
@@ -160,6 +185,7 @@ def beat(ctx: click.Context) -> None:
     The sweeper enqueues inbox rows left pending (broker down, worker crashed). Run exactly one.
     """
     settings = runtime(ctx).settings(configure_logging=False)
+    quiet_celery(settings.log_level, settings.log_format)
     # The schedule file lives in ORGSYNC_DATA_DIR (create_celery sets beat_schedule_filename).
     exit_with(ctx, celery_app(settings).start(["beat", f"--loglevel={settings.log_level}"]))
 

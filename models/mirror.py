@@ -36,7 +36,7 @@ from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from models import tables
+from models import notifications, tables
 from models.db import lock_mirror_writes
 from models.events import (
     DOMAINS,
@@ -104,6 +104,14 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
             best[stub.table][key] = Write(
                 stub.table, key, STUB_VERSION, dict(stub.values, version=STUB_VERSION)
             )
+    # Change notifications: the rows this batch may change, read before it writes (None when off).
+    watched = notifications.capture(
+        session,
+        best,
+        cascade_orgs=sticky_deleted[ORGANIZATIONS],
+        cascade_users=sticky_deleted[USERS],
+        now_ms=now_ms,
+    )
     touched_orgs: set[str] = set()
     touched_users: set[str] = set()
     copies = Touched()
@@ -143,6 +151,8 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
                     copies.invitations.add(write.key[0])
     _cascade(session, touched_orgs, touched_users, now_ms)
     refresh_copies(session, copies)
+    # The net change of each row the batch wrote or cascaded, recorded in this transaction.
+    notifications.emit(session, watched)
 
 
 @dataclass

@@ -47,11 +47,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, event, insert, select, text, tuple_
+from sqlalchemy import Row, Table, event, func, insert, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from api import render
 from models import reads
+from models.errors import PermanentError
 from models.events import INVITATIONS, MEMBERSHIPS, ORGANIZATIONS, USERS
 from models.tables import (
     Invitation,
@@ -524,3 +525,115 @@ def _after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _after_rollback(session: Session) -> None:
     session.info.pop(_PENDING_INFO, None)
+
+
+# ------------------------------------------------------------------- the outbox
+
+
+class NotificationNotFoundError(PermanentError):
+    """No outbox row with that id or event id; the message names every one missing."""
+
+
+def list_notifications(
+    session: Session,
+    *,
+    status: str | None = None,
+    type_prefix: str | None = None,
+    ordering_key: str | None = None,
+    limit: int = 50,
+) -> list[Notification]:
+    """Outbox rows, newest first; ``type_prefix`` matches ``membership`` or ``membership.added``."""
+    query = select(Notification).order_by(Notification.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Notification.status == status)
+    if type_prefix:
+        query = query.where(
+            or_(
+                Notification.type == type_prefix,
+                Notification.type.startswith(f"{type_prefix}.", autoescape=True),
+            )
+        )
+    if ordering_key is not None:
+        query = query.where(Notification.ordering_key == ordering_key)
+    return list(session.scalars(query))
+
+
+def _lookup(session: Session, refs: Sequence[str]) -> list[Notification]:
+    """Rows by outbox id or event id (``ntf_...``), in the order given; every unknown one named."""
+    found: list[Notification] = []
+    missing: list[str] = []
+    for ref in refs:
+        value = ref.strip()
+        condition = Notification.id == int(value) if value.isdigit() else Notification.event_id == value
+        row = session.scalars(select(Notification).where(condition)).first()
+        if row is None:
+            missing.append(ref)
+        else:
+            found.append(row)
+    if missing:
+        raise NotificationNotFoundError(
+            f"no notification {', '.join(repr(ref) for ref in missing)} in the outbox"
+        )
+    return found
+
+
+def get_notification(session: Session, ref: str) -> Notification:
+    return _lookup(session, [ref])[0]
+
+
+def retry_notifications(
+    session: Session, refs: Sequence[str], *, all_dead: bool = False, now_ms: int
+) -> list[Notification]:
+    """Make dead (or delivered: sent again) rows pending and due now; pending ones are left as they are.
+
+    A row sent again keeps its event id, so a receiver that already has it de-duplicates; its
+    key's later rows wait for it again, which keeps the key's order.
+    """
+    rows = _lookup(session, refs)
+    if all_dead:
+        rows += list(
+            session.scalars(
+                select(Notification)
+                .where(Notification.status == NotificationStatus.DEAD)
+                .order_by(Notification.id)
+            )
+        )
+    reset: list[Notification] = []
+    for row in {row.id: row for row in rows}.values():
+        if row.status == NotificationStatus.PENDING:
+            continue
+        row.status = NotificationStatus.PENDING
+        row.next_attempt_at = now_ms
+        row.last_error = None
+        row.delivered_to = None
+        row.delivered_at = None
+        reset.append(row)
+    session.flush()
+    return reset
+
+
+def outbox_health(session: Session, *, now_ms: int) -> dict[str, Any]:
+    """The delivery state for ``orgsync status`` and the health endpoint: counts and the oldest wait."""
+    counts = dict.fromkeys(NotificationStatus.ALL, 0)
+    for status, count in session.execute(
+        select(Notification.status, func.count()).group_by(Notification.status)
+    ):
+        counts[status] = int(count)
+    oldest = session.scalar(
+        select(func.min(Notification.created_at)).where(Notification.status == NotificationStatus.PENDING)
+    )
+    failing = int(
+        session.scalar(
+            select(func.count()).where(
+                Notification.status == NotificationStatus.PENDING, Notification.attempts > 0
+            )
+        )
+        or 0
+    )
+    return {
+        "pending": counts[NotificationStatus.PENDING],
+        "failing": failing,
+        "dead": counts[NotificationStatus.DEAD],
+        "delivered": counts[NotificationStatus.DELIVERED],
+        "oldest_pending_age_s": round(max(0, now_ms - oldest) / 1000, 3) if oldest is not None else 0.0,
+    }

@@ -19,13 +19,13 @@ broker is down they stay pending and the workers' periodic sweep sends them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import permissions, queries, reads
+from models import notifications, permissions, queries, reads
 from models.commands import CommandRequest, InvalidCommandError
 from models.db import create_db_engine, make_session_factory
 from models.permissions import Access, AccessCache
@@ -162,6 +162,20 @@ class Orgsync:
     ) -> queries.Page[queries.InvitationView]:
         with self.sessions() as session:
             return queries.get_pending_invitations(session, organization, page=page, page_size=page_size)
+
+    # ---------------------------------------------------------- notifications
+    def on_change(self, callback: Callable[[notifications.Change], None]) -> Callable[[], None]:
+        """Call ``callback(change)`` after each mirror write that THIS process commits; returns
+        a function that unsubscribes it.
+
+        The process that writes the mirror is the one applying events: a Celery worker
+        (``worker.main``) or ``orgsync run``. Register in that process (for example from a
+        module the worker imports) to react in-process; elsewhere listen on
+        ``ORGSYNC_NOTIFY_CHANNEL`` or receive the outgoing webhooks. ``change.body()`` is the
+        webhook's JSON body. Callbacks run after the commit, in order; one that raises is
+        logged and the others still run.
+        """
+        return notifications.subscribe(callback)
 
     # ------------------------------------------------------------------ changes
     def set_role(self, organization: str, user_id: str, role: str, **options: Any) -> Command:

@@ -162,7 +162,6 @@ def test_status_all_well(env: dict[str, str], factory: sessionmaker[Session]) ->
         "pending": 0,
         "failing": 0,
         "dead": 0,
-        "delivered": 0,
         "oldest_pending_age_s": 0.0,
     }
     assert status["ok"] is True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import examples
 from histories import T0, generate_history, make_event
@@ -201,3 +203,31 @@ def test_callbacks_run_after_commit_and_never_after_rollback(engine: Engine) -> 
         unsubscribe()
     assert [change.type for change in heard] == ["organization.created", "membership.added"]
     assert heard[1].body()["data"]["object"]["role"] == "org:member"
+
+
+def test_postgres_notify_is_sent_with_the_commit_and_never_on_rollback(
+    pg_engine: Engine, pg_url: str
+) -> None:
+    clear(pg_engine)
+    channel = "orgsync_test_changes"
+    dsn = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    factory = make_session_factory(pg_engine)
+    event = make_event("organizationMembership.created", _membership("org:member", T0), T0)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {channel}")
+        with notifications.configured(outbox=False, channel=channel):
+            with pytest.raises(RuntimeError), session_scope(factory) as session:
+                apply_events(session, [event], now_ms=NOW)
+                raise RuntimeError("rolled back")
+            with session_scope(factory) as session:
+                apply_events(session, [event], now_ms=NOW)
+        # A marker after both transactions: notifications arrive in commit order, so the rolled
+        # back batch's would have come before it.
+        listener.execute(f"NOTIFY {channel}, 'marker'")
+        payloads = [n.payload for n in listener.notifies(timeout=30, stop_after=3)]
+    assert payloads[2] == "marker"
+    heard = [json.loads(payload) for payload in payloads[:2]]
+    assert [item["type"] for item in heard] == ["organization.created", "membership.added"]
+    assert heard[1]["ordering_key"] == "org_1"
+    assert heard[1]["id"].startswith("ntf_")
+    assert outbox(pg_engine) == []  # no URLs: no outbox rows

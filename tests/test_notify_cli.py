@@ -18,6 +18,7 @@ from models.clock import now_ms
 from models.db import make_session_factory, session_scope
 from models.mirror import apply_events
 from models.retention import DAY_MS
+from models.settings import Settings
 from models.tables import Notification, NotificationStatus
 from orgsync.cli import cli
 from orgsync.cli.base import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, Runtime
@@ -163,3 +164,22 @@ def test_good_settings_parse(env: dict[str, str]) -> None:
     )
     assert result.exit_code == EXIT_OK, result.output
     assert json.loads(result.stdout) == []
+
+
+def test_readyz_shows_the_delivery_state_when_urls_are_set(
+    rows: list[str], sqlite_url: str, sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    from webhooks.app import create_app
+
+    settings = Settings(
+        database_url=sqlite_url,
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        data_dir=tmp_path,
+        webhook_secrets=(TEST_SIGNING_SECRET,),
+        notify_urls=("http://127.0.0.1:9/hook",),
+        notify_secret=TEST_SIGNING_SECRET,
+    )
+    response = create_app(settings, engine=sqlite_engine).test_client().get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["notifications"]["dead"] == 1
+    assert response.get_json()["notifications"]["pending"] == 1

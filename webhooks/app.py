@@ -10,6 +10,7 @@ from typing import IO, Any
 
 from flask import Flask, Response, request
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from api import create_api_blueprint
@@ -18,6 +19,7 @@ from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
 from models.inbox import Stored, store_delivery
+from models.notifications import outbox_health
 from models.permissions import AccessCache
 from models.settings import Settings
 from models.tables import InboxStatus
@@ -99,6 +101,14 @@ def _stored_response(stored: Stored) -> Response:
     if stored.reason and not stored.duplicate:
         payload["reason"] = stored.reason
     return _json(200, payload)
+
+
+def _notification_state(engine: Engine) -> dict[str, Any] | str:
+    try:
+        with Session(engine) as session:
+            return outbox_health(session, now_ms=now_ms())
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
 
 
 def create_app(
@@ -211,7 +221,11 @@ def create_app(
         if failed:
             logger.warning("not ready: %s", ", ".join(f"{name} {checks[name]}" for name in failed))
             return _json(503, {"status": "unavailable", "failed": failed, "checks": checks})
-        return _json(200, {"status": "ok", "checks": checks})
+        body: dict[str, Any] = {"status": "ok", "checks": checks}
+        if settings.notify_urls:
+            # The delivery state, for a look from outside; a backlog does not make this unready.
+            body["notifications"] = _notification_state(state.engine)
+        return _json(200, body)
 
     if settings.api_tokens:
         app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))

@@ -18,6 +18,8 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
   deleted mixed) bulk-copied into the inbox, drained by ``worker.apply.apply_inbox`` in
   batches of ``apply_batch_size`` in this process, then by real Celery worker processes.
 * memory: VmRSS (from /proc) of the web and worker processes after their load.
+* notifications: apply with the change notification outbox on, beside the apply rate, and
+  change events delivered per second to a loopback receiver (bench/notify.py).
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.notify import bench_notify, notify_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -106,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine = machine_info(database.dsn, broker_url)
             web = bench_web(env)
             apply = bench_apply(env, args.profile)
+            notify = bench_notify(env)
             figures = build_figures(web, apply)
+            figures.update(notify_figures(notify))
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply)},
+                "raw": {"web": web, "apply": dict(apply), "notify": notify},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -49,7 +49,13 @@ FIGURES_WITH_BASELINE = {
 }
 # The baseline handler has no worker process to weigh.
 # Nor a prune to run beside its intake.
-FIGURES_WITHOUT_BASELINE = {"worker_rss_mb", "intake_paced_p99_during_prune_ms"}
+# Nor notifications: their figures stand beside orgsync's own apply rate.
+FIGURES_WITHOUT_BASELINE = {
+    "worker_rss_mb",
+    "intake_paced_p99_during_prune_ms",
+    "apply_with_notifications_rate",
+    "notify_delivery_rate",
+}
 
 
 def _number(value: object) -> bool:
@@ -217,6 +223,10 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
     assert during["completed"] == during["requests"]
     assert raw["apply"]["orgsync"]["applied"] == raw["apply"]["orgsync"]["events"]
     assert raw["apply"]["celery"]["applied"] == raw["apply"]["celery"]["events"]
+    # Every change event the backlog produced reached the receiver.
+    delivery = raw["notify"]["delivery"]
+    assert delivery["changes"] > 0
+    assert delivery["delivered"] == delivery["changes"] <= delivery["received"]
     # The table is printed on stdout.
     assert "figure" in output
     assert "apply_rate" in output

@@ -7,6 +7,7 @@ import json
 import random
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -48,8 +49,9 @@ class Receiver:
         return result
 
 
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, str]]:
+@contextmanager
+def serve_receiver() -> Iterator[tuple[Receiver, str]]:
+    """A ``Receiver`` on a free loopback port and its URL (with a token, as receivers' often carry)."""
     state = Receiver()
 
     class Handler(BaseHTTPRequestHandler):
@@ -76,6 +78,12 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, str]]:
+    with serve_receiver() as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Change notifications: their cost on apply, and how fast they reach a receiver.
 
+    python bench/notify.py [--events 20000]    (bench/run.py runs it too, after the apply phase)
+
 * apply with notifications: the same kind of membership backlog as the apply phase, drained by
   ``worker.apply.apply_inbox`` in this process with the outbox on (``models.notifications``
   reading each batch's rows before and after it writes, rendering and recording the changes);
@@ -11,24 +13,33 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.sharedctypes import Synchronized
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-import psycopg
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's directory comes first on sys.path; the bench package needs its parent.
+sys.path.insert(0, str(ROOT))
 
-from bench.phases import copy_inbox, workload
-from bench.procs import progress
-from bench.report import figure
-from models import notifications
-from models.db import create_db_engine, make_session_factory
-from worker.apply import apply_inbox
-from worker.notify import Sender, drain
+import psycopg  # noqa: E402
 
-if TYPE_CHECKING:
-    from bench.phases import Env
+from bench.phases import Env, Params, copy_inbox, workload  # noqa: E402
+from bench.procs import PG_ADMIN_DSN, PG_HOST_URL, fresh_database, new_secret, progress  # noqa: E402
+from bench.report import figure, render_table  # noqa: E402
+from models import notifications  # noqa: E402
+from models.db import create_db_engine, make_session_factory  # noqa: E402
+from models.tables import Base  # noqa: E402
+from worker.apply import apply_inbox  # noqa: E402
+from worker.notify import Sender, drain  # noqa: E402
 
 # Enough change events for a steady rate, few enough to keep the phase short.
 MAX_EVENTS = 20_000
@@ -72,6 +83,14 @@ def _apply(factory: Any, ids: list[int], batch_size: int, max_attempts: int) -> 
     return {"events": applied, "seconds": seconds, "rate_per_s": applied / seconds}
 
 
+def _reset_tables(env: Env) -> None:
+    """Empty every table (as ``Env.reset`` does, without the broker: nothing here uses it)."""
+    names = ", ".join(table.name for table in reversed(Base.metadata.sorted_tables))
+    with psycopg.connect(env.pg_dsn, autocommit=True) as connection:
+        connection.execute(f"TRUNCATE {names} RESTART IDENTITY")
+        connection.execute("VACUUM ANALYZE")
+
+
 def _outbox_count(env: Env) -> int:
     with psycopg.connect(env.pg_dsn) as connection:
         row = connection.execute("SELECT count(*) FROM notifications").fetchone()
@@ -93,7 +112,7 @@ def bench_notify(env: Env) -> dict[str, Any]:
     try:
         bodies = workload(env, 3).bodies(events)
         for label, outbox in (("apply_plain", False), ("apply", True)):
-            env.reset()
+            _reset_tables(env)
             ids = copy_inbox(env, bodies)
             progress(f"notify: applying {len(ids)} inbox rows, outbox {'on' if outbox else 'off'}")
             with notifications.configured(outbox=outbox):
@@ -170,3 +189,32 @@ def notify_figures(notify: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
     ]
     return {entry["name"]: entry for entry in figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="orgsync's change notification benchmark on its own")
+    parser.add_argument("--events", type=int, default=MAX_EVENTS, help="membership webhooks in the backlog")
+    parser.add_argument("--out", type=Path, default=None, help="write the raw figures here as JSON")
+    args = parser.parse_args(argv)
+    if args.events < 1:
+        parser.error("--events must be at least 1")
+    data_dir = Path(tempfile.mkdtemp(prefix="orgsync-bench-notify-"))
+    # Settings need a broker URL; this phase never connects to it (no worker, no tasks).
+    broker_url = "redis://127.0.0.1:6379/0"
+    try:
+        with fresh_database("orgsync_bench_notify", pg_admin=PG_ADMIN_DSN, pg_url=PG_HOST_URL) as database:
+            assert database.dsn is not None
+            params = replace(Params(), apply_events=args.events)
+            env = Env(database.url, database.dsn, broker_url, data_dir, new_secret(), params)
+            notify = bench_notify(env)
+        figures = notify_figures(notify)
+        print(render_table(figures))
+        if args.out is not None:
+            args.out.write_text(json.dumps({"figures": figures, "raw": notify}, indent=2) + "\n")
+        return 0
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

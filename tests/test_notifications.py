@@ -21,6 +21,7 @@ from models import notifications
 from models.db import make_session_factory, session_scope
 from models.mirror import TABLES, apply_events
 from models.queries import invitation_status
+from models.reconcile import absent_rows, tombstone_rows, write_listing
 from models.tables import Notification
 
 NOW = 1_800_000_000_000
@@ -231,3 +232,32 @@ def test_postgres_notify_is_sent_with_the_commit_and_never_on_rollback(
     assert heard[1]["ordering_key"] == "org_1"
     assert heard[1]["id"].startswith("ntf_")
     assert outbox(pg_engine) == []  # no URLs: no outbox rows
+
+
+def test_reconciliation_repairs_are_announced(engine: Engine) -> None:
+    """A missed update found by a listing, and a missed removal confirmed with Clerk, are changes too."""
+    factory = make_session_factory(engine)
+    clear(engine)
+    with session_scope(factory) as session:
+        apply_events(
+            session,
+            [make_event("organizationMembership.created", _membership("org:member", T0), T0)],
+            now_ms=NOW,
+        )
+    listed = _membership("org:admin", T0 + 50)
+    with session_scope(factory) as session:
+        write_listing(session, "memberships", [listed], now_ms=NOW)
+    with session_scope(factory) as session:
+        write_listing(session, "memberships", [listed], now_ms=NOW)  # listed again: nothing new
+    rows = outbox(engine)[2:]
+    assert [row["type"] for row in rows] == ["membership.role_changed"]
+    assert rows[0]["data"]["previous"]["role"] == "org:member"
+
+    with session_scope(factory) as session:
+        gone = absent_rows(
+            session, "memberships", seen=set(), listed_since_ms=NOW + 1, organization_id="org_1"
+        )
+        tombstone_rows(session, gone, listed_since_ms=NOW + 1, now_ms=NOW + 2)
+    rows = outbox(engine)[3:]
+    assert [row["type"] for row in rows] == ["membership.removed"]
+    assert rows[0]["data"]["object"]["deleted"] is True

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Row, Table, event, func, insert, or_, select, text, tuple_
 from sqlalchemy.orm import Session
@@ -62,6 +62,9 @@ from models.tables import (
     Organization,
     User,
 )
+
+if TYPE_CHECKING:
+    from models.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +97,6 @@ IGNORED: dict[str, frozenset[str]] = {
 # Deletions of the objects others hang from come after the changes of those others.
 _LAST = frozenset({"organization.deleted", "user.deleted"})
 MAX_IN = 500
-# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; ours are far smaller, but an
-# object id is Clerk's to choose, so one is cut rather than fail the mirror write.
-MAX_NOTIFY_PAYLOAD = 7900
 # An invitation that expired this long ago or less is announced by the periodic scan; older
 # ones were announced by an earlier scan (or expired while notifications were off).
 EXPIRY_LOOKBACK_MS = 24 * 3600 * 1000
@@ -124,7 +124,7 @@ def configure(*, outbox: bool, channel: str | None) -> None:
         _config.channel = channel
 
 
-def configure_from(settings: Any) -> None:
+def configure_from(settings: Settings) -> None:
     """Configure from ``models.settings.Settings``: the outbox when URLs are set, the channel when named."""
     configure(outbox=bool(settings.notify_urls), channel=settings.notify_channel)
 
@@ -381,8 +381,12 @@ def record(session: Session, changes: Sequence[Change]) -> None:
 
 
 def notify_payload(change: Change) -> str:
-    """What a NOTIFY listener gets: enough to decide whether to read the mirror (or the outbox)."""
-    payload = json.dumps(
+    """What a NOTIFY listener gets: enough to decide whether to read the mirror (or the outbox).
+
+    Ids and keys are mirror columns of at most 64 characters: a payload is a few hundred
+    bytes, far below PostgreSQL's 8000-byte limit, whatever the object.
+    """
+    return json.dumps(
         {
             "id": change.event_id,
             "type": change.type,
@@ -391,7 +395,6 @@ def notify_payload(change: Change) -> str:
         },
         separators=(",", ":"),
     )
-    return payload if len(payload.encode()) <= MAX_NOTIFY_PAYLOAD else payload[: MAX_NOTIFY_PAYLOAD // 4]
 
 
 # ------------------------------------------------------------------------ render

@@ -24,6 +24,8 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
 * freshness elsewhere (bench/freshness.py): ``orgsync run`` on its embedded default (SQLite)
   at 100 events/s and its idle CPU; receive -> applied at 100 events/s for new organizations
   with no Clerk key, then with the Backend API down.
+* notifications: apply with the change notification outbox on, beside the apply rate, and
+  change events delivered per second to a loopback receiver (bench/notify.py).
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -52,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from bench.freshness import QUICK_FRESHNESS, FreshnessParams, bench_freshness, freshness_figures  # noqa: E402
+from bench.notify import bench_notify, notify_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -119,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fresh = bench_freshness(env, env.ids, QUICK_FRESHNESS if args.quick else FreshnessParams())
             figures = build_figures(web, apply, reads)
             figures.update(freshness_figures(fresh, figures["freshness_p99_ms"]["orgsync"]))
+            notify = bench_notify(env)
+            figures.update(notify_figures(notify))
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -135,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply), "reads": reads, "freshness": fresh},
+                "raw": {"web": web, "apply": dict(apply), "reads": reads, "freshness": fresh, "notify": notify},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

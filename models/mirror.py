@@ -59,7 +59,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from models import tables
+from models import notifications, tables
 from models.db import MirrorLock, held_mirror_lock, lock_mirror_writes, lock_organizations
 from models.events import (
     DOMAINS,
@@ -173,6 +173,14 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
             best[stub.table][key] = Write(
                 stub.table, key, STUB_VERSION, dict(stub.values, version=STUB_VERSION)
             )
+    # Change notifications: the rows this batch may change, read before it writes (None when off).
+    watched = notifications.capture(
+        session,
+        best,
+        cascade_orgs=sticky_deleted[ORGANIZATIONS],
+        cascade_users=sticky_deleted[USERS],
+        now_ms=now_ms,
+    )
     touched_orgs: set[str] = set()
     touched_users: set[str] = set()
     copies = Touched()
@@ -216,6 +224,8 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
         raise RuntimeError("these events write organizations the transaction did not lock")
     _cascade(session, touched_orgs, touched_users, now_ms, within=within)
     refresh_copies(session, copies, within=within)
+    # The net change of each row the batch wrote or cascaded, recorded in this transaction.
+    notifications.emit(session, watched)
 
 
 @dataclass

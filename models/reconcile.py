@@ -48,6 +48,7 @@ from sqlalchemy import table as sa_table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from models import notifications
 from models.db import lock_mirror_writes
 from models.errors import PayloadError, PermanentError, RetryableError
 from models.events import (
@@ -327,11 +328,14 @@ def write_listing(session: Session, kind: str, items: Iterable[Mapping[str, Any]
             continue
         drift.add(kind, "created" if mirrored is None or mirrored.deleted else "updated")
         writes.append(dict(row, synced_at=now_ms))
+    # Change notifications: a repair is a change of the mirror like any webhook's (None when off).
+    watched = notifications.capture(session, {kind: [row_key(kind, row) for row in writes]}, now_ms=now_ms)
     if writes:
         _upsert_newer(session, kind, writes)
     # By content, not only by version: a copy that no longer matches the user or role row it
     # derives from is rewritten even when nothing listed was newer.
     drift.add(MEMBERSHIPS, "updated", refresh_copies(session, _touched(kind, best)))
+    notifications.emit(session, watched)
     return drift
 
 
@@ -433,6 +437,12 @@ def tombstone_rows(session: Session, gone: Sequence[Absent], *, listed_since_ms:
     """Tombstone memberships and invitations Clerk confirmed gone, unless written since the listing."""
     lock_mirror_writes(session)
     drift = Drift()
+    # Change notifications (None when off): the tombstones written below are removals.
+    watched = notifications.capture(
+        session,
+        {kind: [item.key for item in gone if item.kind == kind] for kind in (MEMBERSHIPS, INVITATIONS)},
+        now_ms=now_ms,
+    )
     for item in gone:
         if item.kind not in (MEMBERSHIPS, INVITATIONS):
             raise ValueError(f"tombstone_rows takes memberships and invitations, not {item.kind}")
@@ -453,6 +463,7 @@ def tombstone_rows(session: Session, gone: Sequence[Absent], *, listed_since_ms:
             execution_options={"synchronize_session": False},
         )
         drift.add(item.kind, "tombstoned", cast(Any, result).rowcount or 0)
+    notifications.emit(session, watched)
     return drift
 
 

@@ -1,4 +1,5 @@
-"""Retention: prune old inbox rows, API calls, commands and sync runs in small batches; redact raw payloads.
+"""Retention: prune old inbox rows, API calls, commands, sync runs and notifications in small batches;
+redact raw payloads.
 
 Every batch is its own short transaction over a range of primary keys, so intake (which
 only inserts new rows) never waits behind a prune for long. Each statement repeats the
@@ -20,8 +21,19 @@ from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, sele
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
-from models.settings import Settings
-from models.tables import ApiCall, Base, Command, CommandStatus, InboxEvent, InboxStatus, SyncRun, SyncStatus
+from models.settings import DEFAULT_RETAIN_NOTIFICATIONS_DAYS, Settings
+from models.tables import (
+    ApiCall,
+    Base,
+    Command,
+    CommandStatus,
+    InboxEvent,
+    InboxStatus,
+    Notification,
+    NotificationStatus,
+    SyncRun,
+    SyncStatus,
+)
 
 DAY_MS = 24 * 3600 * 1000
 REDACTED = "[redacted]"
@@ -30,7 +42,8 @@ INBOX = "inbox_events"
 API_CALLS = "api_calls"
 COMMANDS = "commands"
 SYNC_RUNS = "sync_runs"
-TABLES = (INBOX, API_CALLS, COMMANDS, SYNC_RUNS)
+NOTIFICATIONS = "notifications"
+TABLES = (INBOX, API_CALLS, COMMANDS, SYNC_RUNS, NOTIFICATIONS)
 REDACTION = "inbox_redaction"
 
 # Pending rows are work not done yet: never pruned. Dead rows are pruned with the others once
@@ -48,6 +61,9 @@ FINISHED_COMMANDS = (
 # An interrupted run is resumable only while it is the latest of its scope, and the latest
 # run is never pruned.
 FINISHED_SYNC_RUNS = (SyncStatus.COMPLETED, SyncStatus.FAILED, SyncStatus.INTERRUPTED)
+# Pending notifications are still owed to a receiver: never pruned. Dead ones go with the
+# window, like dead inbox rows, counted from when they were recorded.
+FINISHED_NOTIFICATIONS = (NotificationStatus.DELIVERED, NotificationStatus.DEAD)
 
 # Fields of Clerk payloads that hold personal data, wherever they are nested: addresses,
 # names, handles, pictures (a URL can name a person), phone numbers, client IPs and agents.
@@ -130,6 +146,7 @@ class Policy:
     sync_runs_days: int
     redact_after_days: int
     batch_size: int
+    notifications_days: int = DEFAULT_RETAIN_NOTIFICATIONS_DAYS
 
     @classmethod
     def from_settings(cls, settings: Settings, *, now_ms: int, batch_size: int | None = None) -> Policy:
@@ -140,6 +157,7 @@ class Policy:
             commands_days=settings.retain_commands_days,
             sync_runs_days=settings.retain_sync_runs_days,
             redact_after_days=settings.redact_after_days,
+            notifications_days=settings.retain_notifications_days,
             batch_size=batch_size or settings.prune_batch_size,
         )
 
@@ -236,6 +254,7 @@ def _targets(policy: Policy) -> list[_Target]:
     calls = _table(ApiCall)
     commands = _table(Command)
     runs = _table(SyncRun)
+    outbox = _table(Notification)
 
     def inbox_where(_: Session) -> ColumnElement[bool]:
         return and_(
@@ -258,11 +277,18 @@ def _targets(policy: Policy) -> list[_Target]:
             runs.c.id < latest,
         )
 
+    def notifications_where(_: Session) -> ColumnElement[bool]:
+        return and_(
+            outbox.c.status.in_(FINISHED_NOTIFICATIONS),
+            outbox.c.created_at < policy.cutoff(policy.notifications_days),
+        )
+
     return [
         _Target(INBOX, inbox, inbox_where),
         _Target(API_CALLS, calls, calls_where),
         _Target(COMMANDS, commands, commands_where),
         _Target(SYNC_RUNS, runs, runs_where),
+        _Target(NOTIFICATIONS, outbox, notifications_where),
     ]
 
 

@@ -37,6 +37,17 @@ DEFAULT_PRUNE_RATE = 5000
 DEFAULT_DB_SCHEMA = "orgsync"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 LOG_FORMATS = ("text", "json")
+DEFAULT_RETAIN_NOTIFICATIONS_DAYS = 30
+# Change notifications (``models.notifications``): a failing receiver is retried with
+# exponential backoff from ``notify_retry_base`` up to ``NOTIFY_RETRY_CAP_S``, for
+# ``notify_dead_after`` (three days, as long as Svix itself keeps trying) before the row is dead.
+DEFAULT_NOTIFY_DEAD_AFTER = 3 * 24 * 3600.0
+DEFAULT_NOTIFY_RETRY_BASE = 2.0
+DEFAULT_NOTIFY_INTERVAL = 5.0
+DEFAULT_NOTIFY_TIMEOUT = 10.0
+NOTIFY_RETRY_CAP_S = 600.0
+# A PostgreSQL identifier NOTIFY takes unquoted: lower case, at most 63 bytes.
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -182,6 +193,35 @@ def parse_api_tokens(raw: str, name: str = "ORGSYNC_API_TOKENS") -> tuple[str, .
     return entries
 
 
+def parse_notify_urls(raw: str, name: str = "ORGSYNC_NOTIFY_URLS") -> tuple[str, ...]:
+    """Split the receivers' URLs (spaces or commas); errors name the entry, never its value.
+
+    A URL may carry a token in its query string, so it is never quoted back.
+    """
+    entries = tuple(part for part in re.split(r"[\s,]+", raw.strip()) if part)
+    for position, url in enumerate(entries, start=1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{name}: entry {position} of {len(entries)} is not an http:// or https:// URL with a host"
+            )
+    if len(set(entries)) != len(entries):
+        raise ConfigError(f"{name} lists the same URL twice")
+    return entries
+
+
+def parse_notify_channel(raw: str, name: str = "ORGSYNC_NOTIFY_CHANNEL") -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not _CHANNEL.fullmatch(value):
+        raise ConfigError(
+            f"{name} must be a PostgreSQL channel name: lower-case letters, digits and '_', "
+            f"not starting with a digit, at most 63 characters; got {value!r}"
+        )
+    return value
+
+
 def normalize_database_url(url: str) -> str:
     """Point bare PostgreSQL URLs at psycopg 3, the driver orgsync installs."""
     for prefix in ("postgres://", "postgresql://"):
@@ -295,6 +335,15 @@ class Settings:
     metrics_public: bool = False
     db_schema: str = DEFAULT_DB_SCHEMA
     log_format: str = "text"
+    # URLs may carry tokens in their query strings: kept out of ``repr`` like the secrets.
+    notify_urls: tuple[str, ...] = field(default=(), repr=False)
+    notify_secret: str | None = field(default=None, repr=False)
+    notify_channel: str | None = None
+    notify_dead_after: float = DEFAULT_NOTIFY_DEAD_AFTER
+    notify_retry_base: float = DEFAULT_NOTIFY_RETRY_BASE
+    notify_interval: float = DEFAULT_NOTIFY_INTERVAL
+    notify_timeout: float = DEFAULT_NOTIFY_TIMEOUT
+    retain_notifications_days: int = DEFAULT_RETAIN_NOTIFICATIONS_DAYS
 
     @property
     def embedded(self) -> bool:
@@ -357,6 +406,25 @@ class Settings:
             raise ConfigError(
                 f"ORGSYNC_PRUNE_BATCH_SIZE must be at most {MAX_PRUNE_BATCH_SIZE}, got {prune_batch_size}"
             )
+        notify_urls = parse_notify_urls(env.get("ORGSYNC_NOTIFY_URLS", ""))
+        raw_notify_secret = env.get("ORGSYNC_NOTIFY_SECRET", "")
+        notify_secret: str | None = None
+        if notify_urls:
+            if not raw_notify_secret.strip():
+                raise ConfigError(
+                    "ORGSYNC_NOTIFY_SECRET is not set: ORGSYNC_NOTIFY_URLS receive signed requests; "
+                    "set a whsec_ secret (whsec_ followed by base64 of 24 or more random bytes) "
+                    "and give it to the receivers"
+                )
+            notify_secrets = parse_signing_secrets(raw_notify_secret, "ORGSYNC_NOTIFY_SECRET")
+            if len(notify_secrets) != 1:
+                raise ConfigError("ORGSYNC_NOTIFY_SECRET must be exactly one whsec_ secret")
+            notify_secret = notify_secrets[0]
+        notify_channel = parse_notify_channel(env.get("ORGSYNC_NOTIFY_CHANNEL", ""))
+        if notify_channel is not None and not database_url.startswith("postgresql"):
+            raise ConfigError(
+                "ORGSYNC_NOTIFY_CHANNEL needs PostgreSQL (NOTIFY): DATABASE_URL is not a postgresql:// URL"
+            )
         return cls(
             database_url=database_url,
             broker_url=broker_url,
@@ -398,4 +466,14 @@ class Settings:
             metrics_public=_bool(env, "ORGSYNC_METRICS_PUBLIC"),
             db_schema=parse_db_schema(env.get("ORGSYNC_DB_SCHEMA", "")),
             log_format=_choice(env, "ORGSYNC_LOG_FORMAT", LOG_FORMATS),
+            notify_urls=notify_urls,
+            notify_secret=notify_secret,
+            notify_channel=notify_channel,
+            notify_dead_after=_float(env, "ORGSYNC_NOTIFY_DEAD_AFTER", DEFAULT_NOTIFY_DEAD_AFTER),
+            notify_retry_base=_float(env, "ORGSYNC_NOTIFY_RETRY_BASE", DEFAULT_NOTIFY_RETRY_BASE),
+            notify_interval=_float(env, "ORGSYNC_NOTIFY_INTERVAL", DEFAULT_NOTIFY_INTERVAL),
+            notify_timeout=_float(env, "ORGSYNC_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT),
+            retain_notifications_days=_days(
+                env, "ORGSYNC_RETAIN_NOTIFICATIONS_DAYS", DEFAULT_RETAIN_NOTIFICATIONS_DAYS
+            ),
         )

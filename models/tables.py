@@ -367,3 +367,44 @@ class MirrorState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class NotificationStatus:
+    """pending -> delivered, or -> dead once it failed for ``ORGSYNC_NOTIFY_DEAD_AFTER``."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+    ALL = (PENDING, DELIVERED, DEAD)
+
+
+class Notification(Base):
+    """A change of the mirror to announce to the outgoing webhook URLs (the notification outbox).
+
+    Written in the transaction of the mirror write it describes (``models.notifications``);
+    ``id`` grows in commit order because mirror writes are serialised, and ``ordering_key``
+    (the organization, or the user for user events) says which rows must arrive in that order.
+    """
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    type: Mapped[str] = mapped_column(String(48))
+    ordering_key: Mapped[str] = mapped_column(String(80))
+    object_id: Mapped[str] = mapped_column(String(160))
+    data: Mapped[JsonDict]
+    created_at: Mapped[int] = mapped_column(Millis)
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[int] = mapped_column(Millis)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Digests of the URLs that acknowledged it: a retry goes only to the others.
+    delivered_to: Mapped[list[str] | None]
+    delivered_at: Mapped[int | None] = mapped_column(Millis)
+
+    __table_args__ = (
+        Index("ix_notifications_status_key_id", "status", "ordering_key", "id"),
+        Index("ix_notifications_status_id", "status", "id"),
+    )

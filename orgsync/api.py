@@ -20,13 +20,13 @@ broker is down they stay pending and the workers' periodic sweep sends them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import permissions, reads
+from models import notifications, permissions, reads
 from models.commands import CommandRequest, InvalidCommandError
 from models.db import create_db_engine, make_session_factory
 from models.events import normalize_role_key
@@ -181,6 +181,20 @@ class Orgsync:
             organization=organization, status="pending", limit=limit, offset=offset
         )
         return listing or reads.Listing([], 0)
+
+    # ---------------------------------------------------------- notifications
+    def on_change(self, callback: Callable[[notifications.Change], None]) -> Callable[[], None]:
+        """Call ``callback(change)`` after each mirror write that THIS process commits; returns
+        a function that unsubscribes it.
+
+        The process that writes the mirror is the one applying events: a Celery worker
+        (``worker.main``) or ``orgsync run``. Register in that process (for example from a
+        module the worker imports) to react in-process; elsewhere listen on
+        ``ORGSYNC_NOTIFY_CHANNEL`` or receive the outgoing webhooks. ``change.body()`` is the
+        webhook's JSON body. Callbacks run after the commit, in order; one that raises is
+        logged and the others still run.
+        """
+        return notifications.subscribe(callback)
 
     # ------------------------------------------------------------------ changes
     def set_role(self, organization: str, user_id: str, role: str, **options: Any) -> Command:

@@ -25,12 +25,15 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, request
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from api.blueprint import create_api_blueprint
 from api.metrics import create_metrics_blueprint
 from api.orgsync import create_orgsync_blueprint
+from models.clock import now_ms
 from models.db import create_db_engine, ping
+from models.notifications import outbox_health
 from models.permissions import AccessCache
 from models.settings import Settings
 from webhooks.app import WebhookState, create_webhook_blueprint
@@ -69,7 +72,17 @@ def _json(status: int, payload: dict[str, Any]) -> Response:
     return Response(json.dumps(payload), status=status, mimetype="application/json")
 
 
-def create_health_blueprint(engine: Engine, broker_check: Callable[[], None] | None) -> Blueprint:
+def _notification_state(engine: Engine) -> dict[str, Any] | str:
+    try:
+        with Session(engine) as session:
+            return outbox_health(session, now_ms=now_ms())
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def create_health_blueprint(
+    engine: Engine, broker_check: Callable[[], None] | None, *, notifications: bool = False
+) -> Blueprint:
     """``/healthz``: the process answers; ``/readyz``: it can reach the database and the broker."""
     health = Blueprint("health", __name__)
 
@@ -97,7 +110,11 @@ def create_health_blueprint(engine: Engine, broker_check: Callable[[], None] | N
         if failed:
             logger.warning("not ready: %s", ", ".join(f"{name} {checks[name]}" for name in failed))
             return _json(503, {"status": "unavailable", "failed": failed, "checks": checks})
-        return _json(200, {"status": "ok", "checks": checks})
+        body: dict[str, Any] = {"status": "ok", "checks": checks}
+        if notifications:
+            # The delivery state, for a look from outside; a backlog does not make this unready.
+            body["notifications"] = _notification_state(engine)
+        return _json(200, body)
 
     return health
 
@@ -125,7 +142,7 @@ def create_app(
 
     intake, intake_state = create_webhook_blueprint(settings, engine=engine, send=send)
     app.register_blueprint(intake)
-    app.register_blueprint(create_health_blueprint(engine, broker_check))
+    app.register_blueprint(create_health_blueprint(engine, broker_check, notifications=bool(settings.notify_urls)))
     if settings.api_tokens:
         app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))
         app.register_blueprint(

@@ -62,7 +62,8 @@ FIGURES_WITH_BASELINE = {
 }
 # The baseline handler has no worker process to weigh.
 # Nor a prune to run beside its intake.
-# Nor the embedded default and the Backend API down (bench/freshness.py): orgsync against its targets.
+# Nor notifications (beside orgsync's own apply rate), the embedded default and the
+# Backend API down (bench/freshness.py): orgsync against its targets.
 FIGURES_WITHOUT_BASELINE = {
     "worker_rss_mb",
     "intake_paced_p99_during_prune_ms",
@@ -70,6 +71,8 @@ FIGURES_WITHOUT_BASELINE = {
     "embedded_idle_cpu_percent",
     "applied_no_key_p99_ms",
     "applied_clerk_down_p99_ms",
+    "apply_with_notifications_rate",
+    "notify_delivery_rate",
 }
 
 
@@ -254,6 +257,10 @@ def test_quick_benchmark_reports_every_figure(pg_url: str, redis_url: str, tmp_p
         drained = raw["apply"]["processes"][processes]
         assert drained["applied"] == drained["events"], processes
         assert drained["statuses"] == {"applied": drained["events"]}, processes
+    # Every change event the backlog produced reached the receiver.
+    delivery = raw["notify"]["delivery"]
+    assert delivery["changes"] > 0
+    assert delivery["delivered"] == delivery["changes"] <= delivery["received"]
     # The table is printed on stdout.
     assert "figure" in output
     assert "apply_rate" in output

@@ -98,11 +98,17 @@ def test_prune_dry_run_counts_and_changes_nothing(
     assert result.exit_code == EXIT_OK, result.output
     report = json.loads(result.stdout)
     assert report["dry_run"] is True
-    assert report["deleted"] == {"inbox_events": 3, "api_calls": 0, "commands": 0, "sync_runs": 0}
+    assert report["deleted"] == {
+        "inbox_events": 3,
+        "api_calls": 0,
+        "commands": 0,
+        "sync_runs": 0,
+        "notifications": 0,
+    }
     assert report["redacted"] == 1
     assert count_events(factory) == 5
     text = invoke(env, "prune", "--dry-run")
-    assert "inbox_events  delete  3     30" in text.stdout
+    assert "inbox_events   delete  3     30" in text.stdout
     assert "dry run: nothing was changed" in text.stdout
 
 
@@ -120,8 +126,8 @@ def test_prune_removes_with_progress_on_stderr(env: dict[str, str], factory: ses
     assert result.exit_code == EXIT_OK, result.output
     assert "orgsync: prune: inbox_events: 2 deleted" in result.stderr
     assert "orgsync: prune: inbox_events: 5 deleted" in result.stderr
-    assert "inbox_events  delete  5" in result.stdout
-    assert "api_calls     delete  1" in result.stdout
+    assert "inbox_events   delete  5" in result.stdout
+    assert "api_calls      delete  1" in result.stdout
     assert count_events(factory) == 1
 
 
@@ -142,7 +148,22 @@ def test_status_all_well(env: dict[str, str], factory: sessionmaker[Session]) ->
     result = invoke(env, "status", "--json")
     assert result.exit_code == EXIT_OK, result.output
     status = json.loads(result.stdout)
-    assert set(status) == {"ok", "attention", "checked_at", "inbox", "commands", "reconciliation", "rules"}
+    assert set(status) == {
+        "ok",
+        "attention",
+        "checked_at",
+        "inbox",
+        "commands",
+        "reconciliation",
+        "rules",
+        "notifications",
+    }
+    assert status["notifications"] == {
+        "pending": 0,
+        "failing": 0,
+        "dead": 0,
+        "oldest_pending_age_s": 0.0,
+    }
     assert status["ok"] is True
     assert status["inbox"]["pending"] == 1
     assert status["reconciliation"] is None

@@ -17,6 +17,7 @@ from models.retention import (
     COMMANDS,
     DAY_MS,
     INBOX,
+    NOTIFICATIONS,
     REDACTED,
     REDACTION,
     SYNC_RUNS,
@@ -209,7 +210,11 @@ def test_a_dry_run_counts_exactly_what_prune_removes(session_factory: sessionmak
     done = prune(session_factory, policy())
 
     assert counted.dry_run and not done.dry_run
-    assert counted.deleted == done.deleted == {INBOX: 4, API_CALLS: 1, COMMANDS: 0, SYNC_RUNS: 0}
+    assert (
+        counted.deleted
+        == done.deleted
+        == {INBOX: 4, API_CALLS: 1, COMMANDS: 0, SYNC_RUNS: 0, NOTIFICATIONS: 0}
+    )
     assert counted.redacted == done.redacted == 1
 
 
@@ -221,7 +226,7 @@ def test_only_the_tables_asked_for(session_factory: sessionmaker[Session]) -> No
         )
     seen: list[str] = []
     report = prune(session_factory, policy(), tables=[API_CALLS], progress=lambda name, _: seen.append(name))
-    assert report.deleted == {INBOX: 0, API_CALLS: 1, COMMANDS: 0, SYNC_RUNS: 0}
+    assert report.deleted == {INBOX: 0, API_CALLS: 1, COMMANDS: 0, SYNC_RUNS: 0, NOTIFICATIONS: 0}
     assert REDACTION not in seen
     assert inbox_ids(session_factory) == {"msg_old"}
 

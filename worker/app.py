@@ -17,7 +17,7 @@ from kombu.entity import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import metrics
+from models import metrics, notifications
 from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, RetryableError
@@ -28,6 +28,7 @@ from models.tables import SyncStatus
 from worker.apply import apply_inbox, backoff_ms, sweep_inbox
 from worker.clerk import ClerkClient
 from worker.commands import confirm_commands, due_command_ids, send_command
+from worker.notify import Sender, announce_expired, drain
 from worker.process import PerProcess
 from worker.ratelimit import RateLimiter
 from worker.reconcile import reconcile_client, reconcile_task_body
@@ -54,6 +55,7 @@ QUEUE = QUEUE_APPLY
 # What ``orgsync worker --queue`` takes: each role's queue.
 WORKER_QUEUES = {"apply": QUEUE_APPLY, "clerk": QUEUE_CLERK}
 APPLY_TASKS = frozenset({TASK_APPLY, TASK_SWEEP})
+TASK_NOTIFY = "orgsync.deliver_notifications"
 # At most this many chunks of apply_batch_size per sweep: a long broker outage leaves a backlog
 # that a few sweeps drain, without one sweep holding the whole inbox in memory.
 SWEEP_MAX_CHUNKS = 20
@@ -214,6 +216,8 @@ def create_celery(settings: Settings) -> Celery:
         beat_scheduler=f"{__name__}:DataDirScheduler",
     )
     database = ProcessDatabase(settings.database_url)
+    # Change notifications are derived by whichever process writes the mirror: this app's workers.
+    notifications.configure_from(settings)
     clerk = PerProcess(lambda: command_client(settings), close=ClerkClient.close)
     send = make_sender(app)
     send_commands = make_command_sender(app)
@@ -260,6 +264,9 @@ def create_celery(settings: Settings) -> Celery:
         if report.applied:
             # The batch may carry the webhook echo of commands we sent: confirm them now.
             _confirm_quietly(database.session_factory(), confirm_timeout_ms)
+            if settings.notify_urls:
+                # Deliver the batch's change notifications now rather than at the next beat.
+                _send_quietly(app, TASK_NOTIFY)
         if report.retry_ids and report.retry_at_ms is not None:
             _retry(self, report.retry_ids, max(0.0, (report.retry_at_ms - now_ms()) / 1000), None)
 
@@ -344,6 +351,39 @@ def create_celery(settings: Settings) -> Celery:
             log.info("pruned %s, redacted %d inbox rows", report.deleted, report.redacted)
         return report.as_dict()
 
+    notify_sender = PerProcess(lambda: Sender.from_settings(settings), close=_close_sender)
+    if settings.notify_urls or settings.notify_channel:
+        app.conf.beat_schedule["orgsync-notify"] = {
+            "task": TASK_NOTIFY,
+            "schedule": settings.notify_interval,
+            "options": {"expires": settings.notify_interval},
+        }
+
+    @app.task(name=TASK_NOTIFY, shared=False)  # type: ignore[untyped-decorator]
+    def deliver_notifications_task() -> dict[str, Any]:
+        """Announce invitations that expired, then deliver the outbox's due rows (one drain at a time)."""
+        factory = database.session_factory()
+        expired = announce_expired(factory, now_ms=now_ms())
+        sender = notify_sender.get() if settings.notify_urls else None
+        if sender is None:
+            return {"expired_announced": expired}
+        report = drain(
+            factory,
+            sender,
+            clock_ms=now_ms,
+            dead_after_ms=int(settings.notify_dead_after * 1000),
+            retry_base_s=settings.notify_retry_base,
+        )
+        report.expired_announced = expired
+        if report.failed or report.dead:
+            log.info(
+                "notifications: %d delivered, %d failed, %d dead",
+                report.delivered,
+                report.failed,
+                report.dead,
+            )
+        return report.as_dict()
+
     @app.task(name=TASK_RECONCILE, shared=False)  # type: ignore[untyped-decorator]
     def reconcile_task() -> dict[str, Any] | None:
         return reconcile_task_body(database.session_factory(), reconcile_clients, None)
@@ -391,6 +431,19 @@ def _confirm_quietly(factory: sessionmaker[Session], confirm_timeout_ms: int) ->
             flagged,
             confirm_timeout_ms // 1000,
         )
+
+
+def _close_sender(sender: Sender | None) -> None:
+    if sender is not None:
+        sender.close()
+
+
+def _send_quietly(app: Celery, task: str) -> None:
+    """Enqueue ``task``; a broker failure only delays it to the next beat."""
+    try:
+        app.send_task(task, retry=False)
+    except Exception as exc:
+        log.warning("could not enqueue %s (%s); beat runs it later", task, type(exc).__name__)
 
 
 def _retry(task: Any, ids: list[int], countdown: float, exc: BaseException | None) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import click
 
-from orgsync.cli import commands, emulate, mirror, ops, processes, rules, sync
+from orgsync.cli import commands, emulate, mirror, notifications, ops, processes, rules, sync
 from orgsync.cli.base import EPILOG, OrgsyncGroup, invitations, members, runtime
 
 
@@ -37,6 +37,7 @@ for command in (
     commands.commands,
     rules.rules,
     sync.sync,
+    notifications.notifications_group,
     ops.prune_command,
     ops.status,
     ops.doctor,

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import reads
+from models import notifications, reads
 from models.commands import CommandNotFoundError
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.errors import ConfigError, OrganizationNotFoundError, OrgsyncError, PermanentError, RetryableError
@@ -99,6 +99,8 @@ class Runtime:
     def settings(self, *, require_webhook_secret: bool = False, configure_logging: bool = True) -> Settings:
         """Read the settings once for this command and set up logging from them."""
         settings = Settings.from_env(self.environ, require_webhook_secret=require_webhook_secret)
+        # A command that writes the mirror (``orgsync sync``) announces its changes like a worker.
+        notifications.configure_from(settings)
         if configure_logging:
             self.configure_logging(settings.log_level, settings.log_format)
         return settings

@@ -25,6 +25,7 @@ from models.clock import now_ms
 from models.db import create_db_engine, make_session_factory
 from models.errors import ConfigError, OrgsyncError, RetryableError
 from models.migrate import redact_url, require_database_file, schema_revisions
+from models.notifications import outbox_health
 from models.reconcile import latest_runs
 from models.redact import redact as redact_text
 from models.retention import (
@@ -68,6 +69,7 @@ def _prune_rows(report: PruneReport, settings: Settings) -> list[dict[str, Any]]
         "api_calls": settings.retain_api_calls_days,
         "commands": settings.retain_commands_days,
         "sync_runs": settings.retain_sync_runs_days,
+        "notifications": settings.retain_notifications_days,
     }
     rows: list[dict[str, Any]] = [
         {"table": name, "action": "delete", "rows": report.deleted[name], "older_than_days": days[name]}
@@ -205,6 +207,8 @@ def collect_status(session: Session, settings: Settings, *, now: int, max_lag_s:
         set(session.scalars(select(RuleState.rule_name).where(RuleState.stopped_at.is_not(None))))
     )
 
+    notified = outbox_health(session, now_ms=now)
+
     attention: list[str] = []
     if lag_s > max_lag_s:
         attention.append(f"inbox lag {lag_s:.0f} s (over {max_lag_s:.0f} s): are the workers running?")
@@ -226,6 +230,16 @@ def collect_status(session: Session, settings: Settings, *, now: int, max_lag_s:
             attention.append("no reconciliation completed within 3 intervals: is beat running?")
     if stopped:
         attention.append(f"stopped rule(s): {', '.join(stopped)}: `orgsync rules check`")
+    if notified["dead"]:
+        attention.append(
+            f"{notified['dead']} dead notification(s): `orgsync notifications list --status dead`, "
+            "then `orgsync notifications retry --dead`"
+        )
+    if notified["oldest_pending_age_s"] > max_lag_s:
+        attention.append(
+            f"notification backlog: the oldest pending waits {notified['oldest_pending_age_s']:.0f} s "
+            f"(over {max_lag_s:.0f} s): are the receivers (ORGSYNC_NOTIFY_URLS) and workers up?"
+        )
     return {
         "ok": not attention,
         "attention": attention,
@@ -234,6 +248,7 @@ def collect_status(session: Session, settings: Settings, *, now: int, max_lag_s:
         "commands": {"open": open_count, "failed_24h": failed, "unconfirmed": unconfirmed},
         "reconciliation": reconciliation,
         "rules": {"stopped": stopped},
+        "notifications": notified,
     }
 
 
@@ -245,12 +260,15 @@ def _status_text(status: Mapping[str, Any]) -> str:
     else:
         sync_line = f"run {run['id']} ({run['scope']}) {run['status']}, drift {run['drift']:,}"
     stopped = status["rules"]["stopped"]
+    notified = status["notifications"]
     lines = [
         f"inbox:          {inbox['pending']:,} pending, lag {inbox['lag_s']:.1f} s, {inbox['dead']:,} dead",
         f"commands:       {commands['open']:,} open, {commands['failed_24h']:,} failed (24 h), "
         f"{commands['unconfirmed']:,} unconfirmed",
         f"reconciliation: {sync_line}",
         f"rules:          {', '.join(stopped) + ' stopped' if stopped else 'none stopped'}",
+        f"notifications:  {notified['pending']:,} pending ({notified['failing']:,} failing), "
+        f"oldest {notified['oldest_pending_age_s']:.1f} s, {notified['dead']:,} dead",
     ]
     if status["attention"]:
         lines.append("needs attention:")

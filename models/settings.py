@@ -30,6 +30,8 @@ DEFAULT_REDACT_AFTER_DAYS = 7
 DEFAULT_PRUNE_INTERVAL = 3600.0
 DEFAULT_PRUNE_BATCH_SIZE = 2000
 MAX_PRUNE_BATCH_SIZE = 10_000
+# The console's session cookies are signed with this key: long enough to resist guessing.
+MIN_SECRET_KEY_LENGTH = 32
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -151,6 +153,19 @@ def parse_api_tokens(raw: str, name: str = "ORGSYNC_API_TOKENS") -> tuple[str, .
     return entries
 
 
+def parse_secret_key(raw: str, name: str = "ORGSYNC_SECRET_KEY") -> str | None:
+    """The key that signs the console's session cookies, or None when unset; never quoted."""
+    key = raw.strip()
+    if not key:
+        return None
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        raise ConfigError(
+            f"{name} is shorter than {MIN_SECRET_KEY_LENGTH} characters; use a long random value "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return key
+
+
 def normalize_database_url(url: str) -> str:
     """Point bare PostgreSQL URLs at psycopg 3, the driver orgsync installs."""
     for prefix in ("postgres://", "postgresql://"):
@@ -263,6 +278,8 @@ class Settings:
     # The instance's PEM public key: members sign in to the console with their Clerk session.
     clerk_jwt_key: str | None = field(default=None, repr=False)
     clerk_authorized_parties: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    secret_key: str | None = field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -367,4 +384,8 @@ class Settings:
             api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
             clerk_jwt_key=jwt_key,
             clerk_authorized_parties=parse_authorized_parties(env.get("CLERK_AUTHORIZED_PARTIES", "")),
+            # The console's operators sign in with one of these; the console is off without them
+            # (unless members may sign in with their Clerk session).
+            admin_tokens=parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS"),
+            secret_key=parse_secret_key(env.get("ORGSYNC_SECRET_KEY", "")),
         )

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from api import create_api_blueprint
 from api.orgsync import create_orgsync_blueprint
+from console import console_enabled, create_console_blueprint
 from models.clock import now_ms
 from models.db import create_db_engine, is_connection_error, ping
 from models.errors import RetryableError
@@ -108,12 +109,14 @@ def create_app(
     send: Send | None = None,
     broker_check: Callable[[], None] | None = None,
     command_send: Callable[[list[int]], None] | None = None,
+    reconcile_send: Callable[[list[str]], None] | None = None,
 ) -> Flask:
     """Build the webhook app. ``send(ids)`` enqueues apply work; it runs on a background thread.
 
     Without ``engine`` one is created from ``settings.database_url`` (one per process); without
     ``send`` deliveries are only stored, and the sweeper enqueues them. ``command_send(ids)``
-    enqueues commands submitted over ``/orgsync/v1`` (without it the workers' sweep sends them).
+    enqueues commands submitted over ``/orgsync/v1`` and the console (without it the workers'
+    sweep sends them); ``reconcile_send(org_ids)`` lets the console queue a reconciliation.
     """
     verifier = SignatureVerifier(settings.webhook_secrets)
     owns_engine = engine is None
@@ -222,6 +225,17 @@ def create_app(
                 send=command_send,
                 dry_run_default=settings.dry_run,
                 permission_cache=AccessCache(),
+            )
+        )
+
+    if console_enabled(settings):  # the web console at /console (console/)
+        app.register_blueprint(
+            create_console_blueprint(
+                engine,
+                settings,
+                command_send=command_send,
+                apply_send=state.dispatcher.submit if state.dispatcher is not None else None,
+                reconcile_send=reconcile_send,
             )
         )
 

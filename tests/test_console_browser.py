@@ -226,6 +226,7 @@ def test_operator_signs_in_and_pages_through_every_member(world: World) -> None:
 
 def test_operator_changes_a_role_and_removes_a_member(world: World) -> None:
     b = world.browser
+    sign_in_operator(world)
     members = world.emu.state.members_of(world.big)
     promoted, removed = members[1][0], members[2][0]
     assert role_in_emulator(world, world.big, promoted) == "org:member"
@@ -250,6 +251,7 @@ def test_operator_changes_a_role_and_removes_a_member(world: World) -> None:
 
 def test_operator_invites_three_people_and_revokes_one(world: World) -> None:
     b = world.browser
+    sign_in_operator(world)
     emails = [f"new.person.{n}@invited.example.com" for n in range(3)]
     b.open(f"/console/organizations/{world.small}/invitations")
     b.wait_css("form.invite textarea[name=emails]").send_keys(", ".join(emails))
@@ -282,6 +284,7 @@ def test_operator_invites_three_people_and_revokes_one(world: World) -> None:
 
 def test_demoting_the_last_admin_is_refused_with_the_reason_on_the_page(world: World) -> None:
     b = world.browser
+    sign_in_operator(world)
     b.open(f"/console/organizations/{world.small}/members")
     row = b.wait_css(row_of(world, world.lone_admin))
     row.find_element("css selector", "select[name=role] option[value='org:member']").click()
@@ -296,6 +299,7 @@ def test_demoting_the_last_admin_is_refused_with_the_reason_on_the_page(world: W
 def test_a_dead_event_is_replayed_from_the_health_page(world: World) -> None:
     """An ``organization.updated`` that died (say, the database was down for every attempt)."""
     b = world.browser
+    sign_in_operator(world)
     now = int(time.time() * 1000)
     body = webhook_body(
         "organization.updated",
@@ -337,6 +341,7 @@ def test_a_dead_event_is_replayed_from_the_health_page(world: World) -> None:
 
 def test_every_form_refuses_a_missing_or_wrong_csrf_token(world: World) -> None:
     b = world.browser
+    sign_in_operator(world)
     b.open(f"/console/organizations/{world.small}/members")
     actions = {str(f.get_attribute("action")).removeprefix(b.base) for f in b.find_all("form[method=post]")}
     b.open(f"/console/organizations/{world.small}/invitations")

@@ -30,7 +30,7 @@ from emulator.payloads import organization_data, webhook_body
 from emulator.sessions import SessionIssuer
 from models.db import create_db_engine, make_session_factory, session_scope
 from models.inbox import store_delivery
-from models.tables import InboxEvent, InboxStatus, Membership, Organization
+from models.tables import Command, InboxEvent, InboxStatus, Membership, Organization
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
@@ -390,8 +390,22 @@ def test_a_member_without_the_manage_permission_sees_no_managing_action(world: W
 
 
 def test_an_admin_member_manages_only_their_own_organizations(world: World) -> None:
+    """Signed in the way the README shows: a token from ``orgsync session-token``, pasted in."""
     b = world.browser
-    sign_in_member(world, world.lone_admin)
+    b.driver.delete_all_cookies()
+    b.open("/console/login")
+    stranger = SessionIssuer.generate().mint(world.lone_admin)
+    b.find("input[name=session_token]").send_keys(stranger)
+    b.find("input[name=session_token]").submit()
+    assert "does not verify" in b.wait_css("[role=alert]").text
+    made = world.stack.orgsync("session-token", world.lone_admin, "--org", world.small)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    world.tokens.append(token)
+    b.find("input[name=session_token]").send_keys(token)
+    b.find("input[name=session_token]").submit()
+    b.wait_css("form.signout", "the signed-in header")
+    assert f"Signed in as {world.lone_admin}" in b.text()
     b.open("/console/organizations")
     listed = b.wait_css("table.orgs").text
     assert "Small Team" in listed and f"{MEMBERS:,}" not in listed
@@ -417,6 +431,9 @@ def test_an_admin_member_manages_only_their_own_organizations(world: World) -> N
     row.find_element("css selector", "button[value=role]").click()
     assert wait_confirmed(world, f"{row_of(world, world.basic)} td.progress") == "confirmed"
     assert role_in_emulator(world, world.small, world.basic) == "org:admin"
+    with session_scope(world.factory) as session:
+        requesters = set(session.scalars(select(Command.requested_by).where(Command.user_id == world.basic)))
+    assert requesters == {f"console:{world.lone_admin}"}
 
 
 def test_no_page_shows_a_secret_or_a_token(world: World) -> None:

@@ -222,6 +222,11 @@ def run_emulator(
         one_line = emulator.sessions.public_pem().strip().replace("\n", "\\n")
         out("Session tokens (orgsync session-token USER_ID) verify with this public key:")
         out(f"CLERK_JWT_KEY='{one_line}'")
+        organizations = emulator.state.organization_ids()
+        members = emulator.state.members_of(organizations[0]) if organizations else []
+        if members:
+            # Seeding makes the first member of each organization its admin.
+            out(f"An admin of {organizations[0]} to sign in as: {members[0][0]}")
         (stop or threading.Event()).wait()
     except KeyboardInterrupt:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -213,8 +214,8 @@ def test_a_real_emulator_serves_delivers_and_stops_on_sigterm(tmp_path: Path) ->
         try:
             deadline = time.monotonic() + START_BOUND_S
             listening = f"Clerk emulator listening on http://127.0.0.1:{port}"
-            # The key line comes last of the start-up lines.
-            while listening not in out.read_text() or "CLERK_JWT_KEY=" not in out.read_text():
+            # The admin to sign in as comes last of the start-up lines.
+            while listening not in out.read_text() or "to sign in as:" not in out.read_text():
                 assert process.poll() is None, log_tail(err)
                 assert time.monotonic() < deadline, f"no listening line:\n{log_tail(out)}\n{log_tail(err)}"
                 time.sleep(0.1)
@@ -223,6 +224,7 @@ def test_a_real_emulator_serves_delivers_and_stops_on_sigterm(tmp_path: Path) ->
             (key_line,) = [x for x in out.read_text().splitlines() if x.startswith("CLERK_JWT_KEY=")]
             pem = key_line.removeprefix("CLERK_JWT_KEY=").strip("'")
             assert Settings.from_env({"CLERK_JWT_KEY": pem}).clerk_jwt_key == pem
+            assert re.search(r"An admin of org_\w+ to sign in as: user_\w+", out.read_text())
 
             url = f"http://127.0.0.1:{port}/v1/organizations?limit=10"
             request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})

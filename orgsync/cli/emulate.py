@@ -346,7 +346,8 @@ def session_token(ctx: click.Context, user_id: str, organization: str | None, ex
     from clerk_backend_api import Clerk  # noqa: PLC0415
     from clerk_backend_api.models import ClerkBaseError  # noqa: PLC0415
 
-    settings = runtime(ctx).settings()
+    # No log lines: the token is the whole output, for $(orgsync session-token ...).
+    settings = runtime(ctx).settings(configure_logging=False)
     if not settings.clerk_secret_key:
         raise ConfigError("CLERK_SECRET_KEY is not set: no session can be opened without it")
     sdk = Clerk(

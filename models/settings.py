@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from models.errors import ConfigError
+from models.sessions import load_jwt_key, parse_authorized_parties
 
 DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
 DEFAULT_DATA_DIR = ".orgsync"
@@ -274,6 +275,9 @@ class Settings:
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
     prune_batch_size: int = DEFAULT_PRUNE_BATCH_SIZE
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # The instance's PEM public key: members sign in to the console with their Clerk session.
+    clerk_jwt_key: str | None = field(default=None, repr=False)
+    clerk_authorized_parties: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     secret_key: str | None = field(default=None, repr=False)
 
@@ -338,6 +342,9 @@ class Settings:
             raise ConfigError(
                 f"ORGSYNC_PRUNE_BATCH_SIZE must be at most {MAX_PRUNE_BATCH_SIZE}, got {prune_batch_size}"
             )
+        jwt_key = env.get("CLERK_JWT_KEY", "").strip() or None
+        if jwt_key is not None:
+            load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start
         return cls(
             database_url=database_url,
             broker_url=broker_url,
@@ -375,6 +382,8 @@ class Settings:
             prune_batch_size=prune_batch_size,
             # The read API is served only when at least one token is configured.
             api_tokens=parse_api_tokens(env.get("ORGSYNC_API_TOKENS", "")),
+            clerk_jwt_key=jwt_key,
+            clerk_authorized_parties=parse_authorized_parties(env.get("CLERK_AUTHORIZED_PARTIES", "")),
             # The console's operators sign in with one of these; the console is off without them
             # (unless members may sign in with their Clerk session).
             admin_tokens=parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS"),

@@ -22,6 +22,7 @@ from stack import ROOT, START_BOUND_S, STOP_BOUND_S, log_tail
 import emulator
 from emulator import DEFAULT_SECRET_KEY, DEFAULT_SIGNING_SECRET, EmulatorConfig, Outage
 from emulator.testing import Receiver
+from models.settings import Settings
 from orgsync.cli import cli
 from orgsync.cli.base import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Runtime
 
@@ -212,11 +213,16 @@ def test_a_real_emulator_serves_delivers_and_stops_on_sigterm(tmp_path: Path) ->
         try:
             deadline = time.monotonic() + START_BOUND_S
             listening = f"Clerk emulator listening on http://127.0.0.1:{port}"
-            while listening not in out.read_text():
+            # The key line comes last of the start-up lines.
+            while listening not in out.read_text() or "CLERK_JWT_KEY=" not in out.read_text():
                 assert process.poll() is None, log_tail(err)
                 assert time.monotonic() < deadline, f"no listening line:\n{log_tail(out)}\n{log_tail(err)}"
                 time.sleep(0.1)
             assert "Seeded 2 organizations, 6 memberships" in out.read_text()
+            # The public key of its session tokens, on one line that Settings takes as it is.
+            (key_line,) = [x for x in out.read_text().splitlines() if x.startswith("CLERK_JWT_KEY=")]
+            pem = key_line.removeprefix("CLERK_JWT_KEY=").strip("'")
+            assert Settings.from_env({"CLERK_JWT_KEY": pem}).clerk_jwt_key == pem
 
             url = f"http://127.0.0.1:{port}/v1/organizations?limit=10"
             request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})

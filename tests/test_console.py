@@ -663,3 +663,25 @@ def test_console_settings_are_checked_at_start_up() -> None:
     assert ADMIN_TOKEN.encode() not in auth.session_secret(derived)
     assert not auth.console_enabled(Settings.from_env({}))
     assert ADMIN_TOKEN not in repr(derived) and SECRET_KEY not in repr(settings)
+
+
+def test_the_health_page_shows_a_notification_backlog_only_when_there_is_an_outbox(
+    client: FlaskClient, engine: Engine
+) -> None:
+    login(client)
+    assert "notifications waiting" not in page(client, "/console/health")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE notification_outbox (id INTEGER PRIMARY KEY, status VARCHAR(16))"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO notification_outbox (id, status) "
+            "VALUES (1, 'pending'), (2, 'pending'), (3, 'delivered')"
+        )
+    try:
+        shown = page(client, "/console/health")
+        assert re.search(r"<strong>2</strong> notifications waiting", shown)
+        assert "delivered 1" in shown
+    finally:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE notification_outbox")

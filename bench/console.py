@@ -13,8 +13,9 @@ rendering) without the network or the load client:
 * the same 100 memberships from ``GET /v1/organizations/{id}/memberships`` (Clerk's JSON);
 * the console's organizations list.
 
-Each request is timed ``requests`` times after a warm-up; the report gives p50/p99 in ms per
-page, and the console's p99 beside the read API's as a ratio. ``bench/run.py`` runs it on its
+Each page is timed ``requests`` times after a warm-up, the pages taken in turns so that they
+all see the same machine; the report gives p50/p99 in ms per page (and this process's CPU
+time), and the console's p99 beside the read API's as a ratio. ``bench/run.py`` runs it on its
 PostgreSQL database after the apply phase (the mirror then also holds that phase's 100,000
 memberships); alone it creates and drops a database of its own.
 """
@@ -26,7 +27,8 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +102,49 @@ def seed_organization(engine: Engine, members: int) -> None:
             apply_events(session, events, now_ms=now)
 
 
-def time_requests(client: FlaskClient, path: str, count: int, headers: dict[str, str]) -> dict[str, Any]:
-    """``count`` timed GETs of ``path`` after three untimed ones; every answer must be 200."""
-    for _ in range(3):
-        response = client.get(path, headers=headers)
+@dataclass(frozen=True)
+class Target:
+    name: str
+    client: FlaskClient
+    path: str
+    headers: dict[str, str]
+
+    def get(self) -> int:
+        response = self.client.get(self.path, headers=self.headers)
         if response.status_code != 200:
-            raise RuntimeError(f"GET {path} answered {response.status_code}")
-    timings = []
-    size = 0
+            raise RuntimeError(f"GET {self.path} answered {response.status_code}")
+        return len(response.data)
+
+
+def time_interleaved(targets: Sequence[Target], count: int) -> dict[str, dict[str, Any]]:
+    """``count`` timed GETs of each target after three untimed ones, taken in turns.
+
+    In turns, so that every page sees the same machine: other work on the two CPUs comes and
+    goes during a run, and timing one page after the other would charge it to whichever ran
+    then. Wall time (this process and the database) and this process's CPU time are kept.
+    """
+    for target in targets:
+        for _ in range(3):
+            target.get()
+    timings: dict[str, list[float]] = {target.name: [] for target in targets}
+    cpu: dict[str, float] = dict.fromkeys(timings, 0.0)
+    sizes: dict[str, int] = dict.fromkeys(timings, 0)
     for _ in range(count):
-        began = time.perf_counter()
-        response = client.get(path, headers=headers)
-        size = len(response.data)
-        timings.append((time.perf_counter() - began) * 1000)
-        if response.status_code != 200:
-            raise RuntimeError(f"GET {path} answered {response.status_code}")
-    return {"path": path, "requests": count, "bytes": size, **latency_summary(sorted(timings))}
+        for target in targets:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            sizes[target.name] = target.get()
+            timings[target.name].append((time.perf_counter() - began) * 1000)
+            cpu[target.name] += time.process_time() - began_cpu
+    return {
+        target.name: {
+            "path": target.path,
+            "requests": count,
+            "bytes": sizes[target.name],
+            "process_cpu_ms_mean": round(cpu[target.name] * 1000 / count, 2),
+            **latency_summary(sorted(timings[target.name])),
+        }
+        for target in targets
+    }
 
 
 def operator_client(app: Any) -> FlaskClient:
@@ -155,26 +184,16 @@ def bench_console(database_url: str, data_dir: Path, *, members: int, requests: 
             middle = max(1, members // PAGE // 2)
             members_path = f"/console/organizations/{ORG_ID}/members?page_size={PAGE}"
             api_path = f"/v1/organizations/{ORG_ID}/memberships?limit={PAGE}&order_by=-created_at"
-            pages: dict[str, Callable[[], dict[str, Any]]] = {
-                "console_members_first": lambda: time_requests(console, members_path, requests, {}),
-                "console_members_middle": lambda: time_requests(
-                    console, f"{members_path}&page={middle}", requests, {}
-                ),
-                "console_members_role_filter": lambda: time_requests(
-                    console, f"{members_path}&role=org:admin", requests, {}
-                ),
-                "console_members_search": lambda: time_requests(
-                    console, f"{members_path}&q=m{members // 2}%40", requests, {}
-                ),
-                "console_organizations": lambda: time_requests(
-                    console, "/console/organizations?page_size=100", requests, {}
-                ),
-                "read_api_members_first": lambda: time_requests(api, api_path, requests, bearer),
-                "read_api_members_middle": lambda: time_requests(
-                    api, f"{api_path}&offset={(middle - 1) * PAGE}", requests, bearer
-                ),
-            }
-            timed = {name: run() for name, run in pages.items()}
+            targets = [
+                Target("console_members_first", console, members_path, {}),
+                Target("read_api_members_first", api, api_path, bearer),
+                Target("console_members_middle", console, f"{members_path}&page={middle}", {}),
+                Target("read_api_members_middle", api, f"{api_path}&offset={(middle - 1) * PAGE}", bearer),
+                Target("console_members_role_filter", console, f"{members_path}&role=org:admin", {}),
+                Target("console_members_search", console, f"{members_path}&q=m{members // 2}%40", {}),
+                Target("console_organizations", console, "/console/organizations?page_size=100", {}),
+            ]
+            timed = time_interleaved(targets, requests)
         finally:
             get_state(app).close()
     finally:

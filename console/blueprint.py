@@ -445,6 +445,7 @@ def create_console_blueprint(
             roles=roles,
             role_keys={r.key for r in roles},
             org_url=f"{PREFIX}/organizations/{org.id}",
+            users_url=f"{PREFIX}/users",
             total=listing.total_count,
             paging=paging,
             pages=paging.pages(listing.total_count),

@@ -185,6 +185,7 @@ def test_every_page_renders_for_an_operator(client: FlaskClient, engine: Engine)
     members = page(client, f"/console/organizations/{ORG}/members")
     assert rows(members, "members") == ["user_bob", "user_alice"]
     assert "Change role" in members and "Remove" in members
+    assert 'href="/console/users/user_bob"' in members
     by_slug = page(client, "/console/organizations/acme/members")
     assert rows(by_slug, "members") == ["user_bob", "user_alice"]
     invitations = page(client, f"/console/organizations/{ORG}/invitations")

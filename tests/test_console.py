@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from test_cli_commands import DAY_MS, NOW_MS, ORG, OTHER_ORG, membership, seed
 
 from console import auth
-from emulator.payloads import webhook_body
+from emulator.payloads import invitation_data, webhook_body
 from emulator.sessions import SessionIssuer
 from models.db import make_session_factory, session_scope
 from models.errors import ConfigError
@@ -686,3 +686,40 @@ def test_the_health_page_shows_a_notification_backlog_only_when_there_is_an_outb
     finally:
         with engine.begin() as connection:
             connection.exec_driver_sql("DROP TABLE notification_outbox")
+
+
+def test_expired_and_revoked_invitations_show_on_request(client: FlaskClient, engine: Engine) -> None:
+    old = NOW_MS - 3 * DAY_MS
+    events = [
+        parse_event(
+            f"msg_console_inv_{name}",
+            webhook_body(
+                event,
+                invitation_data(
+                    f"orginv_{name}",
+                    ORG,
+                    email=f"{name}@acme.test",
+                    status=status,
+                    created_at=old,
+                    expires_at=old + DAY_MS,
+                ),
+                old + 1,
+            ),
+        )
+        for name, status, event in (
+            ("gone", "pending", "organizationInvitation.created"),
+            ("pulled", "revoked", "organizationInvitation.revoked"),
+        )
+    ]
+    with session_scope(make_session_factory(engine)) as session:
+        apply_events(session, events, now_ms=NOW_MS)
+    login(client)
+    pending = page(client, f"/console/organizations/{ORG}/invitations")
+    assert (
+        "dan@acme.test" in pending and "gone@acme.test" not in pending and "pulled@acme.test" not in pending
+    )
+    everything = page(client, f"/console/organizations/{ORG}/invitations", closed=1)
+    assert "gone@acme.test" in everything and "pulled@acme.test" in everything
+    assert "<td>expired</td>" in everything and "<td>revoked</td>" in everything
+    # Only a pending invitation has a revoke button.
+    assert everything.count('class="danger">Revoke</button>') == 1

@@ -18,6 +18,8 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
   deleted mixed) bulk-copied into the inbox, drained by ``worker.apply.apply_inbox`` in
   batches of ``apply_batch_size`` in this process, then by real Celery worker processes.
 * memory: VmRSS (from /proc) of the web and worker processes after their load.
+* console: server time of the console's members page on a 10,000-member organization, beside
+  the HTTP read API's for the same page (bench/console.py).
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.console import bench_console, console_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -106,7 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine = machine_info(database.dsn, broker_url)
             web = bench_web(env)
             apply = bench_apply(env, args.profile)
+            progress("console: members page of a 10,000-member organization beside the read API's")
+            console = bench_console(
+                database.url,
+                data_dir,
+                members=1_000 if args.quick else 10_000,
+                requests=20 if args.quick else 200,
+            )
             figures = build_figures(web, apply)
+            figures.update({entry["name"]: entry for entry in console_figures(console)})
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -123,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply)},
+                "raw": {"web": web, "apply": dict(apply), "console": console},
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -74,7 +74,7 @@ class Principal:
 
 
 def member_sign_in_enabled(settings: Settings) -> bool:
-    return getattr(settings, "clerk_jwt_key", None) is not None
+    return settings.clerk_jwt_key is not None
 
 
 def console_enabled(settings: Settings) -> bool:

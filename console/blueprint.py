@@ -398,25 +398,31 @@ def create_console_blueprint(
     @bp.get("/organizations/<organization>/members")
     def members(organization: str) -> Any:
         access = org_access(organization)
-        org = organization_or_404(organization)
         paging = _paging()
         query = _text_arg("q")
         role = _text_arg("role", MAX_ROLE)
 
-        def page(session: Session) -> tuple[Any, list[reads.AssignableRole]]:
+        def page(session: Session) -> tuple[Any, Any, list[reads.AssignableRole]]:
             listing = reads.list_memberships(
                 session,
-                organization=org.id,
+                organization=organization,
                 limit=paging.page_size,
                 offset=paging.offset,
                 order_by="-created_at",
                 roles=(role,) if role else (),
                 query=query,
             )
-            return listing, reads.assignable_roles(session, org.id) or []
+            if listing is None:
+                return None, None, []
+            # Each row carries its organization with its counts: no second read of them.
+            org = listing.data[0].organization if listing.data else None
+            if org is None:
+                org = reads.get_organization(session, organization)
+            assert org is None or isinstance(org, reads.CountedOrganizationView)
+            return listing, org, reads.assignable_roles(session, organization) or []
 
-        listing, roles = read(page)
-        if listing is None:
+        listing, org, roles = read(page)
+        if listing is None or org is None:
             abort(404, f"no organization {organization!r} in the mirror")
         command_id = request.args.get("command", "")
         command = read(lambda s: get_command(s, int(command_id))) if command_id.isdigit() else None
@@ -438,6 +444,8 @@ def create_console_blueprint(
             rows=rows,
             roles=roles,
             role_keys={r.key for r in roles},
+            org_url=f"{PREFIX}/organizations/{org.id}",
+            users_url=f"{PREFIX}/users",
             total=listing.total_count,
             paging=paging,
             pages=paging.pages(listing.total_count),

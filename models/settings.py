@@ -345,6 +345,14 @@ class Settings:
         jwt_key = env.get("CLERK_JWT_KEY", "").strip() or None
         if jwt_key is not None:
             load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start
+        admin_tokens = parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS")
+        secret_key = parse_secret_key(env.get("ORGSYNC_SECRET_KEY", ""))
+        if jwt_key is not None and not admin_tokens and secret_key is None:
+            # The console's cookies are then signed with nothing secret: refuse before start.
+            raise ConfigError(
+                "ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY is set without ORGSYNC_ADMIN_TOKENS: "
+                "it signs the console's session cookies (use a long random value)"
+            )
         return cls(
             database_url=database_url,
             broker_url=broker_url,
@@ -386,6 +394,6 @@ class Settings:
             clerk_authorized_parties=parse_authorized_parties(env.get("CLERK_AUTHORIZED_PARTIES", "")),
             # The console's operators sign in with one of these; the console is off without them
             # (unless members may sign in with their Clerk session).
-            admin_tokens=parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS"),
-            secret_key=parse_secret_key(env.get("ORGSYNC_SECRET_KEY", "")),
+            admin_tokens=admin_tokens,
+            secret_key=secret_key,
         )

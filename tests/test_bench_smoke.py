@@ -46,6 +46,9 @@ FIGURES_WITH_BASELINE = {
     "freshness_p50_ms",
     "freshness_p99_ms",
     "web_rss_mb",
+    # The console's page beside the HTTP read API's for the same memberships.
+    "console_members_page_p99_ms",
+    "console_members_middle_p99_ms",
 }
 # The baseline handler has no worker process to weigh.
 # Nor a prune to run beside its intake.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from sqlalchemy.orm import Session
 from test_cli_commands import DAY_MS, NOW_MS, ORG, OTHER_ORG, membership, seed
 
 from console import auth
-from emulator.payloads import webhook_body
+from emulator.payloads import invitation_data, webhook_body
+from emulator.sessions import SessionIssuer
 from models.db import make_session_factory, session_scope
+from models.errors import ConfigError
 from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
@@ -182,6 +185,7 @@ def test_every_page_renders_for_an_operator(client: FlaskClient, engine: Engine)
     members = page(client, f"/console/organizations/{ORG}/members")
     assert rows(members, "members") == ["user_bob", "user_alice"]
     assert "Change role" in members and "Remove" in members
+    assert 'href="/console/users/user_bob"' in members
     by_slug = page(client, "/console/organizations/acme/members")
     assert rows(by_slug, "members") == ["user_bob", "user_alice"]
     invitations = page(client, f"/console/organizations/{ORG}/invitations")
@@ -579,3 +583,143 @@ def test_no_secret_in_any_page_or_log(
     post(client, "/console/reconcile", {"organization": ORG})
     client.post("/console/logout", data={"csrf_token": csrf_of(client)})
     assert_no_secrets(caplog.text, ADMIN_TOKEN, OTHER_ADMIN_TOKEN, SECRET_KEY)
+
+
+# ------------------------------------------------- members' Clerk sessions
+@pytest.fixture(scope="module")
+def issuer() -> SessionIssuer:
+    return SessionIssuer.generate()
+
+
+@pytest.fixture
+def member_client(tmp_path: Path, sqlite_engine: Engine, issuer: SessionIssuer) -> Iterator[FlaskClient]:
+    seed(sqlite_engine)
+    settings = replace(make_settings(tmp_path, sqlite_engine), clerk_jwt_key=issuer.public_pem())
+    app = create_app(settings, engine=sqlite_engine, command_send=Recorder())
+    yield app.test_client()
+    get_state(app).close()
+
+
+def test_a_member_signs_in_with_a_clerk_session_token(
+    member_client: FlaskClient, issuer: SessionIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = issuer.mint("user_alice")
+    login_page = page(member_client, "/console/login")
+    assert "Clerk session token" in login_page and "Admin token" in login_page
+    response = member_client.post(
+        "/console/login", data={"session_token": token, "csrf_token": csrf_of(member_client)}
+    )
+    assert response.status_code == 303
+    orgs = page(member_client, "/console/organizations")
+    assert "Signed in as user_alice" in orgs and "Acme" in orgs and "Globex" not in orgs
+    assert token not in orgs
+    wrong = issuer.mint("user_alice", lifetime=-60)
+    member_client.post("/console/logout", data={"csrf_token": csrf_of(member_client)})
+    member_client.get("/console/login")
+    refused = member_client.post(
+        "/console/login", data={"session_token": wrong, "csrf_token": csrf_of(member_client)}
+    )
+    assert refused.status_code == 401 and "does not verify" in refused.get_data(as_text=True)
+    assert_no_secrets(caplog.text, token, wrong, ADMIN_TOKEN, SECRET_KEY)
+
+
+def test_the_session_cookie_of_the_application_signs_a_member_in(
+    member_client: FlaskClient, issuer: SessionIssuer
+) -> None:
+    member_client.set_cookie(auth.CLERK_SESSION_COOKIE, issuer.mint("user_bob"))
+    mine = page(member_client, "/console/organizations")
+    assert "Signed in as user_bob" in mine
+    # A fresher token of another user wins over the console session of the first.
+    member_client.set_cookie(auth.CLERK_SESSION_COOKIE, issuer.mint("user_zed"))
+    assert "Signed in as user_zed" in page(member_client, "/console/organizations")
+    member_client.set_cookie(auth.CLERK_SESSION_COOKIE, "not.a.token")
+    assert "Signed in as user_zed" in page(member_client, "/console/organizations")
+
+
+def test_a_bearer_session_token_signs_a_member_in(member_client: FlaskClient, issuer: SessionIssuer) -> None:
+    token = issuer.mint("user_bob")
+    response = member_client.get("/console/organizations", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200 and "Signed in as user_bob" in response.get_data(as_text=True)
+    forged = issuer.mint("user_bob")[:-4] + "AAAA"
+    fresh = member_client.application.test_client()
+    assert (
+        fresh.get("/console/organizations", headers={"Authorization": f"Bearer {forged}"}).status_code == 302
+    )
+
+
+def test_console_settings_are_checked_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="ORGSYNC_SECRET_KEY is shorter than 32") as short:
+        Settings.from_env({"ORGSYNC_SECRET_KEY": "short-secret-value"})
+    assert "short-secret-value" not in str(short.value)
+    with pytest.raises(ConfigError, match="ORGSYNC_ADMIN_TOKENS: entry 2 of 2 is shorter"):
+        Settings.from_env({"ORGSYNC_ADMIN_TOKENS": f"{ADMIN_TOKEN} tiny"})
+    pem = SessionIssuer.generate().public_pem()
+    with pytest.raises(ConfigError, match="ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY"):
+        Settings.from_env({"CLERK_JWT_KEY": pem})
+    settings = Settings.from_env({"CLERK_JWT_KEY": pem, "ORGSYNC_SECRET_KEY": SECRET_KEY})
+    assert auth.console_enabled(settings) and auth.session_secret(settings) == SECRET_KEY.encode()
+    derived = Settings.from_env({"ORGSYNC_ADMIN_TOKENS": ADMIN_TOKEN})
+    assert auth.console_enabled(derived)
+    assert ADMIN_TOKEN.encode() not in auth.session_secret(derived)
+    assert not auth.console_enabled(Settings.from_env({}))
+    assert ADMIN_TOKEN not in repr(derived) and SECRET_KEY not in repr(settings)
+
+
+def test_the_health_page_shows_a_notification_backlog_only_when_there_is_an_outbox(
+    client: FlaskClient, engine: Engine
+) -> None:
+    login(client)
+    assert "notifications waiting" not in page(client, "/console/health")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE notification_outbox (id INTEGER PRIMARY KEY, status VARCHAR(16))"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO notification_outbox (id, status) "
+            "VALUES (1, 'pending'), (2, 'pending'), (3, 'delivered')"
+        )
+    try:
+        shown = page(client, "/console/health")
+        assert re.search(r"<strong>2</strong> notifications waiting", shown)
+        assert "delivered 1" in shown
+    finally:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE notification_outbox")
+
+
+def test_expired_and_revoked_invitations_show_on_request(client: FlaskClient, engine: Engine) -> None:
+    old = NOW_MS - 3 * DAY_MS
+    events = [
+        parse_event(
+            f"msg_console_inv_{name}",
+            webhook_body(
+                event,
+                invitation_data(
+                    f"orginv_{name}",
+                    ORG,
+                    email=f"{name}@acme.test",
+                    status=status,
+                    created_at=old,
+                    expires_at=old + DAY_MS,
+                ),
+                old + 1,
+            ),
+        )
+        for name, status, event in (
+            ("gone", "pending", "organizationInvitation.created"),
+            ("pulled", "revoked", "organizationInvitation.revoked"),
+        )
+    ]
+    with session_scope(make_session_factory(engine)) as session:
+        apply_events(session, events, now_ms=NOW_MS)
+    login(client)
+    pending = page(client, f"/console/organizations/{ORG}/invitations")
+    assert (
+        "dan@acme.test" in pending and "gone@acme.test" not in pending and "pulled@acme.test" not in pending
+    )
+    everything = page(client, f"/console/organizations/{ORG}/invitations", closed=1)
+    assert "gone@acme.test" in everything and "pulled@acme.test" in everything
+    assert "<td>expired</td>" in everything and "<td>revoked</td>" in everything
+    # Only a pending invitation has a revoke button.
+    assert everything.count('class="danger">Revoke</button>') == 1

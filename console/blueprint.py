@@ -490,8 +490,11 @@ def create_console_blueprint(
         change = (
             "removed" if request_.kind == CommandKind.REMOVE_MEMBER else f"given the role {request_.role}"
         )
+        user_id = str(request_.user_id)
+        profile = read(lambda s: reads.get_user(s, user_id))
+        who = f"{profile.identifier} ({user_id})" if profile is not None and profile.identifier else user_id
         message = (
-            f"{request_.user_id} is the last member of this organization whose role grants "
+            f"{who} is the last member of this organization whose role grants "
             f"{ADMIN_PERMISSION}: if they were {change}, nobody could manage its members any more. "
             "Give another member an admin role first, then change this one."
         )

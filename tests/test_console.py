@@ -665,7 +665,11 @@ def test_console_settings_are_checked_at_start_up() -> None:
     without_key = Settings.from_env(web)
     with pytest.raises(ConfigError, match="ORGSYNC_SECRET_KEY is required"):
         auth.session_secret(without_key)
-    settings = Settings.from_env({"CLERK_JWT_KEY": pem, "ORGSYNC_SECRET_KEY": SECRET_KEY})
+    settings = Settings.from_env(
+        {"CLERK_JWT_KEY": pem, "ORGSYNC_SECRET_KEY": SECRET_KEY, "CLERK_SECRET_KEY": "sk_test_backend"}
+    )
+    # Two keys of different purposes, never mixed up.
+    assert (settings.secret_key, settings.clerk_secret_key) == (SECRET_KEY, "sk_test_backend")
     assert auth.console_enabled(settings) and auth.session_secret(settings) == SECRET_KEY.encode()
     derived = Settings.from_env({"ORGSYNC_ADMIN_TOKENS": ADMIN_TOKEN})
     assert auth.console_enabled(derived)

@@ -346,8 +346,8 @@ class Settings:
         if jwt_key is not None:
             load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start
         admin_tokens = parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS")
-        secret_key = parse_secret_key(env.get("ORGSYNC_SECRET_KEY", ""))
-        if jwt_key is not None and not admin_tokens and secret_key is None:
+        cookie_key = parse_secret_key(env.get("ORGSYNC_SECRET_KEY", ""))
+        if jwt_key is not None and not admin_tokens and cookie_key is None:
             # The console's cookies are then signed with nothing secret: refuse before start.
             raise ConfigError(
                 "ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY is set without ORGSYNC_ADMIN_TOKENS: "
@@ -395,5 +395,5 @@ class Settings:
             # The console's operators sign in with one of these; the console is off without them
             # (unless members may sign in with their Clerk session).
             admin_tokens=admin_tokens,
-            secret_key=secret_key,
+            secret_key=cookie_key,
         )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
-from browser import Browser, chromium, screenshot_dir
+from browser import Browser, chromium, chromium_paths, screenshot_dir
 from conftest import TEST_SIGNING_SECRET, free_port, truncate_all
 from helpers import assert_no_secrets
 from sqlalchemy import Engine, func, select
@@ -85,6 +85,7 @@ def _small_team(emu: Emulator) -> tuple[str, str, str]:
 
 @pytest.fixture(scope="module")
 def world(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    chromium_paths()  # skip (fail under CI=true) before starting anything when there is no browser
     tmp = tmp_path_factory.mktemp("console-browser")
     engine: Engine = create_db_engine(pg_url)
     truncate_all(engine)

@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, abort, flash, g, redirect, render_template, request, url_for
@@ -45,7 +44,7 @@ from models.permissions import Access, AccessCache
 from models.reconcile import latest_runs
 from models.sessions import verify_session_token
 from models.settings import Settings
-from models.submission import SETTLED, CommandService
+from models.submission import CommandService
 from models.tables import Command, CommandKind, CommandStatus, InboxStatus
 from orgsync.cli.ops import DEFAULT_MAX_LAG_S, collect_status
 
@@ -68,6 +67,8 @@ POLL_S = 1
 SLOW_POLL_S = 5
 _ADDRESS_SPLIT = re.compile(r"[\s,;]+")
 
+# The fragment keeps polling while a command may still change: applied waits for its webhook.
+POLLING = (CommandStatus.PENDING, CommandStatus.SENDING, CommandStatus.APPLIED)
 STATUS_TEXT = {
     CommandStatus.PENDING: "pending: waiting for a worker",
     CommandStatus.SENDING: "pending: being sent to Clerk",
@@ -263,6 +264,9 @@ def create_console_blueprint(
             "principal": g.get("principal"),
             "csrf_token": auth.csrf_token,
             "status_text": STATUS_TEXT,
+            "polling": POLLING,
+            "poll_s": POLL_S,
+            "slow_poll_s": SLOW_POLL_S,
             "page_sizes": PAGE_SIZES,
         }
 
@@ -490,8 +494,11 @@ def create_console_blueprint(
         change = (
             "removed" if request_.kind == CommandKind.REMOVE_MEMBER else f"given the role {request_.role}"
         )
+        user_id = str(request_.user_id)
+        profile = read(lambda s: reads.get_user(s, user_id))
+        who = f"{profile.identifier} ({user_id})" if profile is not None and profile.identifier else user_id
         message = (
-            f"{request_.user_id} is the last member of this organization whose role grants "
+            f"{who} is the last member of this organization whose role grants "
             f"{ADMIN_PERMISSION}: if they were {change}, nobody could manage its members any more. "
             "Give another member an admin role first, then change this one."
         )
@@ -714,9 +721,4 @@ def _clean_id(value: str) -> str:
     return value
 
 
-def static_file(name: str) -> bytes:
-    """A file shipped in ``console/static`` (for tests and the licence check)."""
-    return resources.files("console").joinpath("static", name).read_bytes()
-
-
-__all__ = ["PREFIX", "SETTLED", "create_console_blueprint", "split_addresses"]
+__all__ = ["PREFIX", "create_console_blueprint", "split_addresses"]

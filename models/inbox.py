@@ -192,7 +192,7 @@ def reset_for_replay(session: Session, refs: Sequence[str]) -> list[int]:
         return []
     numeric = [int(ref) for ref in wanted if ref.isdigit()]
     rows = session.execute(
-        select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.last_error).where(
+        select(InboxEvent.id, InboxEvent.svix_id, InboxEvent.last_error, InboxEvent.redacted_at).where(
             or_(InboxEvent.svix_id.in_(wanted), InboxEvent.id.in_(numeric))
         )
     ).all()
@@ -201,6 +201,13 @@ def reset_for_replay(session: Session, refs: Sequence[str]) -> list[int]:
         # A development and a production instance must never mix in one mirror, replay or not.
         raise PermanentError(
             f"inbox events from another Clerk instance are never applied: {', '.join(foreign)}"
+        )
+    redacted = [row.svix_id for row in rows if row.redacted_at is not None]
+    if redacted:
+        # Their personal data is gone: applying them again would write "[redacted]" into the mirror.
+        raise PermanentError(
+            f"inbox events whose personal data was redacted cannot be replayed: {', '.join(redacted)}; "
+            "run `orgsync sync` to repair the mirror from Clerk instead"
         )
     by_svix = {row.svix_id: int(row.id) for row in rows}
     by_id = {int(row.id) for row in rows}

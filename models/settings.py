@@ -347,8 +347,9 @@ class Settings:
             load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start
         admin_tokens = parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS")
         cookie_key = parse_secret_key(env.get("ORGSYNC_SECRET_KEY", ""))
-        if jwt_key is not None and not admin_tokens and cookie_key is None:
-            # The console's cookies are then signed with nothing secret: refuse before start.
+        if require_webhook_secret and jwt_key is not None and not admin_tokens and cookie_key is None:
+            # The web process's console would sign its cookies with nothing secret: refuse
+            # before it listens (workers and the command line never sign a cookie).
             raise ConfigError(
                 "ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY is set without ORGSYNC_ADMIN_TOKENS: "
                 "it signs the console's session cookies (use a long random value)"

@@ -655,8 +655,16 @@ def test_console_settings_are_checked_at_start_up() -> None:
     with pytest.raises(ConfigError, match="ORGSYNC_ADMIN_TOKENS: entry 2 of 2 is shorter"):
         Settings.from_env({"ORGSYNC_ADMIN_TOKENS": f"{ADMIN_TOKEN} tiny"})
     pem = SessionIssuer.generate().public_pem()
+    web = {
+        "CLERK_JWT_KEY": pem,
+        "CLERK_WEBHOOK_SIGNING_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
     with pytest.raises(ConfigError, match="ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY"):
-        Settings.from_env({"CLERK_JWT_KEY": pem})
+        Settings.from_env(web, require_webhook_secret=True)
+    # A worker or the command line signs no cookie; a web app built anyway refuses to start.
+    without_key = Settings.from_env(web)
+    with pytest.raises(ConfigError, match="ORGSYNC_SECRET_KEY is required"):
+        auth.session_secret(without_key)
     settings = Settings.from_env({"CLERK_JWT_KEY": pem, "ORGSYNC_SECRET_KEY": SECRET_KEY})
     assert auth.console_enabled(settings) and auth.session_secret(settings) == SECRET_KEY.encode()
     derived = Settings.from_env({"ORGSYNC_ADMIN_TOKENS": ADMIN_TOKEN})

@@ -199,6 +199,28 @@ def test_reset_for_replay_names_unknown_refs_and_changes_nothing(
         assert row is not None and row.status == InboxStatus.REJECTED
 
 
+def test_reset_for_replay_refuses_redacted_rows_and_changes_nothing(
+    session_factory: sessionmaker[Session],
+) -> None:
+    kept = store(session_factory, MEMBERSHIP, svix_id="msg_kept")
+    redacted = store(session_factory, MEMBERSHIP, svix_id="msg_redacted")
+    with session_scope(session_factory) as session:
+        session.execute(
+            update(InboxEvent)
+            .where(InboxEvent.id.in_([kept, redacted]))
+            .values(status="applied", handled_at=5)
+        )
+        session.execute(update(InboxEvent).where(InboxEvent.id == redacted).values(redacted_at=7))
+    with (
+        pytest.raises(PermanentError, match=r"redacted cannot be replayed: msg_redacted;.*orgsync sync"),
+        session_scope(session_factory) as session,
+    ):
+        reset_for_replay(session, ["msg_kept", str(redacted)])
+    with session_scope(session_factory) as session:
+        statuses = {row.id: row.status for row in session.scalars(select(InboxEvent))}
+    assert statuses == {kept: InboxStatus.APPLIED, redacted: InboxStatus.APPLIED}
+
+
 def test_due_pending_ids(session_factory: sessionmaker[Session]) -> None:
     old = store(session_factory, MEMBERSHIP, at=1_000)
     recent = store(session_factory, MEMBERSHIP, at=9_500)

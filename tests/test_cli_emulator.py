@@ -184,6 +184,20 @@ def test_a_malformed_variable_is_a_configuration_error(started: list[EmulatorCon
     assert not started
 
 
+def test_a_session_key_file_is_made_once_and_a_bad_one_is_refused(
+    started: list[EmulatorConfig], tmp_path: Path
+) -> None:
+    path = tmp_path / "session-key.pem"
+    assert invoke("--session-key-file", str(path)).exit_code == EXIT_OK
+    assert started[-1].session_key_file == path
+    assert path.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    path.write_text("not a key")
+    result = invoke("--session-key-file", str(path))
+    assert result.exit_code == EXIT_USAGE
+    assert "--session-key-file" in result.output and "does not hold" in result.output
+    assert not started[1:]
+
+
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

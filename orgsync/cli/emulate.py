@@ -305,6 +305,13 @@ def emulator(
     except ValueError as exc:
         # The options were checked one by one above; this is the emulator's own last word.
         raise BadOptionError(str(exc)) from None
+    if session_key_file is not None:
+        from emulator.sessions import SessionIssuer  # noqa: PLC0415
+
+        try:  # read (or create) it now: a bad file is a usage error before anything listens
+            SessionIssuer(key_file=session_key_file).public_pem()
+        except (ValueError, OSError) as exc:
+            raise BadOptionError(f"--session-key-file: {exc}") from None
     click.echo(f"orgsync: emulator using {sources}", err=True)
     stop, restore = stop_on_signals()
     try:
@@ -312,8 +319,6 @@ def emulator(
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         fail(f"cannot listen on {host}:{port}: {reason}", EXIT_FAILED)
-    except ValueError as exc:  # an unreadable --session-key-file
-        raise BadOptionError(f"--session-key-file: {exc}") from None
     finally:
         restore()
 

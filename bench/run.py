@@ -26,6 +26,8 @@ one event per transaction), and printed as a ratio beside its target (bench/READ
   with no Clerk key, then with the Backend API down.
 * notifications: apply with the change notification outbox on, beside the apply rate, and
   change events delivered per second to a loopback receiver (bench/notify.py).
+* console: server time of the console's members page on a 10,000-member organization, beside
+  the HTTP read API's for the same page (bench/console.py).
 
 A fresh PostgreSQL database is created per run and dropped afterwards; the Redis database used
 is flushed after the run; every process started is stopped with its process group. The pieces
@@ -55,6 +57,7 @@ import redis  # noqa: E402
 
 from bench.freshness import QUICK_FRESHNESS, FreshnessParams, bench_freshness, freshness_figures  # noqa: E402
 from bench.notify import bench_notify, notify_figures  # noqa: E402
+from bench.console import bench_console, console_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,
@@ -124,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures.update(freshness_figures(fresh, figures["freshness_p99_ms"]["orgsync"]))
             notify = bench_notify(env)
             figures.update(notify_figures(notify))
+            progress("console: members page of a 10,000-member organization beside the read API's")
+            console = bench_console(
+                database.url,
+                data_dir,
+                members=1_000 if args.quick else 10_000,
+                requests=20 if args.quick else 200,
+            )
+            figures.update({entry["name"]: entry for entry in console_figures(console)})
             result = {
                 "started_at": datetime.fromtimestamp(began, tz=UTC).isoformat(),
                 "duration_s": time.time() - began,
@@ -140,7 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,
-                "raw": {"web": web, "apply": dict(apply), "reads": reads, "freshness": fresh, "notify": notify},
+                "raw": {
+                    "web": web,
+                    "apply": dict(apply),
+                    "reads": reads,
+                    "freshness": fresh,
+                    "notify": notify,
+                    "console": console,
+                },
             }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -20,8 +20,16 @@ from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from emulator.delivery import WebhookDelivery
-from emulator.errors import ClerkError, param_format, param_invalid, too_many_requests
+from emulator.errors import (
+    ClerkError,
+    not_found,
+    param_format,
+    param_invalid,
+    param_missing,
+    too_many_requests,
+)
 from emulator.scenario import Scenario
+from emulator.sessions import DEFAULT_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME, MIN_TOKEN_LIFETIME, SessionIssuer
 from emulator.state import State
 
 
@@ -200,8 +208,10 @@ def create_app(
     delivery: WebhookDelivery | None = None,
     limits: RateLimits | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    sessions: SessionIssuer | None = None,
 ) -> Flask:
-    """The emulator's WSGI app over ``state``; ``delivery`` backs the delivery-log endpoints."""
+    """The emulator's WSGI app over ``state``; ``delivery`` backs the delivery-log endpoints,
+    ``sessions`` the JWKS and session endpoints (a fresh key pair when not given)."""
     if not secret_key:
         raise ValueError("the emulator needs a secret key to check")
     limits = limits or RateLimits()
@@ -209,6 +219,7 @@ def create_app(
     membership_limiter = WindowLimiter(limits.membership, limits.window, monotonic)
     expected = f"Bearer {secret_key}".encode()
     faults = Faults()
+    issuer = sessions if sessions is not None else SessionIssuer()
 
     app = Flask("emulator")
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -670,6 +681,46 @@ def create_app(
     @v1.delete("/organizations/<org_id>/domains/<domain_id>")
     def delete_domain(org_id: str, domain_id: str) -> Any:
         return state.delete_domain(org_id, domain_id)
+
+    # ------------------------------------------------------ sessions and keys
+    @v1.get("/jwks")
+    def jwks() -> Any:
+        return issuer.jwks()
+
+    @v1.post("/sessions")
+    def create_session() -> Any:
+        # Clerk: "intended only for use in testing, and not available for production instances".
+        body = _body()
+        user_id = _str_field(body, "user_id")
+        if not user_id:
+            raise param_missing("user_id")
+        organization = _str_field(body, "active_organization_id")
+        if organization:
+            org_claim = state.session_org_claim(user_id, organization)
+        else:
+            state.get_user(user_id)
+            org_claim = None
+        return issuer.open_session(user_id, org_claim).body()
+
+    @v1.post("/sessions/<session_id>/tokens")
+    def create_session_token(session_id: str) -> Any:
+        found = issuer.session(session_id)
+        if found is None:
+            raise not_found("session", session_id)
+        body = _body(required=False)
+        lifetime = body.get("expires_in_seconds")
+        if lifetime is None:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, int)
+            or not MIN_TOKEN_LIFETIME <= lifetime <= MAX_TOKEN_LIFETIME
+        ):
+            raise param_invalid(
+                "expires_in_seconds",
+                f"must be a whole number from {MIN_TOKEN_LIFETIME} to {MAX_TOKEN_LIFETIME}",
+            )
+        return {"object": "token", "jwt": issuer.token_for(found, lifetime=lifetime)}
 
     # -------------------------------------------------------------- test only
     @test.get("/snapshot")

@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +22,7 @@ from emulator.chaos import ChaosConfig
 from emulator.delivery import WebhookDelivery
 from emulator.records import Clock, Json
 from emulator.scenario import Scenario, ScenarioReport, seed_state
+from emulator.sessions import SessionIssuer
 from emulator.state import State
 
 DEFAULT_PORT = 8765
@@ -53,6 +55,8 @@ class EmulatorConfig:
     max_allowed_memberships: int = 0
     announce_defaults: bool = False
     log_requests: bool = False
+    # Where the key pair signing session tokens lives; None: a new pair each start.
+    session_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.secret_key:
@@ -88,11 +92,13 @@ class Emulator:
             timeout=config.delivery_timeout,
         )
         self.state.subscribe(self.delivery.on_event)
+        self.sessions = SessionIssuer(key_file=config.session_key_file)
         self.app = create_app(
             self.state,
             secret_key=config.secret_key,
             delivery=self.delivery,
             limits=RateLimits(config.rate_limit, config.membership_rate_limit, config.rate_window),
+            sessions=self.sessions,
         )
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -212,6 +218,15 @@ def run_emulator(
         if config.seed_orgs:
             counts = emulator.state.counts()
             out(f"Seeded {counts['organizations']} organizations, {counts['memberships']} memberships")
+        # Public, like the PEM in Clerk's Dashboard: one line that a shell or .env file takes.
+        one_line = emulator.sessions.public_pem().strip().replace("\n", "\\n")
+        out("Session tokens (orgsync session-token USER_ID) verify with this public key:")
+        out(f"CLERK_JWT_KEY='{one_line}'")
+        organizations = emulator.state.organization_ids()
+        members = emulator.state.members_of(organizations[0]) if organizations else []
+        if members:
+            # Seeding makes the first member of each organization its admin.
+            out(f"An admin of {organizations[0]} to sign in as: {members[0][0]}")
         (stop or threading.Event()).wait()
     except KeyboardInterrupt:
         pass

@@ -1482,6 +1482,19 @@ class State:
             members = self._members.get(org_id, {})
             return [(m.user_id, m.role) for m in sorted(members.values(), key=lambda m: (m.created_at, m.id))]
 
+    def session_org_claim(self, user_id: str, organization: str) -> Json:
+        """The ``o`` claim of a session whose active organization is ``organization``.
+
+        Clerk's version 2 session tokens carry the active organization compactly: its id, its
+        slug and the user's role key without the ``org:`` prefix. ``not_found`` when the user
+        is not a member, as Clerk refuses to activate an organization a user is not in.
+        """
+        with self.lock:
+            self._user(user_id)
+            mem = self._membership(organization, user_id)
+            org = self._orgs[mem.organization_id]
+            return {"id": org.id, "slg": org.slug, "rol": mem.role.removeprefix("org:")}
+
     def pending_invitations_of(self, org_id: str) -> list[tuple[str, str]]:
         """(invitation id, email) of an organization's pending invitations, oldest first."""
         with self.lock:

@@ -27,13 +27,31 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 from psycopg.types.json import set_json_loads
-from sqlalchemy import ColumnElement, Engine, Select, and_, event, func, literal, null, or_, select, union_all
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Engine,
+    MetaData,
+    Select,
+    String,
+    Table,
+    and_,
+    event,
+    func,
+    inspect,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import clock
 from models.db import make_session_factory
 from models.errors import PermanentError
 from models.tables import (
+    ApiCall,
     Invitation,
     Membership,
     Organization,
@@ -1233,3 +1251,67 @@ def list_users(
     statement = _ordered(select(User).where(*conditions), order, column, User.created_at, User.id)
     rows, total = _window(session, statement, limit, offset)
     return Listing([_user_record(row) for row in rows], total)
+
+
+# -------------------------------------------------------------------- console
+@dataclass(frozen=True)
+class AssignableRole:
+    """A role an organization may give its members: its key and the name to show."""
+
+    key: str
+    name: str | None
+
+
+def assignable_roles(session: Session, organization: str) -> list[AssignableRole] | None:
+    """The roles the live organization (id or slug) may assign, or None when it is unknown.
+
+    Those of the organization's role set when the mirror holds it (Clerk limits an
+    organization to them), else every live role of the instance; ordered as the role set
+    lists them, or by key.
+    """
+    org = _live_org_row(session, organization)
+    if org is None:
+        return None
+    role_set = get_role_set(session, org.role_set_key) if org.role_set_key else None
+    if role_set is not None and role_set.roles:
+        return [AssignableRole(item.key, item.name) for item in role_set.roles]
+    rows = session.execute(
+        select(Role.key, Role.name).where(Role.deleted.is_(False), Role.key.is_not(None)).order_by(Role.key)
+    )
+    return [AssignableRole(key, name) for key, name in rows if key]
+
+
+def api_calls_of(session: Session, command_ids: Sequence[int]) -> dict[int, list[ApiCall]]:
+    """The Backend API calls each command made, in the order made: one query for all of them."""
+    if not command_ids:
+        return {}
+    found: dict[int, list[ApiCall]] = {command_id: [] for command_id in command_ids}
+    rows = session.scalars(
+        select(ApiCall).where(ApiCall.command_id.in_(list(command_ids))).order_by(ApiCall.id)
+    )
+    for row in rows:
+        if row.command_id is not None:
+            found[row.command_id].append(row)
+    return found
+
+
+# Where a notification outbox may keep its rows, and the column holding each row's state.
+NOTIFICATION_TABLES = ("notification_outbox", "notifications", "outbox")
+NOTIFICATION_STATE_COLUMNS = ("status", "state")
+
+
+def notification_backlog(session: Session) -> dict[str, int] | None:
+    """Rows of the notification outbox by state, or None when this database has no outbox."""
+    # On the session's own connection: another one would wait behind its transaction on SQLite.
+    inspector = inspect(session.connection())
+    for name in NOTIFICATION_TABLES:
+        if not inspector.has_table(name):
+            continue
+        columns = {column["name"] for column in inspector.get_columns(name)}
+        state = next((column for column in NOTIFICATION_STATE_COLUMNS if column in columns), None)
+        if state is None:
+            continue
+        table = Table(name, MetaData(), Column(state, String))
+        rows = session.execute(select(table.c[state], func.count()).group_by(table.c[state]))
+        return {str(key): int(count) for key, count in rows}
+    return None

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from models.errors import ConfigError
+from models.sessions import load_jwt_key, parse_authorized_parties
 
 DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
 DEFAULT_DATA_DIR = ".orgsync"
@@ -48,6 +49,8 @@ DEFAULT_NOTIFY_TIMEOUT = 10.0
 NOTIFY_RETRY_CAP_S = 600.0
 # A PostgreSQL identifier NOTIFY takes unquoted: lower case, at most 63 bytes.
 _CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# The console's session cookies are signed with this key: long enough to resist guessing.
+MIN_SECRET_KEY_LENGTH = 32
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -220,6 +223,17 @@ def parse_notify_channel(raw: str, name: str = "ORGSYNC_NOTIFY_CHANNEL") -> str 
             f"not starting with a digit, at most 63 characters; got {value!r}"
         )
     return value
+def parse_secret_key(raw: str, name: str = "ORGSYNC_SECRET_KEY") -> str | None:
+    """The key that signs the console's session cookies, or None when unset; never quoted."""
+    key = raw.strip()
+    if not key:
+        return None
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        raise ConfigError(
+            f"{name} is shorter than {MIN_SECRET_KEY_LENGTH} characters; use a long random value "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return key
 
 
 def normalize_database_url(url: str) -> str:
@@ -344,6 +358,11 @@ class Settings:
     notify_interval: float = DEFAULT_NOTIFY_INTERVAL
     notify_timeout: float = DEFAULT_NOTIFY_TIMEOUT
     retain_notifications_days: int = DEFAULT_RETAIN_NOTIFICATIONS_DAYS
+    # The instance's PEM public key: members sign in to the console with their Clerk session.
+    clerk_jwt_key: str | None = field(default=None, repr=False)
+    clerk_authorized_parties: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    secret_key: str | None = field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -424,6 +443,17 @@ class Settings:
         if notify_channel is not None and not database_url.startswith("postgresql"):
             raise ConfigError(
                 "ORGSYNC_NOTIFY_CHANNEL needs PostgreSQL (NOTIFY): DATABASE_URL is not a postgresql:// URL"
+        jwt_key = env.get("CLERK_JWT_KEY", "").strip() or None
+        if jwt_key is not None:
+            load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start
+        admin_tokens = parse_api_tokens(env.get("ORGSYNC_ADMIN_TOKENS", ""), "ORGSYNC_ADMIN_TOKENS")
+        cookie_key = parse_secret_key(env.get("ORGSYNC_SECRET_KEY", ""))
+        if require_webhook_secret and jwt_key is not None and not admin_tokens and cookie_key is None:
+            # The web process's console would sign its cookies with nothing secret: refuse
+            # before it listens (workers and the command line never sign a cookie).
+            raise ConfigError(
+                "ORGSYNC_SECRET_KEY is required when CLERK_JWT_KEY is set without ORGSYNC_ADMIN_TOKENS: "
+                "it signs the console's session cookies (use a long random value)"
             )
         return cls(
             database_url=database_url,
@@ -476,4 +506,10 @@ class Settings:
             retain_notifications_days=_days(
                 env, "ORGSYNC_RETAIN_NOTIFICATIONS_DAYS", DEFAULT_RETAIN_NOTIFICATIONS_DAYS
             ),
+            clerk_jwt_key=jwt_key,
+            clerk_authorized_parties=parse_authorized_parties(env.get("CLERK_AUTHORIZED_PARTIES", "")),
+            # The console's operators sign in with one of these; the console is off without them
+            # (unless members may sign in with their Clerk session).
+            admin_tokens=admin_tokens,
+            secret_key=cookie_key,
         )

@@ -6,6 +6,7 @@
 - the health probes (``/healthz``, ``/readyz``, below), always;
 - Clerk's read API (``api.blueprint``: ``/v1``) and the orgsync API (``api.orgsync``:
   ``/orgsync/v1``), when ``ORGSYNC_API_TOKENS`` is set;
+- the web console (``console``: ``/console``), when ``ORGSYNC_ADMIN_TOKENS`` or ``CLERK_JWT_KEY`` is set;
 - Prometheus metrics (``api.metrics``: ``/metrics``), always (403 until a token or
   ``ORGSYNC_METRICS_PUBLIC`` allows a scraper).
 
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 from api.blueprint import create_api_blueprint
 from api.metrics import create_metrics_blueprint
 from api.orgsync import create_orgsync_blueprint
+from console import console_enabled, create_console_blueprint
 from models.clock import now_ms
 from models.db import create_db_engine, ping
 from models.notifications import outbox_health
@@ -126,6 +128,7 @@ def create_app(
     send: Send | None = None,
     broker_check: Callable[[], None] | None = None,
     command_send: Callable[[list[int]], None] | None = None,
+    reconcile_send: Callable[[list[str]], None] | None = None,
 ) -> Flask:
     """The web app of one process.
 
@@ -133,7 +136,8 @@ def create_app(
     ``get_state(app).close()``). ``send(ids)`` enqueues apply work for stored deliveries
     (without it the sweeper enqueues them); ``broker_check()`` raises when the broker is
     unreachable (for ``/readyz``); ``command_send(ids)`` enqueues commands submitted over
-    ``/orgsync/v1`` (without it the workers' sweep sends them).
+    ``/orgsync/v1`` and the console (without it the workers' sweep sends them);
+    ``reconcile_send(org_ids)`` lets the console queue a reconciliation.
     """
     owns_engine = engine is None
     if engine is None:
@@ -155,6 +159,16 @@ def create_app(
             )
         )
     app.register_blueprint(create_metrics_blueprint(engine, settings.api_tokens, public=settings.metrics_public))
+    if console_enabled(settings):  # the web console at /console (console/)
+        app.register_blueprint(
+            create_console_blueprint(
+                engine,
+                settings,
+                command_send=command_send,
+                apply_send=intake_state.dispatcher.submit if intake_state.dispatcher is not None else None,
+                reconcile_send=reconcile_send,
+            )
+        )
     # Register further blueprints here.
 
     app.extensions[EXTENSION] = WebState(engine=engine, intake=intake_state, owns_engine=owns_engine)

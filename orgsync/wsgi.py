@@ -24,7 +24,13 @@ def build_web_app(settings: Settings) -> Flask:
     broker connection must not be shared across processes.
     """
     from orgsync.web import create_app  # noqa: PLC0415  (Flask loads only in web processes)
-    from worker.app import check_broker, create_celery, make_command_sender, make_sender  # noqa: PLC0415
+    from worker.app import (  # noqa: PLC0415
+        check_broker,
+        create_celery,
+        make_command_sender,
+        make_reconcile_org_sender,
+        make_sender,
+    )
 
     engine = create_db_engine(settings.database_url, timeout=settings.db_timeout)
     celery = create_celery(settings)
@@ -38,6 +44,7 @@ def build_web_app(settings: Settings) -> Flask:
         send=make_sender(celery),
         broker_check=broker_check,
         command_send=make_command_sender(celery),
+        reconcile_send=make_reconcile_org_sender(celery),
     )
 
 

@@ -59,6 +59,9 @@ FIGURES_WITH_BASELINE = {
     "page_http_rate",
     "page_http_p99_ms",
     "intake_rate_with_reads",
+    # The console's page beside the HTTP read API's for the same memberships.
+    "console_members_page_p99_ms",
+    "console_members_middle_p99_ms",
 }
 # The baseline handler has no worker process to weigh.
 # Nor a prune to run beside its intake.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from stack import ROOT, START_BOUND_S, STOP_BOUND_S, log_tail
 import emulator
 from emulator import DEFAULT_SECRET_KEY, DEFAULT_SIGNING_SECRET, EmulatorConfig, Outage
 from emulator.testing import Receiver
+from models.settings import Settings
 from orgsync.cli import cli
 from orgsync.cli.base import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Runtime
 
@@ -182,6 +184,20 @@ def test_a_malformed_variable_is_a_configuration_error(started: list[EmulatorCon
     assert not started
 
 
+def test_a_session_key_file_is_made_once_and_a_bad_one_is_refused(
+    started: list[EmulatorConfig], tmp_path: Path
+) -> None:
+    path = tmp_path / "session-key.pem"
+    assert invoke("--session-key-file", str(path)).exit_code == EXIT_OK
+    assert started[-1].session_key_file == path
+    assert path.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    path.write_text("not a key")
+    result = invoke("--session-key-file", str(path))
+    assert result.exit_code == EXIT_USAGE
+    assert "--session-key-file" in result.output and "does not hold" in result.output
+    assert not started[1:]
+
+
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -212,11 +228,17 @@ def test_a_real_emulator_serves_delivers_and_stops_on_sigterm(tmp_path: Path) ->
         try:
             deadline = time.monotonic() + START_BOUND_S
             listening = f"Clerk emulator listening on http://127.0.0.1:{port}"
-            while listening not in out.read_text():
+            # The admin to sign in as comes last of the start-up lines.
+            while listening not in out.read_text() or "to sign in as:" not in out.read_text():
                 assert process.poll() is None, log_tail(err)
                 assert time.monotonic() < deadline, f"no listening line:\n{log_tail(out)}\n{log_tail(err)}"
                 time.sleep(0.1)
             assert "Seeded 2 organizations, 6 memberships" in out.read_text()
+            # The public key of its session tokens, on one line that Settings takes as it is.
+            (key_line,) = [x for x in out.read_text().splitlines() if x.startswith("CLERK_JWT_KEY=")]
+            pem = key_line.removeprefix("CLERK_JWT_KEY=").strip("'")
+            assert Settings.from_env({"CLERK_JWT_KEY": pem}).clerk_jwt_key == pem
+            assert re.search(r"An admin of org_\w+ to sign in as: user_\w+", out.read_text())
 
             url = f"http://127.0.0.1:{port}/v1/organizations?limit=10"
             request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})

@@ -211,3 +211,13 @@ def test_every_entry_point_refuses_a_malformed_url_before_starting(
     assert PASSWORD not in result.stderr + result.stdout
     # Nothing was started or created on the way to the error.
     assert not any(tmp_path.iterdir())
+
+
+def test_the_console_cookie_key_and_clerks_secret_key_stay_apart(tmp_path: Path) -> None:
+    """ORGSYNC_SECRET_KEY signs the console's cookies; it never stands in for CLERK_SECRET_KEY."""
+    cookie_key = "a-console-cookie-signing-key-of-some-length"
+    env = {"ORGSYNC_DATA_DIR": str(tmp_path), "ORGSYNC_SECRET_KEY": cookie_key}
+    both = Settings.from_env({**env, "CLERK_SECRET_KEY": "sk_test_one"})
+    assert (both.clerk_secret_key, both.secret_key) == ("sk_test_one", cookie_key)
+    alone = Settings.from_env(env)
+    assert (alone.clerk_secret_key, alone.secret_key) == (None, cookie_key)

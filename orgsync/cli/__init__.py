@@ -29,6 +29,7 @@ for command in (
     processes.beat,
     processes.db,
     emulate.emulator,
+    emulate.session_token,
     mirror.orgs,
     members,
     invitations,

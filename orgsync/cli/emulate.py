@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
+import httpx
 
 from models.errors import ConfigError
 from models.settings import Settings, parse_signing_secrets
-from orgsync.cli.base import EPILOG, EXIT_FAILED, BadOptionError, fail, runtime
+from orgsync.cli.base import EPILOG, EXIT_FAILED, EXIT_UNAVAILABLE, BadOptionError, fail, runtime
 
 
 class FiniteFloat(click.ParamType[float, Any]):
@@ -229,6 +232,14 @@ def stop_on_signals() -> tuple[threading.Event, Callable[[], None]]:
     help="Factor on Svix's retry schedule (0.001 turns hours into seconds).",
 )
 @click.option("--log-requests", is_flag=True, help="Log every Backend API request.")
+@click.option(
+    "--session-key-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="PEM private key signing session tokens, created there if missing, so CLERK_JWT_KEY "
+    "stays valid across restarts (default: a new key pair each start).",
+)
 @click.pass_context
 def emulator(
     ctx: click.Context,
@@ -252,6 +263,7 @@ def emulator(
     chaos_seed: int,
     time_scale: float,
     log_requests: bool,
+    session_key_file: Path | None,
 ) -> None:
     """Run a fake Clerk: a Backend API under /v1 and Svix-signed webhooks, with optional chaos.
 
@@ -288,10 +300,18 @@ def emulator(
             time_scale=time_scale,
             announce_defaults=announce_defaults,
             log_requests=log_requests,
+            session_key_file=session_key_file,
         )
     except ValueError as exc:
         # The options were checked one by one above; this is the emulator's own last word.
         raise BadOptionError(str(exc)) from None
+    if session_key_file is not None:
+        from emulator.sessions import SessionIssuer  # noqa: PLC0415
+
+        try:  # read (or create) it now: a bad file is a usage error before anything listens
+            SessionIssuer(key_file=session_key_file).public_pem()
+        except (ValueError, OSError) as exc:
+            raise BadOptionError(f"--session-key-file: {exc}") from None
     click.echo(f"orgsync: emulator using {sources}", err=True)
     stop, restore = stop_on_signals()
     try:
@@ -301,3 +321,64 @@ def emulator(
         fail(f"cannot listen on {host}:{port}: {reason}", EXIT_FAILED)
     finally:
         restore()
+
+
+@click.command("session-token", epilog=EPILOG)
+@click.argument("user_id")
+@click.option(
+    "--org",
+    "organization",
+    default=None,
+    metavar="ORG_ID",
+    help="Make this organization (one the user belongs to) the session's active one.",
+)
+@click.option(
+    "--expires-in",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(30, 315_360_000),
+    metavar="SECONDS",
+    help="The token's lifetime.",
+)
+@click.pass_context
+def session_token(ctx: click.Context, user_id: str, organization: str | None, expires_in: int) -> None:
+    """Print a Clerk session token for USER_ID, to sign in to the console as that member.
+
+    Opens a session with the Backend API at CLERK_API_URL (POST /sessions, which Clerk offers
+    on development instances and the emulator always) and prints a token for it. The console
+    accepts it in its sign-in form, as the __session cookie or as an Authorization: Bearer header.
+    """
+    from clerk_backend_api import Clerk  # noqa: PLC0415
+    from clerk_backend_api.models import ClerkBaseError  # noqa: PLC0415
+
+    # No log lines: the token is the whole output, for $(orgsync session-token ...).
+    settings = runtime(ctx).settings(configure_logging=False)
+    if not settings.clerk_secret_key:
+        raise ConfigError("CLERK_SECRET_KEY is not set: no session can be opened without it")
+    sdk = Clerk(
+        bearer_auth=settings.clerk_secret_key,
+        server_url=settings.clerk_api_url,
+        timeout_ms=int(settings.clerk_timeout * 1000),
+    )
+    body: dict[str, Any] = {"user_id": user_id}
+    if organization:
+        body["active_organization_id"] = organization
+    try:
+        session = sdk.sessions.create(request=body)  # type: ignore[arg-type]
+        token = sdk.sessions.create_token(session_id=session.id, expires_in_seconds=expires_in)
+    except ClerkBaseError as exc:
+        fail(f"Clerk refused the session ({exc.status_code}): {_clerk_reason(exc.body)}", EXIT_FAILED)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach CLERK_API_URL: {type(exc).__name__}", EXIT_UNAVAILABLE)
+    if not token.jwt:
+        fail("Clerk answered without a token", EXIT_FAILED)
+    click.echo(token.jwt)
+
+
+def _clerk_reason(body: str) -> str:
+    """The ``long_message`` of the first error in Clerk's error body, else a generic reason."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        return str(errors[0].get("long_message") or errors[0]["message"])
+    except (ValueError, AttributeError, LookupError, TypeError):
+        return "no reason given"

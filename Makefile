@@ -18,7 +18,7 @@ test: $(BIN)/orgsync
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: $(BIN)/orgsync
 	$(BIN)/python bench/run.py

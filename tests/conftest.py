@@ -134,7 +134,9 @@ def redis_url() -> str:
         client.ping()
     except redis.RedisError as exc:
         unavailable(f"Redis unreachable ({base}): {exc}")
-    db = 1 + uuid.uuid4().int % 15
+    # Parallel runs (pytest-xdist) take distinct databases: gw0 -> 1, gw1 -> 2, ...
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    db = 1 + (int(worker[2:]) if worker.startswith("gw") else uuid.uuid4().int) % 15
     url = f"{base}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url

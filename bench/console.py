@@ -160,7 +160,7 @@ def operator_client(app: Any) -> FlaskClient:
 
 def bench_console(database_url: str, data_dir: Path, *, members: int, requests: int) -> dict[str, Any]:
     """Seed, then time the console's pages and the read API's page of the same memberships."""
-    from webhooks.app import create_app, get_state
+    from orgsync.web import create_app, get_state
 
     engine = create_db_engine(database_url)
     try:

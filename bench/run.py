@@ -55,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.console import bench_console, console_figures  # noqa: E402
 from bench.freshness import QUICK_FRESHNESS, FreshnessParams, bench_freshness, freshness_figures  # noqa: E402
 from bench.notify import bench_notify, notify_figures  # noqa: E402
-from bench.console import bench_console, console_figures  # noqa: E402
 from bench.phases import QUICK, Env, Params, bench_apply, bench_web  # noqa: E402
 from bench.procs import (  # noqa: E402
     PG_ADMIN_DSN,

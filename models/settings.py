@@ -223,6 +223,8 @@ def parse_notify_channel(raw: str, name: str = "ORGSYNC_NOTIFY_CHANNEL") -> str 
             f"not starting with a digit, at most 63 characters; got {value!r}"
         )
     return value
+
+
 def parse_secret_key(raw: str, name: str = "ORGSYNC_SECRET_KEY") -> str | None:
     """The key that signs the console's session cookies, or None when unset; never quoted."""
     key = raw.strip()
@@ -443,6 +445,7 @@ class Settings:
         if notify_channel is not None and not database_url.startswith("postgresql"):
             raise ConfigError(
                 "ORGSYNC_NOTIFY_CHANNEL needs PostgreSQL (NOTIFY): DATABASE_URL is not a postgresql:// URL"
+            )
         jwt_key = env.get("CLERK_JWT_KEY", "").strip() or None
         if jwt_key is not None:
             load_jwt_key(jwt_key)  # a key that cannot verify anything is refused before start

@@ -146,7 +146,9 @@ def create_app(
 
     intake, intake_state = create_webhook_blueprint(settings, engine=engine, send=send)
     app.register_blueprint(intake)
-    app.register_blueprint(create_health_blueprint(engine, broker_check, notifications=bool(settings.notify_urls)))
+    app.register_blueprint(
+        create_health_blueprint(engine, broker_check, notifications=bool(settings.notify_urls))
+    )
     if settings.api_tokens:
         app.register_blueprint(create_api_blueprint(engine, settings.api_tokens))
         app.register_blueprint(
@@ -158,7 +160,9 @@ def create_app(
                 permission_cache=AccessCache(),
             )
         )
-    app.register_blueprint(create_metrics_blueprint(engine, settings.api_tokens, public=settings.metrics_public))
+    app.register_blueprint(
+        create_metrics_blueprint(engine, settings.api_tokens, public=settings.metrics_public)
+    )
     if console_enabled(settings):  # the web console at /console (console/)
         app.register_blueprint(
             create_console_blueprint(

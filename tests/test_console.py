@@ -32,7 +32,7 @@ from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
 from models.tables import Command, CommandKind, CommandStatus, InboxEvent, InboxStatus
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 
 ADMIN_TOKEN = "console-admin-token-0123456789abcdef"
 OTHER_ADMIN_TOKEN = "console-other-admin-token-fedcba9876"

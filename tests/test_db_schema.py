@@ -20,7 +20,7 @@ from models.errors import ConfigError
 from models.migrate import upgrade
 from models.settings import Settings, parse_db_schema
 from models.tables import InboxEvent, InboxStatus, Organization
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 from worker.apply import apply_inbox
 
 pytestmark = pytest.mark.postgres

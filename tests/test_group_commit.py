@@ -21,7 +21,7 @@ from models.errors import RetryableError
 from models.inbox import InboxRow, Stored, inbox_row, store_delivery
 from models.settings import Settings
 from models.tables import InboxEvent, InboxStatus
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 from webhooks.committer import (
     BatchFailedError,
     CommitTimeoutError,

@@ -40,7 +40,7 @@ from models.tables import (
     SyncRun,
     SyncStatus,
 )
-from webhooks.app import create_app, get_state
+from orgsync.web import create_app, get_state
 from worker.apply import apply_inbox
 
 TOKEN = "metrics-reader-token-0123456789abcdef"

@@ -169,7 +169,7 @@ def test_good_settings_parse(env: dict[str, str]) -> None:
 def test_readyz_shows_the_delivery_state_when_urls_are_set(
     rows: list[str], sqlite_url: str, sqlite_engine: Engine, tmp_path: Path
 ) -> None:
-    from webhooks.app import create_app
+    from orgsync.web import create_app
 
     settings = Settings(
         database_url=sqlite_url,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from flask import Blueprint, Flask, Response, request
 from flask.sansio.blueprints import BlueprintSetupState
@@ -112,7 +112,8 @@ def create_webhook_blueprint(
     def install(setup: BlueprintSetupState) -> None:
         setup.app.extensions[EXTENSION] = state
         # The webhook route's plain requests are answered before Flask's routing.
-        setup.app.wsgi_app = IntakeMiddleware(setup.app.wsgi_app, intake, max_body=max_body)  # type: ignore[method-assign]
+        app = cast(Flask, setup.app)
+        app.wsgi_app = IntakeMiddleware(app.wsgi_app, intake, max_body=max_body)  # type: ignore[method-assign]
 
     blueprint = Blueprint("webhooks", __name__)
     blueprint.record_once(install)

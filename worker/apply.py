@@ -299,12 +299,17 @@ def _apply_once(
             except PayloadError as exc:
                 reason = redact(str(exc))[:MAX_ERROR_CHARS]
                 rejected.append({"row_id": row.id, "error": reason, "now": now_ms})
-    skipped = len(ids) - len(rows)
-    # Committed: counted once, with each event's wait from receipt to this transaction.
-    received = {int(row.id): int(row.received_at) for row in rows}
-    metrics.applied((now_ms - received[row_id]) / 1000 for row_id in applied_ids)
-    metrics.skipped(skipped)
-    return len(applied_ids), len(rejected), skipped, events, deferred
+        deferred: list[int] = []
+        if parsed:
+            _, covered = lock_for_events(session, [event for _, event in parsed], wait=wait)
+            if len(covered) < len(parsed):
+                chosen = set(covered)
+                deferred = [row_id for n, (row_id, _) in enumerate(parsed) if n not in chosen]
+                if known is not None:
+                    known.update(item for n, item in enumerate(parsed) if n not in chosen)
+                parsed = [parsed[n] for n in covered]
+        events = [event for _, event in parsed]
+        applied_ids = [row_id for row_id, _ in parsed]
         if events:
             if unseen is not None:
                 # Under the mirror locks, before the batch writes them: "never seen" is exact.
@@ -319,6 +324,12 @@ def _apply_once(
             )
         if rejected:
             session.connection().execute(_MARK_REJECTED, rejected)
+    skipped = len(ids) - len(rows)
+    # Committed: counted once, with each event's wait from receipt to this transaction.
+    received = {int(row.id): int(row.received_at) for row in rows}
+    metrics.applied((now_ms - received[row_id]) / 1000 for row_id in applied_ids)
+    metrics.skipped(skipped)
+    return len(applied_ids), len(rejected), skipped, events, deferred
 
 
 def _record_failure(

@@ -3,7 +3,7 @@
     python bench/console.py [--quick] [--members 10000] [--database-url postgresql://...]
 
 An organization of ``members`` memberships (10,000 by default) is written into the mirror
-through ``models.mirror.apply_events``; then the real app (``webhooks.app.create_app``, with
+through ``models.mirror.apply_events``; then the real app (``orgsync.web.create_app``, with
 the console and the ``/v1`` read API both on) answers, in this process through Flask's test
 client, so that the time measured is the server's alone (routing, sign-in check, SQL,
 rendering) without the network or the load client:

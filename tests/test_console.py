@@ -1,6 +1,6 @@
 """The web console at /console: pages, paging and filters, sign-in, CSRF, permissions, commands.
 
-Flask's test client over the real app (``webhooks.app.create_app``) on SQLite and PostgreSQL;
+Flask's test client over the real app (``orgsync.web.create_app``) on SQLite and PostgreSQL;
 commands go through the real submission path, with the sender recording what it is handed.
 A member's sign-in is the console's own signed session naming the Clerk user (what verifying
 a session token produces), so these tests are about what a signed-in member may do.

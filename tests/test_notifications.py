@@ -13,7 +13,6 @@ from conftest import examples
 from histories import T0, generate_history, make_event
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from models.reads import invitation_status
 from sqlalchemy import Engine, delete, select
 from test_convergence import apply_in_batches, clear_mirror, deliver
 
@@ -21,6 +20,7 @@ from emulator.payloads import membership_data, organization_data, user_public_da
 from models import notifications
 from models.db import make_session_factory, session_scope
 from models.mirror import TABLES, apply_events
+from models.reads import invitation_status
 from models.reconcile import absent_rows, tombstone_rows, write_listing
 from models.tables import Notification
 

@@ -17,10 +17,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
-from api import params, render
+from api import params
 from api.auth import TokenCheck
 from api.errors import ApiError, invalid, not_found, unauthorized
-from models import reads
+from models import reads, render
 
 logger = logging.getLogger(__name__)
 

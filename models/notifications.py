@@ -13,7 +13,7 @@ in reconciliation's writes) and announces the NET change of each object:
   user and role rows (``public_user_data``, ``identifier``, ``role_name``, ``permissions``) and
   counters (``members_count``) change with other objects, which have their own events; the
   data of every event still shows the object as the mirror holds it after the change, in
-  Clerk's API shape (``api.render`` over ``models.reads``' views).
+  Clerk's API shape (``models.render`` over ``models.reads``' views).
 
 Every change is delivered up to three ways, each optional:
 
@@ -50,8 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Row, Table, event, func, insert, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from api import render
-from models import reads
+from models import reads, render
 from models.errors import PermanentError
 from models.events import INVITATIONS, MEMBERSHIPS, ORGANIZATIONS, USERS
 from models.tables import (

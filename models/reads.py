@@ -14,7 +14,7 @@ passed reads as expired. An organization is addressed by id or slug, as Clerk's
 ``/organizations/{id_or_slug}``. An unknown organization or user yields ``None`` from the
 call that needs it, so that the HTTP layer can answer Clerk's 404; bad filters raise
 ``InvalidParameterError`` naming the parameter. Fields the mirror does not hold are left out
-here and listed in ``api.render``.
+here and listed in ``models.render``.
 """
 
 from __future__ import annotations
@@ -28,17 +28,12 @@ from typing import Any, Generic, TypeVar
 import orjson
 from psycopg.types.json import set_json_loads
 from sqlalchemy import (
-    Column,
     ColumnElement,
     Engine,
-    MetaData,
     Select,
-    String,
-    Table,
     and_,
     event,
     func,
-    inspect,
     literal,
     null,
     or_,
@@ -54,6 +49,7 @@ from models.tables import (
     ApiCall,
     Invitation,
     Membership,
+    Notification,
     Organization,
     OrganizationDomain,
     Permission,
@@ -1295,23 +1291,7 @@ def api_calls_of(session: Session, command_ids: Sequence[int]) -> dict[int, list
     return found
 
 
-# Where a notification outbox may keep its rows, and the column holding each row's state.
-NOTIFICATION_TABLES = ("notification_outbox", "notifications", "outbox")
-NOTIFICATION_STATE_COLUMNS = ("status", "state")
-
-
-def notification_backlog(session: Session) -> dict[str, int] | None:
-    """Rows of the notification outbox by state, or None when this database has no outbox."""
-    # On the session's own connection: another one would wait behind its transaction on SQLite.
-    inspector = inspect(session.connection())
-    for name in NOTIFICATION_TABLES:
-        if not inspector.has_table(name):
-            continue
-        columns = {column["name"] for column in inspector.get_columns(name)}
-        state = next((column for column in NOTIFICATION_STATE_COLUMNS if column in columns), None)
-        if state is None:
-            continue
-        table = Table(name, MetaData(), Column(state, String))
-        rows = session.execute(select(table.c[state], func.count()).group_by(table.c[state]))
-        return {str(key): int(count) for key, count in rows}
-    return None
+def notification_backlog(session: Session) -> dict[str, int]:
+    """Rows of the notification outbox (``models.notifications``) by state."""
+    rows = session.execute(select(Notification.status, func.count()).group_by(Notification.status))
+    return {str(status): int(count) for status, count in rows}

@@ -14,8 +14,7 @@ from flask.testing import FlaskClient
 from read_world import OTHER_TOKEN, TOKEN, World, build_world, mirror
 from sqlalchemy import Engine, event
 
-from api import render
-from models import reads
+from models import reads, render
 from models.db import make_session_factory
 from models.errors import ConfigError
 from models.settings import Settings, parse_api_tokens

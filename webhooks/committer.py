@@ -27,7 +27,7 @@ import psycopg
 from sqlalchemy import Engine
 
 from models.db import is_connection_error
-from models.errors import RetryableError
+from models.errors import PermanentError, RetryableError
 from models.inbox import InboxRow, Stored, store_row, store_rows_postgres
 from models.tables import InboxStatus
 
@@ -48,7 +48,7 @@ class CommitTimeoutError(DatabaseUnavailableError):
     """No commit within the request's bound (the database hangs, or a batch ahead of it does)."""
 
 
-class BatchFailedError(RuntimeError):
+class BatchFailedError(PermanentError):
     """The batch failed unexpectedly (a bug); the committer logged it with its traceback."""
 
 

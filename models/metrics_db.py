@@ -4,10 +4,6 @@ Each scrape runs a handful of small queries in one short read-only transaction, 
 by an index (inbox status, command status) or by the newest rows of small tables. When the
 database does not answer, ``orgsync_database_up`` is 0 and the other gauges are left out for
 that scrape, rather than reported as zeros that would look healthy.
-
-Notifications: the ``outbox`` table is not part of every schema yet. ``NOTIFICATION_STATES``
-is the hook: it counts outbox rows by state when that table exists, and may be replaced by
-the module that owns the outbox (``register_notification_counts``).
 """
 
 from __future__ import annotations
@@ -18,12 +14,22 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Engine, func, inspect, select, text
+from sqlalchemy import Connection, Engine, func, select
 
 from models.clock import now_ms
 from models.reconcile import SCOPE_INSTANCE
 from models.redact import describe_error
-from models.tables import Command, CommandStatus, InboxEvent, InboxStatus, RuleState, SyncRun, SyncStatus
+from models.tables import (
+    Command,
+    CommandStatus,
+    InboxEvent,
+    InboxStatus,
+    Notification,
+    NotificationStatus,
+    RuleState,
+    SyncRun,
+    SyncStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +37,13 @@ DAY_MS = 24 * 3600 * 1000
 # The same window ``orgsync status`` uses for "commands failed recently".
 FAILED_WINDOW_MS = DAY_MS
 
-NotificationCounts = Callable[[Connection], Mapping[str, int] | None]
+NOTIFICATION_STATES = (NotificationStatus.PENDING, NotificationStatus.DELIVERED, NotificationStatus.DEAD)
 
 
-def _outbox_counts(connection: Connection) -> Mapping[str, int] | None:
-    """Outbox rows by state, when an ``outbox`` table with a ``state`` or ``status`` column exists.
-
-    HOOK (change notifications): the outbox's own module can register an exact query with
-    ``register_notification_counts``; until then this reads whatever outbox table is there.
-    """
-    inspector = inspect(connection)
-    if not inspector.has_table("outbox"):
-        return None
-    columns = {column["name"] for column in inspector.get_columns("outbox")}
-    column = "state" if "state" in columns else "status" if "status" in columns else None
-    if column is None:
-        return None
-    rows = connection.execute(text(f"SELECT {column}, count(*) FROM outbox GROUP BY {column}"))
+def _notification_counts(connection: Connection) -> Mapping[str, int]:
+    """Rows of the change notification outbox by state."""
+    rows = connection.execute(select(Notification.status, func.count()).group_by(Notification.status))
     return {str(state): int(count) for state, count in rows}
-
-
-_notification_counts: list[NotificationCounts] = [_outbox_counts]
-
-
-def register_notification_counts(counts: NotificationCounts) -> None:
-    """Replace how notifications are counted by state (``None``: no outbox in this schema)."""
-    _notification_counts[0] = counts
 
 
 def _drift_by_kind(drift: Mapping[str, Any] | None) -> dict[str, int]:
@@ -148,14 +135,13 @@ def read_gauges(connection: Connection, *, now: int) -> list[Metric]:
         )
     )
 
-    counts = _notification_counts[0](connection)
-    if counts is not None:
-        notifications = GaugeMetricFamily(
-            "orgsync_notifications", "Change notifications by delivery state.", labels=["state"]
-        )
-        for state, count in sorted(counts.items()):
-            notifications.add_metric([state], count)
-        gauges.append(notifications)
+    notifications = GaugeMetricFamily(
+        "orgsync_notifications", "Change notifications by delivery state.", labels=["state"]
+    )
+    counts = {state: 0 for state in NOTIFICATION_STATES} | dict(_notification_counts(connection))
+    for state, count in sorted(counts.items()):
+        notifications.add_metric([state], count)
+    gauges.append(notifications)
     return gauges
 
 

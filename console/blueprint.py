@@ -44,9 +44,9 @@ from models.permissions import Access, AccessCache
 from models.reconcile import latest_runs
 from models.sessions import verify_session_token
 from models.settings import Settings
+from models.status import DEFAULT_MAX_LAG_S, collect_status
 from models.submission import CommandService
 from models.tables import Command, CommandKind, CommandStatus, InboxStatus
-from orgsync.cli.ops import DEFAULT_MAX_LAG_S, collect_status
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import pytest
 from models.errors import OrgsyncError, PermanentError, RetryableError
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("orgsync", "models", "webhooks", "worker", "emulator", "api")
+PACKAGES = ("orgsync", "models", "webhooks", "worker", "emulator", "api", "console")
 # Importing these builds a Celery app from the environment or runs the command line.
 SKIP = frozenset({"worker.main", "orgsync.__main__"})
 # The emulator stands in for Clerk and imports nothing of orgsync: its errors are Clerk's.
@@ -38,7 +38,8 @@ ABSTRACT_ERRORS = frozenset(
 # (``orgsync``: CLI, Python API, the web app factory ``orgsync.web``) sits on top; the web
 # surfaces (``webhooks``, ``api``) and the workers only reach down to ``models``.
 MAY_IMPORT = {
-    "orgsync": {"api", "models", "webhooks", "worker", "emulator", "flask"},
+    "orgsync": {"api", "console", "models", "webhooks", "worker", "emulator", "flask"},
+    "console": {"models", "flask"},
     "webhooks": {"models", "flask"},
     "api": {"models", "flask"},
     "worker": {"models"},

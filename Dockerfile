@@ -15,6 +15,7 @@ COPY webhooks ./webhooks
 COPY worker ./worker
 COPY emulator ./emulator
 COPY api ./api
+COPY console ./console
 RUN pip install . \
     && useradd --system --home-dir /var/lib/orgsync --create-home orgsync \
     && install -d -o orgsync /var/lib/orgsync/metrics

@@ -151,7 +151,9 @@ def test_run_emulator_prints_where_it_listens() -> None:
     assert not thread.is_alive()
     assert lines[0].startswith("Clerk emulator listening on http://127.0.0.1:")
     assert lines[0].endswith("/v1)")
-    assert lines[-1] == "Seeded 1 organizations, 2 memberships"
+    assert "Seeded 1 organizations, 2 memberships" in lines
+    # Then who to sign in as, with a session token from ``orgsync session-token``.
+    assert lines[-1].startswith("An admin of org_")
     assert all(KEY not in line and "whsec_" not in line for line in lines), "no secrets printed"
 
 

@@ -42,7 +42,7 @@ import psycopg  # noqa: E402
 import redis  # noqa: E402
 
 from bench.client import Load  # noqa: E402
-from bench.procs import (  # noqa: E402  # noqa: E402
+from bench.procs import (  # noqa: E402
     Service,
     Stack,
     free_port,

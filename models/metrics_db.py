@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, func, select
 
+from models import reads
 from models.clock import now_ms
 from models.reconcile import SCOPE_INSTANCE
 from models.redact import describe_error
@@ -24,7 +25,6 @@ from models.tables import (
     CommandStatus,
     InboxEvent,
     InboxStatus,
-    Notification,
     NotificationStatus,
     RuleState,
     SyncRun,
@@ -38,12 +38,6 @@ DAY_MS = 24 * 3600 * 1000
 FAILED_WINDOW_MS = DAY_MS
 
 NOTIFICATION_STATES = (NotificationStatus.PENDING, NotificationStatus.DELIVERED, NotificationStatus.DEAD)
-
-
-def _notification_counts(connection: Connection) -> Mapping[str, int]:
-    """Rows of the change notification outbox by state."""
-    rows = connection.execute(select(Notification.status, func.count()).group_by(Notification.status))
-    return {str(state): int(count) for state, count in rows}
 
 
 def _drift_by_kind(drift: Mapping[str, Any] | None) -> dict[str, int]:
@@ -138,7 +132,7 @@ def read_gauges(connection: Connection, *, now: int) -> list[Metric]:
     notifications = GaugeMetricFamily(
         "orgsync_notifications", "Change notifications by delivery state.", labels=["state"]
     )
-    counts = {state: 0 for state in NOTIFICATION_STATES} | dict(_notification_counts(connection))
+    counts = {state: 0 for state in NOTIFICATION_STATES} | reads.notification_backlog(connection)
     for state, count in sorted(counts.items()):
         notifications.add_metric([state], count)
     gauges.append(notifications)

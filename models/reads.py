@@ -29,6 +29,7 @@ import orjson
 from psycopg.types.json import set_json_loads
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     Select,
     and_,
@@ -1291,7 +1292,7 @@ def api_calls_of(session: Session, command_ids: Sequence[int]) -> dict[int, list
     return found
 
 
-def notification_backlog(session: Session) -> dict[str, int]:
-    """Rows of the notification outbox (``models.notifications``) by state."""
+def notification_backlog(session: Session | Connection) -> dict[str, int]:
+    """Rows of the notification outbox (``models.notifications``) by state (absent states: none)."""
     rows = session.execute(select(Notification.status, func.count()).group_by(Notification.status))
     return {str(status): int(count) for status, count in rows}

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import examples, truncate_all
-from histories import ClerkSimulator, generate_history
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from histories import ClerkSimulator, any_delivery, generate_history
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from stack import FAST_SWEEPS, hermetic_env, running_stack
@@ -119,18 +117,7 @@ def reset(engine: Engine) -> None:
         connection.execute(delete(InboxEvent))
 
 
-@settings(
-    max_examples=examples(15),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@example(history_seed=334, steps=80, delivery_seed=1)
-@example(history_seed=11, steps=80, delivery_seed=2)
-@given(
-    history_seed=st.integers(0, 2**32 - 1),
-    steps=st.integers(1, 80),
-    delivery_seed=st.integers(0, 2**32 - 1),
-)
+@any_delivery(examples(15))
 def test_concurrent_workers_converge_to_in_order_application(
     pg_engine: Engine, pg_factory: sessionmaker[Session], history_seed: int, steps: int, delivery_seed: int
 ) -> None:

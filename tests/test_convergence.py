@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from conftest import examples
-from histories import generate_history
-from hypothesis import HealthCheck, example, given, settings
+from histories import any_delivery, generate_history
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, select
 
@@ -114,21 +114,7 @@ def live_invitations(engine: Engine, now_ms: int) -> dict[str, str]:
         }
 
 
-@settings(
-    max_examples=examples(30),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-# Pinned histories holding every kind the generator knows, so each run covers them all: organizations,
-# users and roles re-created, role and user updates, invitations accepted, revoked, pending and expired
-# at the end; the second one with envelope timestamps in seconds.
-@example(history_seed=334, steps=80, delivery_seed=1)
-@example(history_seed=11, steps=80, delivery_seed=2)
-@given(
-    history_seed=st.integers(0, 2**32 - 1),
-    steps=st.integers(1, 80),
-    delivery_seed=st.integers(0, 2**32 - 1),
-)
+@any_delivery(examples(30))
 def test_any_delivery_converges_to_in_order_application(
     engine: Engine, history_seed: int, steps: int, delivery_seed: int
 ) -> None:

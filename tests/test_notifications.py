@@ -10,9 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import examples
-from histories import T0, generate_history, make_event
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from histories import T0, any_delivery, generate_history, make_event
 from sqlalchemy import Engine, delete, select
 from test_convergence import apply_in_batches, clear_mirror, deliver
 
@@ -89,18 +87,7 @@ def mirrored(engine: Engine) -> dict[tuple[str, ...], Any]:
     return state
 
 
-@settings(
-    max_examples=examples(25),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@example(history_seed=334, steps=80, delivery_seed=1)
-@example(history_seed=11, steps=80, delivery_seed=2)
-@given(
-    history_seed=st.integers(0, 2**32 - 1),
-    steps=st.integers(1, 60),
-    delivery_seed=st.integers(0, 2**32 - 1),
-)
+@any_delivery(examples(25), max_steps=60)
 def test_events_of_any_delivery_net_out_to_the_mirror(
     engine: Engine, history_seed: int, steps: int, delivery_seed: int
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, cast
 
 from flask import Blueprint, Flask, Response, request
 from flask.sansio.blueprints import BlueprintSetupState
@@ -25,14 +25,13 @@ from webhooks.verify import SignatureVerifier
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "orgsync"
 _READ_CHUNK = 64 * 1024
-__all__ = ["WEBHOOK_PATH", "WebhookState", "create_webhook_blueprint", "get_state"]
+__all__ = ["WEBHOOK_PATH", "WebhookState", "create_webhook_blueprint"]
 
 
 @dataclass
 class WebhookState:
-    """Per-process objects the intake shares, kept on ``app.extensions["orgsync"]``."""
+    """Per-process objects the intake shares (``orgsync.web.WebState.intake``)."""
 
     settings: Settings
     engine: Engine
@@ -47,21 +46,13 @@ class WebhookState:
             self.dispatcher.close()
 
 
-def get_state(app: Flask) -> WebhookState:
-    state: WebhookState = app.extensions[EXTENSION]
-    return state
-
-
-def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(payload), status=status, headers=headers, mimetype="application/json")
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _json(status, {"error": code, "message": message}, headers)
-
-
 def _answer(answer: Answer) -> Response:
-    return _json(answer.status, answer.payload, dict(answer.headers))
+    return Response(
+        json.dumps(answer.payload),
+        status=answer.status,
+        headers=dict(answer.headers),
+        mimetype="application/json",
+    )
 
 
 def commit_wait_bound(engine: Engine, db_timeout: float) -> float | None:
@@ -93,8 +84,7 @@ def create_webhook_blueprint(
 ) -> tuple[Blueprint, WebhookState]:
     """The intake at ``WEBHOOK_PATH``. ``send(ids)`` enqueues apply work on a background thread;
     without it deliveries are only stored, and the sweeper enqueues them. Registering the
-    blueprint puts the state on ``app.extensions["orgsync"]`` (see ``get_state``) and wraps the
-    app's WSGI callable in the intake middleware."""
+    blueprint wraps the app's WSGI callable in the intake middleware."""
     verifier = SignatureVerifier(settings.webhook_secrets)
     dispatcher = Dispatcher(send, max_batch=settings.apply_batch_size) if send is not None else None
     committer = GroupCommitter(
@@ -110,7 +100,6 @@ def create_webhook_blueprint(
     max_body = settings.max_body_bytes
 
     def install(setup: BlueprintSetupState) -> None:
-        setup.app.extensions[EXTENSION] = state
         # The webhook route's plain requests are answered before Flask's routing.
         app = cast(Flask, setup.app)
         app.wsgi_app = IntakeMiddleware(app.wsgi_app, intake, max_body=max_body)  # type: ignore[method-assign]

@@ -431,21 +431,21 @@ def _render(session: Session, diffs: Sequence[_Diff], now_ms: int) -> list[Chang
     objects: dict[int, dict[str, Any]] = {}
     orgs = by_name.get(ORGANIZATIONS, [])
     if orgs:
-        records = reads._organization_records(session, cast(Any, [d.row for d in orgs]), now_ms)
+        records = reads.organization_records(session, cast(Any, [d.row for d in orgs]), now_ms)
         for item in orgs:
             objects[id(item)] = render.organization(records[item.row.id], counts=True)
     members = by_name.get(MEMBERSHIPS, [])
     if members:
-        views = reads._membership_views(session, [d.row for d in members], now_ms)
+        views = reads.membership_views(session, [d.row for d in members], now_ms)
         for item, view in zip(members, views, strict=True):
             objects[id(item)] = render.membership(view)
     invitations = by_name.get(INVITATIONS, [])
     if invitations:
-        records_i = reads._invitation_records(session, cast(Any, [d.row for d in invitations]), now_ms)
+        records_i = reads.invitation_records(session, cast(Any, [d.row for d in invitations]), now_ms)
         for item, record_i in zip(invitations, records_i, strict=True):
             objects[id(item)] = render.invitation(record_i, with_organization=True)
     for item in by_name.get(USERS, []):
-        objects[id(item)] = render.user(reads._user_record(cast(Any, item.row)))
+        objects[id(item)] = render.user(reads.user_record(cast(Any, item.row)))
     changes = []
     for item in diffs:
         obj = objects[id(item)]
@@ -512,7 +512,7 @@ def emit_expired(session: Session, *, now_ms: int, lookback_ms: int = EXPIRY_LOO
     fresh = [row for row in rows if ids[row.id] not in known]
     if not fresh:
         return []
-    views = reads._invitation_records(session, cast(Any, fresh), now_ms)
+    views = reads.invitation_records(session, cast(Any, fresh), now_ms)
     changes = [
         Change(
             ids[row.id],

@@ -476,9 +476,10 @@ def _counts(session: Session, org_ids: Sequence[str], now_ms: int) -> tuple[dict
     return found["m"], found["p"]
 
 
-def _organization_records(
+def organization_records(
     session: Session, rows: Sequence[Organization], now_ms: int
 ) -> dict[str, CountedOrganizationView]:
+    """Views of organization rows by id, with their member and pending-invitation counts."""
     ids = [row.id for row in rows]
     members, pending = _counts(session, ids, now_ms)
     return {
@@ -526,7 +527,7 @@ def get_organization(
     row = _live_org_row(session, id_or_slug)
     if row is None:
         return None
-    return _organization_records(session, [row], _now(now_ms))[row.id]
+    return organization_records(session, [row], _now(now_ms))[row.id]
 
 
 def list_organizations(
@@ -583,7 +584,7 @@ def list_organizations(
         key = getattr(Organization, order.field)
     statement = _ordered(statement, order, key, Organization.created_at, Organization.id)
     rows, total = _window(session, statement, limit, offset)
-    records = _organization_records(session, rows, _now(now_ms))
+    records = organization_records(session, rows, _now(now_ms))
     return Listing([records[row.id] for row in rows], total)
 
 
@@ -592,7 +593,7 @@ def _user_data_field(name: str) -> Any:
     return Membership.public_user_data[name].as_string()
 
 
-def _membership_views(
+def membership_views(
     session: Session, rows: Sequence[Any], now_ms: int, org: Organization | None = None
 ) -> list[MembershipView]:
     """Views of membership rows: ORM objects or plain rows with the same column names."""
@@ -603,7 +604,7 @@ def _membership_views(
         org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(org_ids))))
     else:
         org_rows = []
-    orgs = _organization_records(session, org_rows, now_ms)
+    orgs = organization_records(session, org_rows, now_ms)
     views = []
     for row in rows:
         user_data = dict(row.public_user_data or {})
@@ -732,7 +733,7 @@ def list_memberships(
         total = 0
     else:  # past the end: the rows that would carry the total are not there
         total = int(session.scalar(select(func.count()).select_from(statement.subquery())) or 0)
-    return Listing(_membership_views(session, rows, _now(now_ms), org), total)
+    return Listing(membership_views(session, rows, _now(now_ms), org), total)
 
 
 # ---------------------------------------------------------------- invitations
@@ -779,9 +780,10 @@ def _public_organizations(session: Session, org_ids: Iterable[str]) -> dict[str,
     }
 
 
-def _invitation_records(
+def invitation_records(
     session: Session, rows: Sequence[Invitation], now_ms: int
 ) -> list[InvitationDetailView]:
+    """Views of invitation rows in order, with their status at ``now_ms`` and their organization."""
     inviters = _public_users(session, (row.inviter_id for row in rows if row.inviter_id))
     orgs = _public_organizations(session, (row.organization_id for row in rows))
     return [
@@ -868,7 +870,7 @@ def list_invitations(
         select(Invitation).where(*conditions), order, key, Invitation.created_at, Invitation.id
     )
     rows, total = _window(session, statement, limit, offset)
-    return Listing(_invitation_records(session, rows, now), total)
+    return Listing(invitation_records(session, rows, now), total)
 
 
 def get_invitation(
@@ -885,7 +887,7 @@ def get_invitation(
             Invitation.deleted.is_(False),
         )
     ).first()
-    return None if row is None else _invitation_records(session, [row], _now(now_ms))[0]
+    return None if row is None else invitation_records(session, [row], _now(now_ms))[0]
 
 
 # ------------------------------------------------------- roles and permissions
@@ -1161,7 +1163,8 @@ def list_domains(
 
 
 # ---------------------------------------------------------------------- users
-def _user_record(row: User) -> UserView:
+def user_record(row: User) -> UserView:
+    """The view of a user row: public data, external id, every email address, primary first."""
     emails = list(row.email_addresses or [])
     if not emails and row.identifier and "@" in row.identifier:
         emails = [row.identifier]  # a row written before every address was kept
@@ -1187,7 +1190,7 @@ def _user_record(row: User) -> UserView:
 def get_user(session: Session, user_id: str) -> UserView | None:
     """The live user, or None."""
     row = session.scalars(select(User).where(User.id == user_id, User.deleted.is_(False))).first()
-    return None if row is None else _user_record(row)
+    return None if row is None else user_record(row)
 
 
 def list_users(
@@ -1247,7 +1250,7 @@ def list_users(
     column = User.identifier if order.field == "email_address" else getattr(User, order.field)
     statement = _ordered(select(User).where(*conditions), order, column, User.created_at, User.id)
     rows, total = _window(session, statement, limit, offset)
-    return Listing([_user_record(row) for row in rows], total)
+    return Listing([user_record(row) for row in rows], total)
 
 
 # -------------------------------------------------------------------- console

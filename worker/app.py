@@ -32,6 +32,7 @@ from worker.notify import Sender, announce_expired, drain
 from worker.process import PerProcess
 from worker.ratelimit import RateLimiter
 from worker.reconcile import reconcile_client, reconcile_task_body
+from worker.redis_transport import TRANSPORT as REDIS_TRANSPORT
 from worker.rules import RulesHook
 from worker.wakeup import TRANSPORT as WAKING_TRANSPORT
 from worker.wakeup import wake_dir_for
@@ -153,13 +154,17 @@ def _transport_options(broker_url: str) -> dict[str, Any]:
 
 
 def _broker(broker_url: str) -> tuple[str, str | None]:
-    """The URL and transport Celery connects with: our waking transport for ``sqla+`` URLs.
+    """The URL and transport Celery connects with: our waking transport for ``sqla+`` URLs, and
+    for Redis kombu's own with a closed channel failing as a lost connection.
 
     kombu takes a ``sqla+`` prefix over any transport named in the configuration, so the
     prefix goes and the transport is named instead.
     """
     if broker_url.startswith("sqla+"):
         return broker_url[len("sqla+") :], WAKING_TRANSPORT
+    if broker_url.startswith("redis://"):
+        # Not rediss://: kombu derives TLS from that scheme, which a named transport would hide.
+        return broker_url, REDIS_TRANSPORT
     return broker_url, None
 
 

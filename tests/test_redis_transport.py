@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from models.settings import Settings
 from worker.app import create_celery
-from worker.redis_transport import Transport
+from worker.redis_transport import RedisTransport
 
 
 def test_redis_brokers_use_the_guarded_transport_and_others_keep_their_own(tmp_path: Path) -> None:
@@ -19,9 +19,9 @@ def test_redis_brokers_use_the_guarded_transport_and_others_keep_their_own(tmp_p
         app = create_celery(Settings.from_env({"BROKER_URL": url, "ORGSYNC_DATA_DIR": str(tmp_path)}))
         return type(app.connection_for_write().transport)
 
-    assert transport_of("redis://127.0.0.1:6379/0") is Transport
+    assert transport_of("redis://127.0.0.1:6379/0") is RedisTransport
     # TLS comes from the rediss:// scheme itself, so that one keeps kombu's own resolution.
-    assert transport_of("rediss://127.0.0.1:6379/0") is not Transport
+    assert transport_of("rediss://127.0.0.1:6379/0") is not RedisTransport
 
 
 @pytest.mark.redis

@@ -15,10 +15,10 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-TRANSPORT = f"{__name__}:Transport"
+TRANSPORT = f"{__name__}:RedisTransport"
 
 
-class Channel(kombu_redis.Channel):
+class RedisChannel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         transport = self.connection
         if transport is None or transport.client is None:
@@ -27,5 +27,5 @@ class Channel(kombu_redis.Channel):
         return params
 
 
-class Transport(kombu_redis.Transport):
-    Channel = Channel
+class RedisTransport(kombu_redis.Transport):
+    Channel = RedisChannel

@@ -122,32 +122,28 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
             "last_active_at_before",
             "last_active_at_after",
         )
-        listing = read(
-            lambda s: reads.list_memberships(
-                s,
-                organization=organization,
-                user=user,
-                limit=limit,
-                offset=offset,
-                order_by=params.text("order_by"),
-                roles=params.values("role"),
-                user_ids=params.values("user_id"),
-                email_addresses=params.values("email_address"),
-                usernames=params.values("username"),
-                query=params.text("query"),
-                email_address_query=params.text("email_address_query"),
-                username_query=params.text("username_query"),
-                name_query=params.text("name_query"),
-                created_at_before=params.integer("created_at_before"),
-                created_at_after=params.integer("created_at_after"),
-            )
+        query = reads.MembershipQuery(
+            organization=organization,
+            user=user,
+            limit=limit,
+            offset=offset,
+            order_by=params.text("order_by"),
+            roles=params.values("role"),
+            user_ids=params.values("user_id"),
+            email_addresses=params.values("email_address"),
+            usernames=params.values("username"),
+            query=params.text("query"),
+            email_address_query=params.text("email_address_query"),
+            username_query=params.text("username_query"),
+            name_query=params.text("name_query"),
+            created_at_before=params.integer("created_at_before"),
+            created_at_after=params.integer("created_at_after"),
         )
-        if listing is None:
+        body = read(lambda s: render.membership_page(s, query))
+        if body is None:
             raise not_found(
                 "organization" if organization is not None else "user", organization or user or ""
             )
-        data = ",".join(render.encode_memberships(listing.data))
-        body = f'{{"data":[{data}],"total_count":{listing.total_count}}}'
         return Response(body, mimetype="application/json")
 
     @v1.get("/organizations/<org_id>/memberships")

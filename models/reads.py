@@ -33,6 +33,7 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    bindparam,
     event,
     func,
     literal,
@@ -482,25 +483,27 @@ def organization_records(
     """Views of organization rows by id, with their member and pending-invitation counts."""
     ids = [row.id for row in rows]
     members, pending = _counts(session, ids, now_ms)
-    return {
-        row.id: CountedOrganizationView(
-            id=row.id,
-            name=row.name,
-            slug=row.slug,
-            image_url=row.image_url,
-            has_image=bool(row.has_image),
-            max_allowed_memberships=row.max_allowed_memberships,
-            admin_delete_enabled=row.admin_delete_enabled,
-            members_count=members.get(row.id, 0),
-            created_by=row.created_by,
-            public_metadata=dict(row.public_metadata or {}),
-            private_metadata=dict(row.private_metadata or {}),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            pending_invitations_count=pending.get(row.id, 0),
-        )
-        for row in rows
-    }
+    return {row.id: counted_view(row, members.get(row.id, 0), pending.get(row.id, 0)) for row in rows}
+
+
+def counted_view(row: Any, members: int, pending: int) -> CountedOrganizationView:
+    """The view of an organization row (ORM object or plain row) with its live counts."""
+    return CountedOrganizationView(
+        id=row.id,
+        name=row.name,
+        slug=row.slug,
+        image_url=row.image_url,
+        has_image=bool(row.has_image),
+        max_allowed_memberships=row.max_allowed_memberships,
+        admin_delete_enabled=row.admin_delete_enabled,
+        members_count=int(members),
+        created_by=row.created_by,
+        public_metadata=dict(row.public_metadata or {}),
+        private_metadata=dict(row.private_metadata or {}),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        pending_invitations_count=int(pending),
+    )
 
 
 def _now(now_ms: int | None) -> int:
@@ -589,27 +592,48 @@ def list_organizations(
 
 
 # ---------------------------------------------------------------- memberships
+# A membership row as the views read it: every column of the table.
+MEMBERSHIP_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(Membership.__table__.c)
+
+
 def _user_data_field(name: str) -> Any:
     return Membership.public_user_data[name].as_string()
 
 
+def stored_object(value: Any) -> dict[str, Any]:
+    """A JSON column that should hold an object: a copy of it, or empty for anything else."""
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def membership_user_data(
+    stored: dict[str, Any] | str | None, user_id: str, identifier: str | None
+) -> dict[str, Any]:
+    """A membership's public user data: as stored (a dict, or its JSON text), with the user's id
+    and, when the stored data has none, the membership's identifier."""
+    user_data = stored_object(_loads(stored) if isinstance(stored, str) else stored)
+    user_data["user_id"] = user_id
+    user_data.setdefault("identifier", identifier)
+    return user_data
+
+
 def membership_views(
-    session: Session, rows: Sequence[Any], now_ms: int, org: Organization | None = None
+    session: Session,
+    rows: Sequence[Any],
+    now_ms: int,
+    organizations: dict[str, CountedOrganizationView] | None = None,
 ) -> list[MembershipView]:
-    """Views of membership rows: ORM objects or plain rows with the same column names."""
-    org_ids = sorted({row.organization_id for row in rows})
-    if org is not None and org_ids == [org.id]:
-        org_rows = [org]  # one organization's page: already read, no second query
-    elif org_ids:
-        org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(org_ids))))
-    else:
-        org_rows = []
-    orgs = organization_records(session, org_rows, now_ms)
+    """Views of membership rows: ORM objects or plain rows with the same column names;
+    ``organizations`` are theirs when already read (else they are read here)."""
+    orgs = organizations
+    if orgs is None:
+        ids = sorted({row.organization_id for row in rows})
+        org_rows: list[Organization] = []
+        if ids:
+            org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(ids))))
+        orgs = organization_records(session, org_rows, now_ms)
     views = []
     for row in rows:
-        user_data = dict(row.public_user_data or {})
-        user_data["user_id"] = row.user_id
-        user_data.setdefault("identifier", row.identifier)
+        user_data = membership_user_data(row.public_user_data, row.user_id, row.identifier)
         views.append(
             MembershipView(
                 id=row.id,
@@ -617,9 +641,9 @@ def membership_views(
                 user_id=row.user_id,
                 role=row.role,
                 role_name=row.role_name,
-                permissions=list(row.permissions or []),
-                public_metadata=dict(row.public_metadata or {}),
-                private_metadata=dict(row.private_metadata or {}),
+                permissions=list(row.permissions) if isinstance(row.permissions, list) else [],
+                public_metadata=stored_object(row.public_metadata),
+                private_metadata=stored_object(row.private_metadata),
                 public_user_data=user_data,
                 created_at=row.created_at,
                 updated_at=row.updated_at,
@@ -635,6 +659,276 @@ def _user_exists(session: Session, user_id: str) -> bool:
         return True
     member = select(Membership.user_id).where(Membership.user_id == user_id, Membership.deleted.is_(False))
     return session.scalar(member.limit(1)) is not None
+
+
+@dataclass(frozen=True)
+class MembershipQuery:
+    """The filters of Clerk's membership listings: of one organization (id or slug), of one
+    user, or of the whole instance. ``created_at_before``/``_after`` are about the user's
+    creation, as Clerk's, so they match only users the mirror holds."""
+
+    organization: str | None = None
+    user: str | None = None
+    limit: int = 10
+    offset: int = 0
+    order_by: str | None = None
+    roles: Sequence[str] = ()
+    user_ids: Sequence[str] = ()
+    email_addresses: Sequence[str] = ()
+    usernames: Sequence[str] = ()
+    query: str | None = None
+    email_address_query: str | None = None
+    username_query: str | None = None
+    name_query: str | None = None
+    created_at_before: int | None = None
+    created_at_after: int | None = None
+
+
+@dataclass(frozen=True)
+class MembershipRows:
+    """One page of a membership selection: its rows, the selection's total, and the page's
+    organizations by id, with their counts."""
+
+    rows: list[Any]
+    total_count: int
+    organizations: dict[str, CountedOrganizationView]
+
+
+# What a membership's ``query`` matches besides the user id and email; ``name_query`` the last two.
+_NAME_FIELDS = ("username", "first_name", "last_name")
+
+
+def _like_pattern(text: str) -> str:
+    """``text`` anywhere, case-insensitively, for ``LIKE ... ESCAPE '/'`` on a lowered column."""
+    escaped = text.lower().replace("/", "//").replace("%", "/%").replace("_", "/_")
+    return f"%{escaped}%"
+
+
+def _like(column: Any, param: str) -> ColumnElement[bool]:
+    result: ColumnElement[bool] = func.lower(column).like(bindparam(param), escape="/")
+    return result
+
+
+@dataclass(frozen=True)
+class _MembershipShape:
+    """Which filters a membership query uses and its order: the form of its statement.
+
+    A statement is built once per shape and columns and kept (SQLAlchemy then finds its
+    compiled form at once); a query's values go in as bound parameters."""
+
+    organization: bool
+    user: bool
+    roles: bool
+    include_users: bool
+    exclude_users: bool
+    emails: bool
+    usernames: bool
+    query: bool
+    email_address_query: bool
+    username_query: bool
+    name_query: bool
+    created_at_before: bool
+    created_at_after: bool
+    order: Order
+
+
+def _membership_statements(
+    shape: _MembershipShape, columns: Sequence[ColumnElement[Any]]
+) -> tuple[Select[Any], Select[Any]]:
+    """The page statement (with the selection's total on each row) and the count statement."""
+    conditions: list[ColumnElement[bool]] = [Membership.deleted.is_(False)]
+    if shape.organization:
+        conditions.append(Membership.organization_id == bindparam("org_id"))
+    if shape.user:
+        conditions.append(Membership.user_id == bindparam("user"))
+    if shape.roles:
+        conditions.append(Membership.role.in_(bindparam("roles", expanding=True)))
+    if shape.include_users:
+        conditions.append(Membership.user_id.in_(bindparam("include_users", expanding=True)))
+    if shape.exclude_users:
+        conditions.append(Membership.user_id.not_in(bindparam("exclude_users", expanding=True)))
+    if shape.emails:
+        conditions.append(func.lower(Membership.identifier).in_(bindparam("emails", expanding=True)))
+    if shape.usernames:
+        conditions.append(_user_data_field("username").in_(bindparam("usernames", expanding=True)))
+    if shape.query:
+        conditions.append(
+            or_(
+                Membership.user_id == bindparam("query"),
+                _like(Membership.identifier, "query_like"),
+                *(
+                    _like(_user_data_field(name), "query_like")
+                    for name in ("username", "first_name", "last_name")
+                ),
+            )
+        )
+    if shape.email_address_query:
+        conditions.append(_like(Membership.identifier, "email_address_like"))
+    if shape.username_query:
+        conditions.append(_like(_user_data_field("username"), "username_like"))
+    if shape.name_query:
+        conditions.append(
+            or_(*(_like(_user_data_field(name), "name_like") for name in ("first_name", "last_name")))
+        )
+    statement: Select[Any] = select(*columns, func.count().over().label("total_count"))
+    if shape.created_at_before or shape.created_at_after:
+        statement = statement.join(User, and_(User.id == Membership.user_id, User.deleted.is_(False)))
+        if shape.created_at_before:
+            conditions.append(User.created_at < bindparam("created_at_before"))
+        if shape.created_at_after:
+            conditions.append(User.created_at > bindparam("created_at_after"))
+    key: Any
+    if shape.order.field == "created_at":
+        key = Membership.created_at
+    elif shape.order.field == "email_address":
+        key = Membership.identifier
+    elif shape.order.field == "phone_number":
+        key = null()  # the mirror holds no phone numbers: all tie
+    else:
+        key = _user_data_field(shape.order.field)
+    statement = _ordered(statement.where(*conditions), shape.order, key, Membership.created_at, Membership.id)
+    count: Select[Any] = select(func.count()).select_from(statement.subquery())
+    return statement.limit(bindparam("limit")).offset(bindparam("offset")), count
+
+
+# Statements by (id of the columns, shape), each with its columns: an entry is used only when
+# its columns are the very object asked for. Shapes are few (filters present x orders).
+_MEMBERSHIP_STATEMENTS: dict[
+    tuple[int, _MembershipShape], tuple[Sequence[ColumnElement[Any]], Select[Any], Select[Any]]
+] = {}
+_MAX_CACHED_STATEMENTS = 512
+
+
+def _cached_membership_statements(
+    shape: _MembershipShape, columns: Sequence[ColumnElement[Any]]
+) -> tuple[Select[Any], Select[Any]]:
+    found = _MEMBERSHIP_STATEMENTS.get((id(columns), shape))
+    if found is not None and found[0] is columns:
+        return found[1], found[2]
+    page, count = _membership_statements(shape, columns)
+    if len(_MEMBERSHIP_STATEMENTS) < _MAX_CACHED_STATEMENTS:
+        _MEMBERSHIP_STATEMENTS[(id(columns), shape)] = (columns, page, count)
+    return page, count
+
+
+def _counted_organizations() -> Select[Any]:
+    """Organization rows with their live members and pending, unexpired invitations (as of the
+    ``now_ms`` parameter): a page's organizations and their counts in one round trip."""
+    members = select(func.count()).where(
+        Membership.organization_id == Organization.id, Membership.deleted.is_(False)
+    )
+    pending = select(func.count()).where(
+        Invitation.organization_id == Organization.id,
+        Invitation.deleted.is_(False),
+        Invitation.status == "pending",
+        or_(Invitation.expires_at.is_(None), Invitation.expires_at > bindparam("now_ms")),
+    )
+    return select(
+        *Organization.__table__.c,
+        members.scalar_subquery().label("live_members_count"),
+        pending.scalar_subquery().label("live_pending_invitations_count"),
+    )
+
+
+_COUNTED_ORGANIZATION = (
+    _counted_organizations()
+    .where(
+        or_(Organization.id == bindparam("key"), Organization.slug == bindparam("key")),
+        Organization.deleted.is_(False),
+    )
+    # The id first; else the newest organization with that slug, as ``_live_org_row``.
+    .order_by((Organization.id == bindparam("key")).desc(), Organization.created_at.desc(), Organization.id)
+    .limit(1)
+)
+# Any organization of a page, live or not: a membership row names it, so it is shown.
+_COUNTED_ORGANIZATIONS = _counted_organizations().where(Organization.id.in_(bindparam("ids", expanding=True)))
+
+
+def select_memberships(
+    session: Session, q: MembershipQuery, columns: Sequence[ColumnElement[Any]], *, now_ms: int | None = None
+) -> MembershipRows | None:
+    """The page of live memberships ``q`` selects, each row holding ``columns`` (pass the same
+    sequence object each time: statements are kept per object), with its organizations.
+
+    None when the organization or user named is unknown. The rows and the total come from one
+    statement (the total rides on each row), so they always agree."""
+    check_window(q.limit, q.offset)
+    order = parse_order(q.order_by, MEMBERSHIP_ORDER)
+    now = _now(now_ms)
+    connection = session.connection()
+    values: dict[str, Any] = {"limit": q.limit, "offset": q.offset}
+    include_users, exclude_users = _split_signed("user_id", q.user_ids)
+    optional: dict[str, Any] = {
+        "roles": _values("role", q.roles),
+        "include_users": include_users,
+        "exclude_users": exclude_users,
+        "emails": [email.lower() for email in _values("email_address", q.email_addresses)],
+        "usernames": _values("username", q.usernames),
+        "query": q.query or None,
+        "email_address_like": _like_pattern(q.email_address_query) if q.email_address_query else None,
+        "username_like": _like_pattern(q.username_query) if q.username_query else None,
+        "name_like": _like_pattern(q.name_query) if q.name_query else None,
+        "created_at_before": q.created_at_before,
+        "created_at_after": q.created_at_after,
+    }
+    values.update((name, value) for name, value in optional.items() if value is not None and value != [])
+    if q.query:
+        values["query_like"] = _like_pattern(q.query)
+    organizations: dict[str, CountedOrganizationView] = {}
+    if q.organization is not None:
+        org = connection.execute(_COUNTED_ORGANIZATION, {"key": q.organization, "now_ms": now}).first()
+        if org is None:
+            return None
+        organizations[org.id] = counted_view(org, org.live_members_count, org.live_pending_invitations_count)
+        values["org_id"] = org.id
+    if q.user is not None:
+        if not _user_exists(session, q.user):
+            return None
+        values["user"] = q.user
+    shape = _MembershipShape(
+        organization=q.organization is not None,
+        user=q.user is not None,
+        roles="roles" in values,
+        include_users="include_users" in values,
+        exclude_users="exclude_users" in values,
+        emails="emails" in values,
+        usernames="usernames" in values,
+        query="query" in values,
+        email_address_query="email_address_like" in values,
+        username_query="username_like" in values,
+        name_query="name_like" in values,
+        created_at_before="created_at_before" in values,
+        created_at_after="created_at_after" in values,
+        order=order,
+    )
+    page, count = _cached_membership_statements(shape, columns)
+    rows = list(connection.execute(page, values).all())
+    if rows:
+        total = int(rows[0].total_count)
+    elif q.offset == 0:
+        total = 0
+    else:  # past the end: the rows that would carry the total are not there
+        total = int(connection.execute(count, values).scalar() or 0)
+    missing = sorted({row.organization_id for row in rows} - organizations.keys())
+    if missing:
+        found = connection.execute(_COUNTED_ORGANIZATIONS, {"ids": missing, "now_ms": now})
+        organizations.update(
+            (org.id, counted_view(org, org.live_members_count, org.live_pending_invitations_count))
+            for org in found
+        )
+    return MembershipRows(rows, total, organizations)
+
+
+def membership_listing(
+    session: Session, q: MembershipQuery, *, now_ms: int | None = None
+) -> Listing[MembershipView] | None:
+    """The memberships ``q`` selects, as views; None when its organization or user is unknown."""
+    found = select_memberships(session, q, MEMBERSHIP_COLUMNS, now_ms=now_ms)
+    if found is None:
+        return None
+    return Listing(
+        membership_views(session, found.rows, _now(now_ms), found.organizations), found.total_count
+    )
 
 
 def list_memberships(
@@ -657,83 +951,25 @@ def list_memberships(
     created_at_after: int | None = None,
     now_ms: int | None = None,
 ) -> Listing[MembershipView] | None:
-    """Live memberships: of one organization (id or slug), of one user, or of the whole instance.
-
-    None when the organization or user named is unknown. ``created_at_before``/``_after``
-    are about the user's creation, as Clerk's, so they match only users the mirror holds.
-    """
-    check_window(limit, offset)
-    order = parse_order(order_by, MEMBERSHIP_ORDER)
-    include_users, exclude_users = _split_signed("user_id", user_ids)
-    wanted_roles = _values("role", roles)
-    emails = [email.lower() for email in _values("email_address", email_addresses)]
-    names = _values("username", usernames)
-    conditions: list[ColumnElement[bool]] = [Membership.deleted.is_(False)]
-    org: Organization | None = None
-    if organization is not None:
-        org = _live_org_row(session, organization)
-        if org is None:
-            return None
-        conditions.append(Membership.organization_id == org.id)
-    if user is not None:
-        if not _user_exists(session, user):
-            return None
-        conditions.append(Membership.user_id == user)
-    if wanted_roles:
-        conditions.append(Membership.role.in_(wanted_roles))
-    if include_users:
-        conditions.append(Membership.user_id.in_(include_users))
-    if exclude_users:
-        conditions.append(Membership.user_id.not_in(exclude_users))
-    if emails:
-        conditions.append(func.lower(Membership.identifier).in_(emails))
-    if names:
-        conditions.append(_user_data_field("username").in_(names))
-    if query:
-        conditions.append(
-            or_(
-                Membership.user_id == query,
-                _contains(Membership.identifier, query),
-                *(
-                    _contains(_user_data_field(name), query)
-                    for name in ("username", "first_name", "last_name")
-                ),
-            )
-        )
-    if email_address_query:
-        conditions.append(_contains(Membership.identifier, email_address_query))
-    if username_query:
-        conditions.append(_contains(_user_data_field("username"), username_query))
-    if name_query:
-        conditions.append(
-            or_(*(_contains(_user_data_field(name), name_query) for name in ("first_name", "last_name")))
-        )
-    # Plain rows, with the total of the whole selection on each: one round trip, no ORM objects.
-    statement = select(*Membership.__table__.c, func.count().over().label("total_count"))
-    if created_at_before is not None or created_at_after is not None:
-        statement = statement.join(User, and_(User.id == Membership.user_id, User.deleted.is_(False)))
-        if created_at_before is not None:
-            conditions.append(User.created_at < created_at_before)
-        if created_at_after is not None:
-            conditions.append(User.created_at > created_at_after)
-    key: Any
-    if order.field == "created_at":
-        key = Membership.created_at
-    elif order.field == "email_address":
-        key = Membership.identifier
-    elif order.field == "phone_number":
-        key = null()  # the mirror holds no phone numbers: all tie
-    else:
-        key = _user_data_field(order.field)
-    statement = _ordered(statement.where(*conditions), order, key, Membership.created_at, Membership.id)
-    rows = list(session.execute(statement.limit(limit).offset(offset)))
-    if rows:
-        total = int(rows[0].total_count)
-    elif offset == 0:
-        total = 0
-    else:  # past the end: the rows that would carry the total are not there
-        total = int(session.scalar(select(func.count()).select_from(statement.subquery())) or 0)
-    return Listing(membership_views(session, rows, _now(now_ms), org), total)
+    """``membership_listing`` with the filters as keywords (see ``MembershipQuery``)."""
+    q = MembershipQuery(
+        organization=organization,
+        user=user,
+        limit=limit,
+        offset=offset,
+        order_by=order_by,
+        roles=roles,
+        user_ids=user_ids,
+        email_addresses=email_addresses,
+        usernames=usernames,
+        query=query,
+        email_address_query=email_address_query,
+        username_query=username_query,
+        name_query=name_query,
+        created_at_before=created_at_before,
+        created_at_after=created_at_after,
+    )
+    return membership_listing(session, q, now_ms=now_ms)
 
 
 # ---------------------------------------------------------------- invitations

@@ -16,15 +16,18 @@ a role set whose key no live mirrored role holds is given by its key alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
+from sqlalchemy import JSON, ColumnElement, Text, cast
+from sqlalchemy.orm import Session
 
+from models import reads
 from models.reads import (
     CountedOrganizationView,
     DomainView,
     InvitationDetailView,
+    MembershipQuery,
     MembershipView,
     OrganizationView,
     PermissionView,
@@ -34,6 +37,7 @@ from models.reads import (
     TimedPermissionView,
     UserView,
 )
+from models.tables import Membership
 
 Json = dict[str, Any]
 
@@ -110,19 +114,100 @@ def encode(payload: Any) -> str:
         return json.dumps(payload, separators=(",", ":"))
 
 
-def encode_memberships(memberships: Iterable[MembershipView]) -> list[str]:
-    """Each membership as ``encode(membership(m))`` would give it, its organization encoded once
-    per page rather than once per row (a page of one organization repeats it a hundred times)."""
-    organizations: dict[str, str] = {}
-    encoded = []
-    for mem in memberships:
-        org = organizations.get(mem.organization_id)
-        if org is None:
-            org = encode(None if mem.organization is None else organization(mem.organization, counts=True))
-            organizations[mem.organization_id] = org
-        head, tail = encode(_membership_head(mem)), encode(_membership_tail(mem))
-        encoded.append(f'{head[:-1]},"organization":{org},{tail[1:]}')
-    return encoded
+# A membership row as a page reads it: its JSON columns as stored text, never parsed but the
+# public user data (which gets its defaults); the rest goes into the page verbatim.
+_PAGE_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    *(
+        cast(column, Text).label(column.name) if isinstance(column.type, JSON) else column
+        for column in (
+            Membership.__table__.c[name]
+            for name in (
+                "id",
+                "organization_id",
+                "user_id",
+                "role",
+                "role_name",
+                "permissions",
+                "public_metadata",
+                "private_metadata",
+                "public_user_data",
+                "identifier",
+                "created_at",
+                "updated_at",
+            )
+        )
+    ),
+)
+_EMPTY_OBJECT = orjson.Fragment(b"{}")
+_EMPTY_ARRAY = orjson.Fragment(b"[]")
+
+
+def _stored(text: str | None, empty: orjson.Fragment, opening: str) -> orjson.Fragment:
+    """Stored JSON text of the kind that opens with ``opening``, verbatim; anything else (SQL
+    NULL, JSON null, another kind) reads as ``empty``, as ``reads.membership_views`` reads it."""
+    if text is not None:
+        text = text.lstrip()
+        if text.startswith(opening):
+            return orjson.Fragment(text)
+    return empty
+
+
+def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | None = None) -> bytes | None:
+    """The memberships ``query`` selects as Clerk's listing body, ``{"data": [...],
+    "total_count": n}``, each membership the JSON value ``membership`` gives its view; None
+    when the query's organization or user is unknown.
+
+    Stored metadata and permissions go into the body as the text they are stored as, and each
+    organization is encoded once per page: a page costs one parse per row (its public user
+    data) and one encoding."""
+    found = reads.select_memberships(session, query, _PAGE_COLUMNS, now_ms=now_ms)
+    if found is None:
+        return None
+    orgs = {
+        org_id: orjson.Fragment(encode(organization(view, counts=True)))
+        for org_id, view in found.organizations.items()
+    }
+    data = []
+    # Plain tuples in ``_PAGE_COLUMNS`` order (then the total): unpacking beats attribute access.
+    for (
+        ident,
+        org_id,
+        user_id,
+        role,
+        role_name,
+        perms,
+        public,
+        private,
+        user_data,
+        identifier,
+        created,
+        updated,
+        _,
+    ) in found.rows:
+        data.append(
+            {
+                "object": "organization_membership",
+                "id": ident,
+                "role": role,
+                "role_name": role_name,
+                "permissions": _stored(perms, _EMPTY_ARRAY, "["),
+                "public_metadata": _stored(public, _EMPTY_OBJECT, "{"),
+                "private_metadata": _stored(private, _EMPTY_OBJECT, "{"),
+                "organization": orgs.get(org_id),
+                "public_user_data": public_user_data(
+                    reads.membership_user_data(user_data, user_id, identifier)
+                ),
+                "created_at": created,
+                "updated_at": updated,
+            }
+        )
+    page = {"data": data, "total_count": found.total_count}
+    try:
+        return orjson.dumps(page)
+    except TypeError:  # an integer beyond 64 bits in some public user data: encoded one by one
+        for item in data:
+            item["public_user_data"] = orjson.Fragment(encode(item["public_user_data"]))
+        return orjson.dumps(page)
 
 
 def invitation(inv: InvitationDetailView, *, with_organization: bool = False) -> Json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -405,14 +406,20 @@ def test_a_page_costs_the_same_queries_whatever_its_size(engine: Engine, world: 
     assert costs[0] == costs[1]
 
 
-@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
-def test_a_page_of_memberships_encodes_as_each_membership_would(engine: Engine, world: World) -> None:
-    with make_session_factory(engine)() as session:
-        for owner in ({"organization": "acme"}, {"user": world.users["dan"]}, {}):
-            listing = reads.list_memberships(session, limit=50, **owner)
-            assert listing is not None and listing.data
-            expected = [render.encode(render.membership(m)) for m in listing.data]
-            assert render.encode_memberships(listing.data) == expected
+def test_a_page_of_memberships_is_each_membership_as_its_view_renders(engine: Engine, world: World) -> None:
+    owners: list[dict[str, Any]] = [{"organization": "acme"}, {"user": world.users["dan"]}, {}]
+    with reads.read_sessions(engine)() as session:
+        for owner in owners:
+            for order_by in (None, "email_address", "+first_name", "-username"):
+                query = reads.MembershipQuery(limit=50, order_by=order_by, **owner)
+                listing = reads.membership_listing(session, query)
+                body = render.membership_page(session, query)
+                assert listing is not None and listing.data and body is not None
+                assert json.loads(body) == {
+                    "data": [render.membership(m) for m in listing.data],
+                    "total_count": listing.total_count,
+                }
+        assert render.membership_page(session, reads.MembershipQuery(organization="org_missing")) is None
 
 
 def test_read_layer_names_the_bad_parameter() -> None:

@@ -1,0 +1,106 @@
+"""A page of memberships as the read API serves it is, value for value, each membership's view
+rendered: whatever the stored row holds (JSON nulls, SQL NULLs, values of the wrong kind,
+integers beyond 64 bits, partial public user data)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from conftest import examples
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, delete, insert, null
+
+from models import reads, render
+from models.tables import Membership, Organization
+
+TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    TEXT,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+USER_DATA_FIELDS = {
+    "first_name": st.none() | TEXT,
+    "last_name": st.none() | TEXT,
+    "image_url": st.none() | TEXT,
+    "profile_image_url": st.none() | TEXT,
+    "has_image": st.booleans(),
+    "identifier": st.none() | TEXT,
+    "username": st.none() | TEXT,
+    "user_id": TEXT,
+    "extra": VALUES,
+}
+# A column's value: SQL NULL, JSON null, or a value of either kind.
+NULLS = st.sampled_from([null(), None])
+USER_DATA = st.one_of(
+    NULLS,
+    st.fixed_dictionaries({}, optional=USER_DATA_FIELDS),
+    st.lists(TEXT, max_size=2),
+)
+METADATA = st.one_of(NULLS, st.dictionaries(TEXT, VALUES, max_size=4), st.lists(SCALARS, max_size=2))
+PERMISSIONS = st.one_of(NULLS, st.lists(TEXT, max_size=3), st.dictionaries(TEXT, SCALARS, max_size=1))
+
+
+@st.composite
+def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
+    count = draw(st.integers(min_value=0, max_value=6))
+    return [
+        {
+            "organization_id": "org_page",
+            "user_id": f"user_{n}",
+            "id": f"orgmem_{n}",
+            "role": draw(st.sampled_from(["org:admin", "org:member"])),
+            "role_name": draw(st.none() | TEXT),
+            "permissions": draw(PERMISSIONS),
+            "identifier": draw(st.none() | TEXT),
+            "public_user_data": draw(USER_DATA),
+            "public_metadata": draw(METADATA),
+            "private_metadata": draw(METADATA),
+            "created_at": draw(st.none() | st.integers(min_value=0, max_value=2**53)),
+            "updated_at": draw(st.none() | st.integers(min_value=0, max_value=2**53)),
+            "version": "1",
+            "deleted": False,
+            "synced_at": 1,
+        }
+        for n in range(count)
+    ]
+
+
+@settings(
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=membership_rows(), order_by=st.sampled_from([None, "created_at", "-email_address", "+first_name"])
+)
+def test_a_page_is_each_membership_view_rendered(
+    engine: Engine, rows: list[dict[str, Any]], order_by: str | None
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(delete(Membership))
+        connection.execute(delete(Organization))
+        connection.execute(
+            insert(Organization).values(
+                id="org_page", name="Page", slug="page", version="1", deleted=False, synced_at=1
+            )
+        )
+        for row in rows:
+            connection.execute(insert(Membership).values(**row))
+    query = reads.MembershipQuery(organization="page", limit=500, order_by=order_by)
+    with reads.read_sessions(engine)() as session:
+        listing = reads.membership_listing(session, query)
+        body = render.membership_page(session, query)
+    assert listing is not None and body is not None
+    assert json.loads(body) == {
+        "data": [render.membership(m) for m in listing.data],
+        "total_count": len(rows),
+    }

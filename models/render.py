@@ -69,9 +69,13 @@ def organization(org: OrganizationView, *, counts: bool) -> Json:
 
 
 def public_user_data(data: Json) -> Json:
-    result = dict(data)
-    for key in ("first_name", "last_name"):
-        result.setdefault(key, None)
+    return _complete_user_data(dict(data))
+
+
+def _complete_user_data(result: Json) -> Json:
+    """Clerk's required public user data fields added to ``result`` (changed in place)."""
+    result.setdefault("first_name", None)
+    result.setdefault("last_name", None)
     result.setdefault("image_url", result.get("profile_image_url") or "")
     result.setdefault("profile_image_url", result["image_url"])
     result.setdefault("has_image", False)
@@ -194,7 +198,7 @@ def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | N
                 "public_metadata": _stored(public, _EMPTY_OBJECT, "{"),
                 "private_metadata": _stored(private, _EMPTY_OBJECT, "{"),
                 "organization": orgs.get(org_id),
-                "public_user_data": public_user_data(
+                "public_user_data": _complete_user_data(
                     reads.membership_user_data(user_data, user_id, identifier)
                 ),
                 "created_at": created,

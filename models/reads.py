@@ -640,11 +640,7 @@ def membership_views(
     ``organizations`` are theirs when already read (else they are read here)."""
     orgs = organizations
     if orgs is None:
-        ids = sorted({row.organization_id for row in rows})
-        org_rows: list[Organization] = []
-        if ids:
-            org_rows = list(session.scalars(select(Organization).where(Organization.id.in_(ids))))
-        orgs = organization_records(session, org_rows, now_ms)
+        orgs = counted_organizations(session.connection(), {row.organization_id for row in rows}, now_ms)
     views = []
     for row in rows:
         user_data = membership_user_data(row.public_user_data, row.user_id, row.identifier)
@@ -854,8 +850,21 @@ _COUNTED_ORGANIZATION = (
     .order_by((Organization.id == bindparam("key")).desc(), Organization.created_at.desc(), Organization.id)
     .limit(1)
 )
-# Any organization of a page, live or not: a membership row names it, so it is shown.
 _COUNTED_ORGANIZATIONS = _counted_organizations().where(Organization.id.in_(bindparam("ids", expanding=True)))
+
+
+def counted_organizations(
+    connection: Connection, ids: Iterable[str], now_ms: int
+) -> dict[str, CountedOrganizationView]:
+    """Organizations by id, live or not (a membership row names it, so it is shown), with their
+    live counts as of ``now_ms``: one statement, none when ``ids`` is empty."""
+    wanted = sorted(ids)
+    if not wanted:
+        return {}
+    found = connection.execute(_COUNTED_ORGANIZATIONS, {"ids": wanted, "now_ms": now_ms})
+    return {
+        org.id: counted_view(org, org.live_members_count, org.live_pending_invitations_count) for org in found
+    }
 
 
 def select_memberships(
@@ -923,13 +932,9 @@ def select_memberships(
         total = 0
     else:  # past the end: the rows that would carry the total are not there
         total = int(connection.execute(count, values).scalar() or 0)
-    missing = sorted({row.organization_id for row in rows} - organizations.keys())
-    if missing:
-        found = connection.execute(_COUNTED_ORGANIZATIONS, {"ids": missing, "now_ms": now})
-        organizations.update(
-            (org.id, counted_view(org, org.live_members_count, org.live_pending_invitations_count))
-            for org in found
-        )
+    organizations.update(
+        counted_organizations(connection, {row.organization_id for row in rows} - organizations.keys(), now)
+    )
     return MembershipRows(rows, total, organizations)
 
 

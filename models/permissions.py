@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, String, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.commands import ADMIN_ROLE
@@ -82,15 +82,16 @@ def _permissions(role: str, role_permissions: list[str] | None, own: list[str] |
     return frozenset(SYSTEM_PERMISSIONS) if role == ADMIN_ROLE else frozenset()
 
 
-def _access_query(user_id: str, organization: str | None) -> Any:
+def _access_statement(*, of_organization: bool) -> Any:
     # Starts from the user's memberships (indexed on user_id: a handful of rows), so matching
-    # the organization by id or slug costs no second lookup.
+    # the organization by id or slug costs no second lookup. Built once: a check binds values.
     conditions = [
-        Membership.user_id == user_id,
+        Membership.user_id == bindparam("user_id"),
         Membership.deleted.is_(False),
         Organization.deleted.is_(False),
     ]
-    if organization is not None:
+    if of_organization:
+        organization = bindparam("organization", type_=String)
         conditions.append(or_(Organization.id == organization, Organization.slug == organization))
     statement = (
         select(
@@ -100,7 +101,6 @@ def _access_query(user_id: str, organization: str | None) -> Any:
             Membership.role,
             Membership.permissions,
             Role.permissions,
-            Organization.created_at,
         )
         .join(Organization, Organization.id == Membership.organization_id)
         .outerjoin(Role, and_(Role.key == Membership.role, Role.deleted.is_(False)))
@@ -110,11 +110,17 @@ def _access_query(user_id: str, organization: str | None) -> Any:
     return statement
 
 
+_ACCESS_OF = _access_statement(of_organization=True)
+_ACCESSES = _access_statement(of_organization=False)
+
+
 def _accesses(session: Session, user_id: str, organization: str | None) -> list[Access]:
+    if organization is None:
+        rows = session.connection().execute(_ACCESSES, {"user_id": user_id})
+    else:
+        rows = session.connection().execute(_ACCESS_OF, {"user_id": user_id, "organization": organization})
     found: dict[str, Access] = {}
-    for org_id, slug, name, role, own, role_permissions, _created in session.execute(
-        _access_query(user_id, organization)
-    ):
+    for org_id, slug, name, role, own, role_permissions in rows:
         if org_id in found:  # two live roles with one key cannot happen in Clerk; keep the first
             continue
         key = normalize_role_key(role)

@@ -168,27 +168,26 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> i
     best: dict[str, dict[tuple[str, ...], Write]] = {name: {} for name in TABLES}
     sticky_deleted: dict[str, set[str]] = {name: set() for name in STICKY}
     stubs: dict[tuple[str, ...], Write] = {}  # keys of different tables never collide
-    # Per table: the events whose primary write may be stale, and the rows such a write wins.
+    # The events that may be stale, by the table of their primary write, and those writes by
+    # identity (held here, so no id is reused while the batch is applied).
     counted_events: dict[str, int] = dict.fromkeys(TABLES, 0)
-    counted_rows: dict[str, set[tuple[str, ...]]] = {name: set() for name in TABLES}
+    primaries: dict[int, Write] = {}
     for event in events:
-        for position, write in enumerate(event_writes(event)):
+        writes = event_writes(event)
+        first = writes[0]
+        if not (first.table in STICKY and first.deleted):
+            counted_events[first.table] += 1
+            primaries[id(first)] = first
+        for write in writes:
             if write.table in KEEP_DATA and write.deleted:
                 # The deletion keeps the last data, the source of copies (a stub has none).
                 sticky_deleted[write.table].add(write.key[0])
                 stubs.setdefault(write.key, write)
                 continue
-            counted = position == 0 and not (write.deleted and write.table in STICKY)
-            if counted:
-                counted_events[write.table] += 1
             rows = best[write.table]
             current = rows.get(write.key)
             if current is None or current.version < write.version:
                 rows[write.key] = write
-                if counted:
-                    counted_rows[write.table].add(write.key)
-                elif current is not None:
-                    counted_rows[write.table].discard(write.key)
             if write.table in STICKY and write.deleted:
                 sticky_deleted[write.table].add(write.key[0])
 
@@ -216,17 +215,16 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> i
             continue
         if within is not None and name not in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, DOMAINS):
             raise RuntimeError(f"{name} are written under the whole-mirror lock only")
-        # Rows won by a counted write go in statements of their own, so that their row count
-        # says how many of those writes changed something (one more statement only when a
-        # batch mixes them with others, e.g. organization events and membership snapshots).
-        keys = counted_rows[name]
+        # Rows won by a counted primary write go in statements of their own, so that their row
+        # count says how many of those writes changed something (one more statement only when
+        # a batch mixes them with others, e.g. organization events and membership snapshots).
         won: list[dict[str, Any]] = []
         others: list[dict[str, Any]] = []
         for key, write in rows.items():
             row = dict(write.values, synced_at=now_ms)
             if name in STICKY and key[0] in sticky_deleted[name]:
                 row["deleted"] = True
-            (won if key in keys else others).append(row)
+            (won if id(write) in primaries else others).append(row)
         changed = _upsert(session, TABLES[name], won, sticky=name in STICKY)
         _upsert(session, TABLES[name], others, sticky=name in STICKY)
         stale += counted_events[name] - changed

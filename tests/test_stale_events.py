@@ -105,6 +105,18 @@ def test_an_older_version_is_stale_a_redelivery_duplicate_and_a_newer_one_applie
     assert since(before) == {"stale": 1, "duplicate": 1}
 
 
+def test_a_task_redelivered_after_its_worker_died_counts_rows_already_applied_as_duplicates(
+    session_factory: sessionmaker[Session],
+) -> None:
+    ids = [store(session_factory, membership_body(f"user_{n}", role="org:member", at=T0)) for n in range(3)]
+    apply_inbox(session_factory, ids[:2], now_ms=NOW, max_attempts=3)
+    before = skipped()
+    # One by one, each row charged its attempt first: the two already applied are found then.
+    report = apply_inbox(session_factory, ids, now_ms=NOW, max_attempts=3, one_by_one=True)
+    assert (report.applied, report.stale, report.skipped) == (1, 0, 2)
+    assert since(before) == {"stale": 0, "duplicate": 2}
+
+
 def test_two_updates_of_one_membership_in_a_batch_count_one_stale(
     session_factory: sessionmaker[Session],
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from helpers import new_msg_id
 from histories import T0, make_event
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from emulator.payloads import deleted as deleted_stub
@@ -174,8 +175,8 @@ def test_organization_events_are_counted_apart_from_the_organization_data_member
     # An organization event older than the data a membership of the same batch embeds.
     assert apply(session_factory, [updated("org_4", T0 + 1_000), member("user_4", "org_4", T0 + 9_000)]) == 1
     with session_scope(session_factory) as session:
-        names = {org.id: org.updated_at for org in session.query(Organization)}
-    assert names == {"org_1": T0 + 6_000, "org_2": T0, "org_3": T0, "org_4": T0 + 9_000}
+        updated = {org.id: org.updated_at for org in session.scalars(select(Organization))}
+    assert updated == {"org_1": T0 + 6_000, "org_2": T0, "org_3": T0, "org_4": T0 + 9_000}
 
 
 def test_deletions_of_objects_never_reused_are_never_stale(session_factory: sessionmaker[Session]) -> None:

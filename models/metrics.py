@@ -42,6 +42,10 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Receive-to-apply lag, seconds: from the intake's commit to the apply's, the mirror's freshness.
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The reasons of orgsync_events_skipped: a write that lost to a newer version, a row already handled.
+STALE = "stale"
+DUPLICATE = "duplicate"
+SKIP_REASONS = (STALE, DUPLICATE)
 # Label values come from bounded sets (codes, statuses, table names); anything else is cut.
 _LABEL_CHARS = 40
 _LABEL_RE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -81,7 +85,7 @@ def instruments() -> Instruments:
     # A registry of our own: in multiprocess mode it is never collected (the files are), and
     # in one process it keeps orgsync's metrics apart from anything else in the global one.
     registry = CollectorRegistry(auto_describe=True)
-    return Instruments(
+    found = Instruments(
         deliveries=Counter(
             "orgsync_webhook_deliveries",
             "Webhook deliveries answered, by outcome (accepted, duplicate, ignored, rejected, refused, "
@@ -105,8 +109,15 @@ def instruments() -> Instruments:
         ),
         events_skipped=Counter(
             "orgsync_events_skipped",
-            "Inbox events a task found already handled (applied by another task's batch, or a "
-            "redelivered task): nothing was written for them again.",
+            "Inbox events that changed nothing, by reason. stale: applied (so also counted in "
+            "orgsync_events_applied), but the row the event is about (a membership event's "
+            "membership, not the organization data it embeds) already held an equal or newer "
+            "version, in the mirror or from another event of the same batch; deletions of "
+            "organizations, roles, permissions, users and domains apply whatever their version and "
+            "are never stale. duplicate: the inbox row was already handled when a task came to it "
+            "(a redelivered or repeated task, or a row another task's batch took), so nothing was "
+            "done for it again.",
+            ["reason"],
             registry=registry,
         ),
         api_calls=Counter(
@@ -128,6 +139,10 @@ def instruments() -> Instruments:
         ),
         registry=registry,
     )
+    # Both reasons exported from the start, at 0: a rate over a series that appears late is wrong.
+    for reason in SKIP_REASONS:
+        found.events_skipped.labels(reason)
+    return found
 
 
 def label(value: str | None) -> str:
@@ -169,9 +184,16 @@ def dead(count: int) -> None:
         instruments().events_dead.inc(count)
 
 
-def skipped(count: int) -> None:
+def stale(count: int) -> None:
+    """Events applied in one committed transaction whose primary write changed nothing."""
     if count > 0:
-        instruments().events_skipped.inc(count)
+        instruments().events_skipped.labels(STALE).inc(count)
+
+
+def duplicates(count: int) -> None:
+    """Inbox rows a task was given that were already handled (not pending) when it got to them."""
+    if count > 0:
+        instruments().events_skipped.labels(DUPLICATE).inc(count)
 
 
 def api_call(status: int | None, purpose: str) -> None:

@@ -33,6 +33,17 @@ and copy refreshes touch only rows of its own organizations (``within``). Writes
 across organizations (users, roles, permissions, role sets) lock the whole mirror. So every
 read-then-write above (a cascade reading a deletion, a copy reading its user or role) is
 done by the only writer of the rows involved, as if transactions ran one after the other.
+
+Stale events. ``apply_events`` returns how many of its events were stale: applied, but their
+primary write changed nothing because the mirror, or another event of the same batch, held an
+equal or newer version of its row. An event's primary write is its first one, the row of the
+object it is about (a membership event's membership, not the organization data it embeds, whose
+fate says nothing about the event). Of the events whose primary writes name one row, at most one
+changed it: the others were superseded inside the batch. Whether the winning write changed its
+row is read from the upsert's row count (rows inserted or updated, those the version guard
+skipped not included), so nothing is read back: the stale events of a table are its counted
+events minus the rows its upsert of their winning writes changed. Deletions of organizations,
+roles, permissions, users and domains are not counted: sticky, they apply whatever their version.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     ColumnElement,
+    CursorResult,
     String,
     Table,
     TextClause,
@@ -140,8 +152,11 @@ def lock_for_events(
     return lock, [n for n, scope in enumerate(scopes) if scope is not None and lock.covers(MirrorLock(scope))]
 
 
-def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> None:
+def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> int:
     """Apply ``events`` (any order, duplicates allowed); executes statements, never commits.
+
+    Returns how many of the events were stale (see the module's docstring): their primary
+    write lost to an equal or newer version, in the mirror or in the batch.
 
     Locks what the events need unless the transaction holds a lock already (``lock_for_events``),
     which must then cover them.
@@ -153,8 +168,17 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
     best: dict[str, dict[tuple[str, ...], Write]] = {name: {} for name in TABLES}
     sticky_deleted: dict[str, set[str]] = {name: set() for name in STICKY}
     stubs: dict[tuple[str, ...], Write] = {}  # keys of different tables never collide
+    # The events that may be stale, by the table of their primary write, and those writes by
+    # identity (held here, so no id is reused while the batch is applied).
+    counted_events: dict[str, int] = dict.fromkeys(TABLES, 0)
+    primaries: dict[int, Write] = {}
     for event in events:
-        for write in event_writes(event):
+        writes = event_writes(event)
+        first = writes[0]
+        if not (first.table in STICKY and first.deleted):
+            counted_events[first.table] += 1
+            primaries[id(first)] = first
+        for write in writes:
             if write.table in KEEP_DATA and write.deleted:
                 # The deletion keeps the last data, the source of copies (a stub has none).
                 sticky_deleted[write.table].add(write.key[0])
@@ -184,19 +208,26 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
     touched_orgs: set[str] = set()
     touched_users: set[str] = set()
     copies = Touched()
+    stale = 0
     for name in ORDER:
         rows = best[name]
         if not rows:
             continue
         if within is not None and name not in (ORGANIZATIONS, MEMBERSHIPS, INVITATIONS, DOMAINS):
             raise RuntimeError(f"{name} are written under the whole-mirror lock only")
-        values = []
+        # Rows won by a counted primary write go in statements of their own, so that their row
+        # count says how many of those writes changed something (one more statement only when
+        # a batch mixes them with others, e.g. organization events and membership snapshots).
+        won: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
         for key, write in rows.items():
             row = dict(write.values, synced_at=now_ms)
             if name in STICKY and key[0] in sticky_deleted[name]:
                 row["deleted"] = True
-            values.append(row)
-        _upsert(session, TABLES[name], values, sticky=name in STICKY)
+            (won if id(write) in primaries else others).append(row)
+        changed = _upsert(session, TABLES[name], won, sticky=name in STICKY)
+        _upsert(session, TABLES[name], others, sticky=name in STICKY)
+        stale += counted_events[name] - changed
         if name in STICKY and sticky_deleted[name]:
             # The upsert skipped rows already holding a newer version; the deletion still counts.
             _mark_deleted(session, TABLES[name], sticky_deleted[name], now_ms)
@@ -226,6 +257,7 @@ def apply_events(session: Session, events: Sequence[Event], *, now_ms: int) -> N
     refresh_copies(session, copies, within=within)
     # The net change of each row the batch wrote or cascaded, recorded in this transaction.
     notifications.emit(session, watched)
+    return stale
 
 
 @dataclass
@@ -462,13 +494,22 @@ def _refresh_invitation_roles(
         )
 
 
-def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, sticky: bool) -> None:
+def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, sticky: bool) -> int:
+    """Write ``rows`` where newer than the mirror's; returns how many were inserted or updated.
+
+    The count is the statements' row counts: on PostgreSQL and SQLite alike, a row the version
+    guard (``ON CONFLICT DO UPDATE ... WHERE``) left alone is not counted.
+    """
+    if not rows:
+        return 0
+    changed = 0
     if session.get_bind().dialect.name == "postgresql":
         statement = _pg_upsert(table, sticky=sticky)
         for start in range(0, len(rows), PG_UPSERT_ROWS):
             chunk = rows[start : start + PG_UPSERT_ROWS]
-            session.execute(statement, {"rows": json.dumps(chunk, separators=(",", ":"))})
-        return
+            result = session.execute(statement, {"rows": json.dumps(chunk, separators=(",", ":"))})
+            changed += cast(CursorResult[Any], result).rowcount
+        return changed
     keys = [column.name for column in table.primary_key.columns]
     insert = sqlite.insert(table)
     excluded = insert.excluded
@@ -482,7 +523,10 @@ def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], *, stick
     )
     chunk_size = max(1, MAX_PARAMS // len(table.columns))
     for start in range(0, len(rows), chunk_size):
-        session.execute(upsert, rows[start : start + chunk_size])
+        # executemany: SQLite's row count is the sum over the rows.
+        result = session.execute(upsert, rows[start : start + chunk_size])
+        changed += cast(CursorResult[Any], result).rowcount
+    return changed
 
 
 @functools.cache

@@ -214,7 +214,11 @@ def test_deliveries_and_applies_are_counted(app: Flask, pg_engine: Engine, signi
     # A task that finds its rows already applied (a redelivery) skips them.
     apply_inbox(factory, sorted(ids), now_ms=int(time.time() * 1000), max_attempts=3)
     again = scrape(client)
-    assert value(again, "orgsync_events_skipped_total") - value(after, "orgsync_events_skipped_total") == 2
+    assert (
+        value(again, "orgsync_events_skipped_total", reason="duplicate")
+        - value(after, "orgsync_events_skipped_total", reason="duplicate")
+        == 2
+    )
     assert value(again, "orgsync_events_applied_total") == value(after, "orgsync_events_applied_total")
 
 

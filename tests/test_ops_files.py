@@ -95,6 +95,13 @@ def test_the_dashboard_names_only_exported_series(exported: set[str]) -> None:
     assert families <= shown, sorted(families - shown)
 
 
+def test_the_dashboard_plots_each_reason_events_are_skipped_for_apart() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    for reason in metrics.SKIP_REASONS:
+        assert f'orgsync_events_skipped_total{{reason="{reason}"}}' in exprs, reason
+
+
 def test_the_prometheus_config_loads_the_rules_and_scrapes_the_web_service() -> None:
     config = yaml.safe_load(CONFIG.read_text())
     assert ALERTS.name in config["rule_files"]

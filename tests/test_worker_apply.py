@@ -93,12 +93,12 @@ def poison_apply(monkeypatch: pytest.MonkeyPatch, bad: set[str], calls: list[int
     """Make apply_events fail on any batch holding one of the ``bad`` svix ids."""
     real = worker.apply.apply_events
 
-    def apply(session: Session, events: Sequence[Event], *, now_ms: int) -> None:
+    def apply(session: Session, events: Sequence[Event], *, now_ms: int) -> int:
         if calls is not None:
             calls.append(len(events))
         if any(event.svix_id in bad for event in events):
             raise RuntimeError("cannot apply this event")
-        real(session, events, now_ms=now_ms)
+        return real(session, events, now_ms=now_ms)
 
     monkeypatch.setattr(worker.apply, "apply_events", apply)
 
@@ -592,10 +592,10 @@ def test_an_event_that_kills_its_worker_ends_dead_on_redelivery(
     real = worker.apply.apply_events
     killer_svix = svix_id_of(session_factory, killer)
 
-    def apply(session: Session, events: Sequence[Event], *, now_ms: int) -> None:
+    def apply(session: Session, events: Sequence[Event], *, now_ms: int) -> int:
         if any(event.svix_id == killer_svix for event in events):
             raise ProcessKilled
-        real(session, events, now_ms=now_ms)
+        return real(session, events, now_ms=now_ms)
 
     monkeypatch.setattr(worker.apply, "apply_events", apply)
     # The first delivery dies with its worker: nothing is recorded.

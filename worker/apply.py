@@ -60,11 +60,14 @@ class ApplyReport:
     """What one ``apply_inbox`` call did with the ids it was given.
 
     ``skipped`` rows were not pending (already applied, rejected, dead, or unknown ids): that is
-    what makes a redelivered or duplicated task harmless. ``failed`` rows stay pending with a
-    later ``next_attempt_at`` and are listed in ``retry_ids``; ``dead`` rows gave up for good.
+    what makes a redelivered or duplicated task harmless. ``stale`` events are among the
+    ``applied`` ones, but changed nothing: their row already held an equal or newer version
+    (``models.mirror.apply_events``). ``failed`` rows stay pending with a later
+    ``next_attempt_at`` and are listed in ``retry_ids``; ``dead`` rows gave up for good.
     """
 
     applied: int = 0
+    stale: int = 0
     rejected: int = 0
     skipped: int = 0
     failed: int = 0
@@ -74,6 +77,7 @@ class ApplyReport:
 
     def merge(self, other: ApplyReport) -> None:
         self.applied += other.applied
+        self.stale += other.stale
         self.rejected += other.rejected
         self.merge_failure(other)
 
@@ -190,7 +194,7 @@ def apply_inbox(
         part, wait = stack.pop()
         unseen: list[str] | None = [] if on_unseen_organizations is not None else None
         try:
-            applied, rejected, skipped, events, deferred = _apply_once(
+            applied, stale, rejected, skipped, events, deferred = _apply_once(
                 factory, part, now_ms=now_ms, unseen=unseen, wait=wait, known=known
             )
         except RetryableError as exc:
@@ -211,6 +215,7 @@ def apply_inbox(
             )
         else:
             report.applied += applied
+            report.stale += stale
             report.rejected += rejected
             report.skipped += skipped
             if deferred:
@@ -274,8 +279,8 @@ def _apply_once(
     unseen: list[str] | None = None,
     wait: bool = True,
     known: dict[int, Event] | None = None,
-) -> tuple[int, int, int, list[Event], list[int]]:
-    """One transaction: (applied, rejected, skipped, applied events, ids deferred, still pending).
+) -> tuple[int, int, int, int, list[Event], list[int]]:
+    """One transaction: (applied, stale among them, rejected, skipped, applied events, ids deferred).
 
     Nothing is deferred with ``wait``; without it, the rows whose mirror locks were busy.
     ``known`` holds events already parsed by row id; the deferred ones are added to it.
@@ -310,11 +315,12 @@ def _apply_once(
                 parsed = [parsed[n] for n in covered]
         events = [event for _, event in parsed]
         applied_ids = [row_id for row_id, _ in parsed]
+        stale = 0
         if events:
             if unseen is not None:
                 # Under the mirror locks, before the batch writes them: "never seen" is exact.
                 unseen.extend(unseen_organizations(session, events))
-            apply_events(session, events, now_ms=now_ms)
+            stale = apply_events(session, events, now_ms=now_ms)
         if applied_ids:
             session.execute(
                 update(InboxEvent)
@@ -328,8 +334,9 @@ def _apply_once(
     # Committed: counted once, with each event's wait from receipt to this transaction.
     received = {int(row.id): int(row.received_at) for row in rows}
     metrics.applied((now_ms - received[row_id]) / 1000 for row_id in applied_ids)
-    metrics.skipped(skipped)
-    return len(applied_ids), len(rejected), skipped, events, deferred
+    metrics.stale(stale)
+    metrics.duplicates(skipped)
+    return len(applied_ids), stale, len(rejected), skipped, events, deferred
 
 
 def _record_failure(
@@ -380,6 +387,8 @@ def _record_failure(
         if changes:
             session.connection().execute(_MARK_FAILED, changes)
         outcome.skipped = len(ids) - len(rows)
+    # Every row a report counts as skipped is counted once, here or in _apply_once.
+    metrics.duplicates(outcome.skipped)
     if outcome.dead:
         metrics.dead(outcome.dead)
         log.error("%d inbox rows are dead after %d attempts: %s", outcome.dead, max_attempts, error)

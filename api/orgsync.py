@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from functools import cache
@@ -106,13 +107,16 @@ def openapi_document() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ input
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _clean(value: str, field: str, limit: int) -> str:
     value = value.strip()
     if not value:
         raise invalid(field, "must not be empty")
     if len(value) > limit:
         raise invalid(field, f"must be at most {limit} characters")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if _CONTROL.search(value):
         raise invalid(field, "must not contain control characters")
     return value
 

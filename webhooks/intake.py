@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from werkzeug.http import HTTP_STATUS_CODES
@@ -158,8 +158,14 @@ class _EnvironHeaders:
         self.environ = environ
 
     def get(self, key: str, /) -> str | None:
-        value = self.environ.get("HTTP_" + key.upper().replace("-", "_"))
+        value = self.environ.get(_environ_key(key))
         return value if value is None else str(value)
+
+
+@lru_cache(maxsize=64)
+def _environ_key(name: str) -> str:
+    """The environ key of request header ``name`` ("svix-id" -> "HTTP_SVIX_ID"), built once per name."""
+    return "HTTP_" + name.upper().replace("-", "_")
 
 
 def _plain_length(environ: dict[str, Any]) -> int | None:

@@ -252,7 +252,7 @@ class AccessQuestions:
         checks: Callable[[], AbstractContextManager[Session]],
         cache: AccessCache | None,
     ) -> None:
-        self.check = TokenCheck(tokens)
+        self._check = TokenCheck(tokens)
         self._reads = reads
         self._checks = checks
         self._cache = cache
@@ -261,7 +261,7 @@ class AccessQuestions:
         """The requester of the bearer token in ``header``; 401 when there is none or it is unknown."""
         if not header:
             raise HttpError(401, "unauthorized", "the Authorization header is missing: send 'Bearer <token>'")
-        position = self.check.match(header)
+        position = self._check.match(header)
         if position is None:
             raise HttpError(401, "unauthorized", "the bearer token is not one of ORGSYNC_API_TOKENS")
         return requester(position)

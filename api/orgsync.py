@@ -5,19 +5,26 @@ service (``models.submission``), as from the command line and the Python API: va
 recorded and committed, then enqueued, and answered ``202`` with the command's URL to poll.
 Errors are ``{"error": code, "message": ...}`` (with ``field`` for a bad one); the document
 of every endpoint is ``api/openapi.yaml``, served at ``/orgsync/v1/openapi.json``.
+
+The read questions asked on every request of an application (the permission check, a user's
+role in an organization, a user's organizations) are ``AccessQuestions`` methods: the views
+here call them, and ``api.lean.ReadMiddleware`` calls them for plain GETs before Flask.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from functools import cache
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
+from flask.sansio.blueprints import BlueprintSetupState
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
@@ -49,29 +56,42 @@ INVITE_FIELDS = ("inviter_user_id", "redirect_url", "expires_in_days", "public_m
 
 
 class HttpError(PermanentError):
-    """One error answer: status, a stable code, a sentence saying what to do, the field at fault."""
+    """One error answer: status, a stable code, a sentence saying what to do, the field at fault,
+    and any extra headers (``Retry-After``)."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or {}
 
-    def response(self) -> Response:
+    def payload(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.code, "message": self.message}
         if self.field is not None:
             body["field"] = self.field
-        return _json(body, self.status)
+        return body
+
+    def response(self) -> Response:
+        return _json(self.payload(), self.status, self.headers or None)
+
+
+def dumps(payload: Any) -> str:
+    """The JSON text of every answer of these endpoints (compact separators)."""
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(payload, separators=(",", ":")),
-        status=status,
-        headers=headers,
-        mimetype="application/json",
-    )
+    return Response(dumps(payload), status=status, headers=headers, mimetype="application/json")
 
 
 def invalid(field: str, message: str) -> HttpError:
@@ -87,13 +107,16 @@ def openapi_document() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ input
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _clean(value: str, field: str, limit: int) -> str:
     value = value.strip()
     if not value:
         raise invalid(field, "must not be empty")
     if len(value) > limit:
         raise invalid(field, f"must be at most {limit} characters")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if _CONTROL.search(value):
         raise invalid(field, "must not contain control characters")
     return value
 
@@ -102,8 +125,8 @@ def _path(value: str, field: str, limit: int = MAX_ID) -> str:
     return _clean(value, field, limit)
 
 
-def _query(name: str, limit: int) -> str:
-    values = request.args.getlist(name)
+def query_value(values: Sequence[str], name: str, limit: int) -> str:
+    """The one value of query parameter ``name`` (``values``: every value sent), cleaned."""
     if not values:
         raise invalid(name, "is required")
     if len(values) > 1:
@@ -208,6 +231,98 @@ def access_json(access: Access) -> dict[str, Any]:
     }
 
 
+QueryValues = Callable[[str], list[str]]
+"""Every value sent for a query parameter, by name (``request.args.getlist`` or the environ's)."""
+
+
+class AccessQuestions:
+    """The read questions applications ask on every request, each answered by one method.
+
+    Authentication, the permission check, a user's membership of one organization and a
+    user's organizations: the Flask views call these, and so does ``api.lean.ReadMiddleware``,
+    which answers plain GETs of the same paths before Flask. Each method returns the JSON
+    payload of a 200 or raises ``HttpError``; any other exception is for ``failure``.
+    """
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        *,
+        reads: Callable[[], AbstractContextManager[Session]],
+        checks: Callable[[], AbstractContextManager[Session]],
+        cache: AccessCache | None,
+    ) -> None:
+        self._check = TokenCheck(tokens)
+        self._reads = reads
+        self._checks = checks
+        self._cache = cache
+
+    def authenticate(self, header: str | None) -> str:
+        """The requester of the bearer token in ``header``; 401 when there is none or it is unknown."""
+        if not header:
+            raise HttpError(401, "unauthorized", "the Authorization header is missing: send 'Bearer <token>'")
+        position = self._check.match(header)
+        if position is None:
+            raise HttpError(401, "unauthorized", "the bearer token is not one of ORGSYNC_API_TOKENS")
+        return requester(position)
+
+    def access_of(self, user_id: str, organization: str) -> Access | None:
+        if self._cache is not None:
+            return self._cache.access_of(self._checks, user_id, organization)
+        with self._checks() as session:
+            return permissions.access_of(session, user_id, organization)
+
+    def permission(self, query: QueryValues) -> dict[str, Any]:
+        """``GET /permission?user_id=&organization=&permission=``."""
+        user_id = query_value(query("user_id"), "user_id", MAX_ID)
+        organization = query_value(query("organization"), "organization", 256)
+        permission = query_value(query("permission"), "permission", MAX_ROLE)
+        access = self.access_of(user_id, organization)
+        return {
+            "allowed": access is not None and access.allows(permission),
+            "user_id": user_id,
+            "organization_id": None if access is None else access.organization_id,
+            "permission": permission,
+            "role": None if access is None else access.role,
+        }
+
+    def membership(self, user_id: str, organization: str) -> dict[str, Any]:
+        """``GET /users/{user_id}/organizations/{organization}``: the role and its permissions."""
+        user_id = _path(user_id, "user_id")
+        organization = _path(organization, "organization", 256)
+        access = self.access_of(user_id, organization)
+        if access is None:
+            raise HttpError(
+                404,
+                "not_a_member",
+                f"{user_id} is not a member of organization {organization} (per the mirror)",
+            )
+        return access_json(access)
+
+    def organizations(self, user_id: str) -> dict[str, Any]:
+        """``GET /users/{user_id}/organizations``: every live membership of the user."""
+        user_id = _path(user_id, "user_id")
+        with self._reads() as session:
+            accesses = permissions.organizations_of(session, user_id)
+        return {"data": [access_json(a) for a in accesses], "total_count": len(accesses)}
+
+
+def failure(error: Exception, method: str, path: str) -> HttpError:
+    """The answer to an error no view expected: 503 with Retry-After when the database cannot be
+    reached, else 500 (logged with its traceback)."""
+    if isinstance(error, RetryableError) or is_connection_error(error):
+        # Unreachable, dropped, timed out or no pooled connection free in time.
+        logger.warning("orgsync API: database unavailable: %s", type(error).__name__)
+        return HttpError(
+            503,
+            "database_unavailable",
+            "the database cannot be reached right now",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    logger.error("orgsync API: unexpected error in %s %s", method, path, exc_info=error)
+    return HttpError(500, "internal_error", "internal server error")
+
+
 def create_orgsync_blueprint(
     engine: Engine,
     tokens: Sequence[str],
@@ -221,33 +336,31 @@ def create_orgsync_blueprint(
     ``send(ids)`` enqueues committed commands (None: the workers' sweep sends them later);
     ``permission_cache`` keeps answers per process until the mirror changes.
     """
-    check = TokenCheck(tokens)
     factory = make_session_factory(engine)
-    checks = permissions.check_sessions(engine)
+    questions = AccessQuestions(
+        tokens, reads=factory, checks=permissions.check_sessions(engine), cache=permission_cache
+    )
     service = CommandService(factory, send, dry_run_default=dry_run_default)
     bp = Blueprint("orgsync_api", __name__, url_prefix=PREFIX)
+
+    def install(setup: BlueprintSetupState) -> None:
+        # Plain GETs of the read questions are answered before Flask, by the same methods.
+        from api.lean import ReadMiddleware  # noqa: PLC0415  (api.lean imports this module)
+
+        app = cast(Flask, setup.app)
+        app.wsgi_app = ReadMiddleware(app.wsgi_app, questions)  # type: ignore[method-assign]
+
+    bp.record_once(install)
 
     def read(fn: Callable[[Session], T]) -> T:
         with factory() as session:
             return fn(session)
 
-    def access_of(user_id: str, organization: str) -> Access | None:
-        if permission_cache is not None:
-            return permission_cache.access_of(checks, user_id, organization)
-        with checks() as session:
-            return permissions.access_of(session, user_id, organization)
-
     @bp.before_request
     def authenticate() -> None:
         if request.endpoint == "orgsync_api.openapi":
             return
-        header = request.headers.get("Authorization")
-        if not header:
-            raise HttpError(401, "unauthorized", "the Authorization header is missing: send 'Bearer <token>'")
-        position = check.match(header)
-        if position is None:
-            raise HttpError(401, "unauthorized", "the bearer token is not one of ORGSYNC_API_TOKENS")
-        g.orgsync_requester = requester(position)
+        g.orgsync_requester = questions.authenticate(request.headers.get("Authorization"))
 
     @bp.errorhandler(HttpError)
     def http_error(error: HttpError) -> Response:
@@ -279,15 +392,7 @@ def create_orgsync_blueprint(
 
     @bp.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        if isinstance(error, RetryableError) or is_connection_error(error):
-            # Unreachable, dropped, timed out or no pooled connection free in time.
-            logger.warning("orgsync API: database unavailable: %s", type(error).__name__)
-            unavailable = HttpError(503, "database_unavailable", "the database cannot be reached right now")
-            response = unavailable.response()
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-            return response
-        logger.exception("orgsync API: unexpected error in %s %s", request.method, request.path)
-        return HttpError(500, "internal_error", "internal server error").response()
+        return failure(error, request.method, request.path).response()
 
     # ------------------------------------------------------------ document
     @bp.get("/openapi.json")
@@ -295,40 +400,18 @@ def create_orgsync_blueprint(
         return _json(openapi_document())
 
     # --------------------------------------------------------- permissions
+    # Plain GETs of these three are answered by ``api.lean.ReadMiddleware`` before Flask.
     @bp.get("/permission")
     def check_permission() -> Response:
-        user_id = _query("user_id", MAX_ID)
-        organization = _query("organization", 256)
-        permission = _query("permission", MAX_ROLE)
-        access = access_of(user_id, organization)
-        return _json(
-            {
-                "allowed": access is not None and access.allows(permission),
-                "user_id": user_id,
-                "organization_id": None if access is None else access.organization_id,
-                "permission": permission,
-                "role": None if access is None else access.role,
-            }
-        )
+        return _json(questions.permission(request.args.getlist))
 
     @bp.get("/users/<user_id>/organizations")
     def user_organizations(user_id: str) -> Response:
-        user_id = _path(user_id, "user_id")
-        accesses = read(lambda s: permissions.organizations_of(s, user_id))
-        return _json({"data": [access_json(a) for a in accesses], "total_count": len(accesses)})
+        return _json(questions.organizations(user_id))
 
     @bp.get("/users/<user_id>/organizations/<organization>")
     def user_membership(user_id: str, organization: str) -> Response:
-        user_id = _path(user_id, "user_id")
-        organization = _path(organization, "organization", 256)
-        access = access_of(user_id, organization)
-        if access is None:
-            raise HttpError(
-                404,
-                "not_a_member",
-                f"{user_id} is not a member of organization {organization} (per the mirror)",
-            )
-        return _json(access_json(access))
+        return _json(questions.membership(user_id, organization))
 
     # ------------------------------------------------------------ commands
     def submit(request_: CommandRequest) -> list[Command]:

@@ -166,6 +166,7 @@ def _measure(stack: Stack, requests: int, concurrency: int, profile_path: Path |
 
     wrap = profiled if profile_path else plain
     committer_profile = _profile_committer() if profile_path else None
+    batch_sizes = _count_batches()
     native: list[int] = []
     spent: list[float] = []
     parts = [work[i::concurrency] for i in range(concurrency)]
@@ -177,6 +178,8 @@ def _measure(stack: Stack, requests: int, concurrency: int, profile_path: Path |
         spent.append(time.thread_time() - began)
 
     threads = [threading.Thread(target=start_lane, args=(part,)) for part in parts]
+    load_before = os.getloadavg()[0]
+    del batch_sizes[:]
     before = _thread_cpu()
     started = time.perf_counter()
     for thread in threads:
@@ -188,7 +191,12 @@ def _measure(stack: Stack, requests: int, concurrency: int, profile_path: Path |
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
     count = len(work)
     request_cpu = sum(spent)
-    print(f"{count} requests from {concurrency} threads in {elapsed:.1f} s ({count / elapsed:.0f}/s)")
+    print(
+        f"{count} requests from {concurrency} threads in {elapsed:.1f} s ({count / elapsed:.0f}/s), "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    if batch_sizes:
+        print(f"  {len(batch_sizes)} inbox commits, {sum(batch_sizes) / len(batch_sizes):.2f} rows each")
     print(f"  request threads: {1000 * request_cpu / count:.3f} ms CPU per request")
     for tid, cpu in sorted(after.items()):
         if tid in native or tid == threading.main_thread().native_id:
@@ -212,6 +220,23 @@ def _print_steps(steps: list[tuple[str, float]]) -> None:
     total = sum(ms for _, ms in steps) or 1.0
     for step, ms in steps:
         print(f"  {step:<45} {ms:6.3f} ms  {100 * ms / total:4.0f} %")
+
+
+def _count_batches() -> list[int]:
+    """The size of each batch the inbox committer stores, appended as it stores them."""
+    sizes: list[int] = []
+    try:
+        from webhooks import committer
+    except ImportError:
+        return sizes
+    original = committer.GroupCommitter._commit
+
+    def _commit(self: Any, batch: Any) -> None:
+        sizes.append(len(batch))
+        original(self, batch)
+
+    committer.GroupCommitter._commit = _commit  # type: ignore[method-assign]
+    return sizes
 
 
 def _profile_committer() -> cProfile.Profile | None:

@@ -6,13 +6,15 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from conftest import examples, truncate_all
 from helpers import new_msg_id, signed_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -27,6 +29,7 @@ from webhooks.committer import (
     CommitTimeoutError,
     DatabaseUnavailableError,
     GroupCommitter,
+    InboxWriter,
     store_batch,
 )
 
@@ -236,3 +239,87 @@ def test_after_close_deliveries_are_refused(committer_engine: Engine) -> None:
     committer.close()
     with pytest.raises(DatabaseUnavailableError):
         committer.commit(row("msg_after"))
+
+
+# ------------------------------------------------------- the committer's connection between batches
+
+
+class Checkouts:
+    """Counts the engine's pool checkouts and checkins."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.out = 0
+        self.back = 0
+        event.listen(engine, "checkout", self._checkout)
+        event.listen(engine, "checkin", self._checkin)
+
+    def _checkout(self, *_args: Any) -> None:
+        self.out += 1
+
+    def _checkin(self, *_args: Any) -> None:
+        self.back += 1
+
+
+@pytest.mark.postgres
+def test_the_writer_keeps_its_connection_for_back_to_back_batches_only(pg_engine: Engine) -> None:
+    now = [0.0]
+    writer = InboxWriter(pg_engine, hold_s=1.0, clock=lambda: now[0])
+    pool = Checkouts(pg_engine)
+    try:
+        assert isinstance(writer(pg_engine, [row("msg_1")])[0], Stored)
+        now[0] = 0.5
+        assert isinstance(writer(pg_engine, [row("msg_2"), row("msg_3")])[0], Stored)
+        assert (pool.out, pool.back) == (1, 0) and writer.holding
+        now[0] = 1.0  # held for hold_s: given back, and a fresh checkout for this batch
+        again = writer(pg_engine, [row("msg_2")])
+        assert again == [Stored(2, duplicate=True, status="pending", reason=None)]
+        assert (pool.out, pool.back) == (2, 1)
+        writer.release()
+        assert (pool.out, pool.back) == (2, 2) and not writer.holding
+        # Given back as the pool lent it: a session on it runs in a transaction again.
+        with pg_engine.connect() as connection:
+            assert connection.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+        assert set(rows_in(pg_engine)) == {"msg_1", "msg_2", "msg_3"}
+    finally:
+        writer.release()
+
+
+@pytest.mark.postgres
+def test_a_connection_that_fails_is_dropped_and_the_next_batch_gets_another(pg_engine: Engine) -> None:
+    writer = InboxWriter(pg_engine, hold_s=60.0)
+    try:
+        writer(pg_engine, [row("msg_a")])
+        held = writer._held.dbapi_connection
+        held.pgconn.finish()  # the server went away under it
+        with pytest.raises(psycopg.OperationalError):
+            writer(pg_engine, [row("msg_b")])
+        assert not writer.holding
+        assert isinstance(writer(pg_engine, [row("msg_b")])[0], Stored)
+        assert writer._held.dbapi_connection is not held
+    finally:
+        writer.release()
+    assert set(rows_in(pg_engine)) == {"msg_a", "msg_b"}
+
+
+def test_the_committer_calls_idle_when_nothing_is_queued(committer_engine: Engine) -> None:
+    idle = threading.Semaphore(0)
+    calls: list[str] = []
+
+    def store(engine: Engine, rows: Sequence[InboxRow]) -> list[Stored | RetryableError]:
+        calls.append("store")
+        return store_batch(engine, rows)
+
+    def on_idle() -> None:
+        calls.append("idle")
+        idle.release()
+
+    committer = GroupCommitter(committer_engine, store, idle=on_idle)
+    try:
+        committer.commit(row("msg_1"))
+        assert idle.acquire(timeout=10)
+        committer.commit(row("msg_2"))
+        assert idle.acquire(timeout=10)
+    finally:
+        committer.close()
+    # Once after each batch that emptied the queue, and once more on the way out.
+    assert calls == ["store", "idle", "store", "idle", "idle"]

@@ -18,7 +18,7 @@ from flask.sansio.blueprints import BlueprintSetupState
 from sqlalchemy import Engine
 
 from models.settings import Settings
-from webhooks.committer import GroupCommitter, store_batch
+from webhooks.committer import GroupCommitter, InboxWriter
 from webhooks.dispatch import Dispatcher, Send
 from webhooks.intake import WEBHOOK_PATH, Answer, Intake, IntakeMiddleware, too_large
 from webhooks.verify import SignatureVerifier
@@ -64,6 +64,12 @@ def commit_wait_bound(engine: Engine, db_timeout: float) -> float | None:
     return 2 * db_timeout + 1 if engine.dialect.name == "postgresql" else None
 
 
+def connection_hold(db_timeout: float) -> float:
+    """How long the committer keeps one pooled connection across back-to-back batches: a
+    quarter of the engine's hold bound (``db_timeout``), at most a second."""
+    return min(1.0, db_timeout / 4)
+
+
 def _read_body(stream: IO[bytes], limit: int) -> bytes | None:
     """Read at most ``limit`` bytes; None when the body is longer (chunked bodies have no length)."""
     parts: list[bytes] = []
@@ -87,11 +93,13 @@ def create_webhook_blueprint(
     blueprint wraps the app's WSGI callable in the intake middleware."""
     verifier = SignatureVerifier(settings.webhook_secrets)
     dispatcher = Dispatcher(send, max_batch=settings.apply_batch_size) if send is not None else None
+    writer = InboxWriter(engine, hold_s=connection_hold(settings.db_timeout))
     committer = GroupCommitter(
         engine,
-        store_batch,
+        writer,
         committed=dispatcher.submit if dispatcher is not None else None,
         wait_bound=commit_wait_bound(engine, settings.db_timeout),
+        idle=writer.release,
     )
     state = WebhookState(
         settings=settings, engine=engine, verifier=verifier, committer=committer, dispatcher=dispatcher

@@ -11,7 +11,10 @@ On PostgreSQL the batch is one autocommitted multi-row ``INSERT ... ON CONFLICT 
 on a pooled DB-API connection: one round trip, one fsync and no SQLAlchemy statement machinery
 for the whole batch. The pool checkout keeps the engine's bounds (``ORGSYNC_DB_TIMEOUT``: pool
 wait, statement timeout, connection hold), so a database that is down or hanging fails the
-batch, and each request in it is answered 503, within those bounds.
+batch, and each request in it is answered 503, within those bounds. ``InboxWriter`` keeps that
+connection (in autocommit, with its cursor) across back-to-back batches for a fraction of the
+hold bound, and gives it back whenever the committer has nothing queued: under load a batch
+then costs no pool checkout, checkin, watchdog arming or autocommit switching.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,7 +72,11 @@ class _Waiter:
 def store_batch(engine: Engine, rows: Sequence[InboxRow]) -> list[Stored | RetryableError]:
     """Store ``rows`` in one commit: one statement on PostgreSQL, one transaction on SQLite."""
     if engine.dialect.name == "postgresql":
-        return _store_postgres(engine, rows)
+        writer = InboxWriter(engine, hold_s=0.0)
+        try:
+            return writer(engine, rows)
+        finally:
+            writer.release()
     results: list[Stored | RetryableError] = []
     with engine.begin() as connection:
         for row in rows:
@@ -79,23 +87,81 @@ def store_batch(engine: Engine, rows: Sequence[InboxRow]) -> list[Stored | Retry
     return results
 
 
-def _store_postgres(engine: Engine, rows: Sequence[InboxRow]) -> list[Stored | RetryableError]:
-    # A DB-API connection from the engine's pool: its checkout arms the engine's hold bound.
-    proxied = engine.raw_connection()
-    dbapi: Any = proxied.dbapi_connection
-    try:
-        # One statement is the whole transaction: committed by the server before it answers.
-        dbapi.autocommit = True
-        with dbapi.cursor() as cursor:
-            results = store_rows_postgres(cursor, rows)
-        dbapi.autocommit = False
-    except (psycopg.OperationalError, psycopg.InterfaceError):
-        # Lost, cut, timed out or closed: never hand this connection out again.
-        proxied.invalidate()
-        raise
-    finally:
-        proxied.close()
-    return results
+class InboxWriter:
+    """``store_batch`` for the committer thread, keeping its pooled connection between batches.
+
+    On PostgreSQL the connection checked out for a batch stays checked out, in autocommit with
+    one cursor, for the batches that follow, until ``release()`` (the committer calls it when
+    nothing is queued) or until it has been held ``hold_s`` seconds; then it goes back to the
+    pool and the next batch checks one out afresh. ``hold_s`` must stay well under the
+    engine's hold bound (``models.db``: a connection held longer is cut). A failed batch gives
+    its connection back at once (invalidated when the connection itself failed). Other
+    databases are handed to ``store_batch``. Used from one thread at a time.
+    """
+
+    def __init__(self, engine: Engine, *, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._postgres = engine.dialect.name == "postgresql"
+        self._hold_s = hold_s
+        self._clock = clock
+        self._held: Any = None  # the pool's connection proxy
+        self._cursor: Any = None
+        self._since = 0.0
+        self._pid = 0
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def __call__(self, engine: Engine, rows: Sequence[InboxRow]) -> list[Stored | RetryableError]:
+        if not self._postgres:
+            return store_batch(engine, rows)
+        if self._held is not None and self._pid != os.getpid():
+            # Held by the parent of this forked process: never used, closed or returned here.
+            self._held = self._cursor = None
+        if self._held is not None and self._clock() - self._since >= self._hold_s:
+            self.release()
+        if self._held is None:
+            # A DB-API connection from the engine's pool: its checkout arms the hold bound.
+            proxied = engine.raw_connection()
+            try:
+                dbapi: Any = proxied.dbapi_connection
+                # One statement is the whole transaction: committed by the server before it answers.
+                dbapi.autocommit = True
+                self._cursor = dbapi.cursor()
+            except BaseException:
+                proxied.invalidate()
+                proxied.close()
+                raise
+            self._held = proxied
+            self._since = self._clock()
+            self._pid = os.getpid()
+        try:
+            return store_rows_postgres(self._cursor, rows)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            # Lost, cut, timed out or closed: never hand this connection out again.
+            proxied, self._held, self._cursor = self._held, None, None
+            proxied.invalidate()
+            proxied.close()
+            raise
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the held connection back to the pool (as the pool lent it: not in autocommit)."""
+        proxied, cursor = self._held, self._cursor
+        if proxied is None or self._pid != os.getpid():
+            self._held = self._cursor = None
+            return
+        self._held = self._cursor = None
+        try:
+            cursor.close()
+            if not proxied.dbapi_connection.closed:
+                proxied.dbapi_connection.autocommit = False
+        except psycopg.Error:
+            proxied.invalidate()
+        finally:
+            proxied.close()
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -108,10 +174,11 @@ def is_unavailable(exc: BaseException) -> bool:
 class GroupCommitter:
     """Stores rows handed in by many request threads, a batch per commit, from one thread.
 
-    ``store(engine, rows)`` does the storing (``store_batch``); ``committed(ids)`` is called on
-    the committer thread after each commit with the ids of newly stored pending rows (the
-    dispatcher's ``submit``). ``wait_bound`` (seconds, None for no bound) caps how long a
-    request waits for its commit.
+    ``store(engine, rows)`` does the storing (``store_batch``, or an ``InboxWriter``);
+    ``committed(ids)`` is called on the committer thread after each commit with the ids of
+    newly stored pending rows (the dispatcher's ``submit``); ``idle()`` is called on the
+    committer thread whenever it finds nothing queued, before it waits (``InboxWriter.release``).
+    ``wait_bound`` (seconds, None for no bound) caps how long a request waits for its commit.
 
     The thread starts on first use in the process that serves requests; an instance built
     before a fork starts afresh in the child.
@@ -125,9 +192,11 @@ class GroupCommitter:
         committed: Committed | None = None,
         wait_bound: float | None = None,
         max_batch: int = MAX_BATCH,
+        idle: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
+        self._on_idle = idle
         self._committed = committed
         self._wait_bound = wait_bound
         self._max_batch = max_batch
@@ -197,17 +266,37 @@ class GroupCommitter:
         thread.start()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    if self._closed:
-                        return
-                    self._idle = True
-                    self._cond.wait()
-                self._idle = False
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-            self._commit(batch)
+        try:
+            while True:
+                with self._cond:
+                    batch = self._take()
+                if not batch:
+                    # Outside the lock: requests queue meanwhile and form the next batch.
+                    self._idle_now()
+                    with self._cond:
+                        while not self._queue:
+                            if self._closed:
+                                return
+                            self._idle = True
+                            self._cond.wait()
+                        self._idle = False
+                        batch = self._take()
+                self._commit(batch)
+        finally:
+            self._idle_now()
+
+    def _take(self) -> list[_Waiter]:
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        return batch
+
+    def _idle_now(self) -> None:
+        if self._on_idle is None:
+            return
+        try:
+            self._on_idle()
+        except Exception:  # a connection that cannot be given back is the pool's to replace
+            logger.exception("the inbox committer's idle step failed")
 
     def _commit(self, batch: list[_Waiter]) -> None:
         try:

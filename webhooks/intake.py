@@ -15,7 +15,10 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache, lru_cache
 from typing import Any
+
+from werkzeug.http import HTTP_STATUS_CODES
 
 from models import metrics
 from models.clock import now_ms
@@ -34,13 +37,11 @@ JSON_HEADERS = (("Content-Type", "application/json"),)
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-_REASONS = {
-    200: "200 OK",
-    400: "400 BAD REQUEST",
-    413: "413 REQUEST ENTITY TOO LARGE",
-    500: "500 INTERNAL SERVER ERROR",
-    503: "503 SERVICE UNAVAILABLE",
-}
+
+@cache
+def status_line(status: int) -> str:
+    """The WSGI status line werkzeug's ``Response`` sends for ``status`` ("422 UNPROCESSABLE ENTITY")."""
+    return f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +158,14 @@ class _EnvironHeaders:
         self.environ = environ
 
     def get(self, key: str, /) -> str | None:
-        value = self.environ.get("HTTP_" + key.upper().replace("-", "_"))
+        value = self.environ.get(_environ_key(key))
         return value if value is None else str(value)
+
+
+@lru_cache(maxsize=64)
+def _environ_key(name: str) -> str:
+    """The environ key of request header ``name`` ("svix-id" -> "HTTP_SVIX_ID"), built once per name."""
+    return "HTTP_" + name.upper().replace("-", "_")
 
 
 def _plain_length(environ: dict[str, Any]) -> int | None:
@@ -199,5 +206,5 @@ class IntakeMiddleware:
             answer = _INTERNAL
         content = json.dumps(answer.payload).encode()
         headers = [*JSON_HEADERS, ("Content-Length", str(len(content))), *answer.headers]
-        start_response(_REASONS.get(answer.status) or f"{answer.status} ERROR", headers)
+        start_response(status_line(answer.status), headers)
         return [content]

@@ -259,11 +259,11 @@ def create_celery(settings: Settings) -> Celery:
             _retry(self, inbox_ids, backoff_ms(self.request.retries + 1) / 1000, exc)
             return
         log.debug(
-            "applied=%d (stale=%d) rejected=%d skipped=%d failed=%d dead=%d",
+            "applied=%d rejected=%d skipped=%d stale=%d failed=%d dead=%d",
             report.applied,
-            report.stale,
             report.rejected,
             report.skipped,
+            report.stale,
             report.failed,
             report.dead,
         )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Flask, Response, request
+from flask.blueprints import BlueprintSetupState
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -35,11 +36,30 @@ def _listing(listing: reads.Listing[T], item: Callable[[T], dict[str, Any]]) -> 
     return _json({"data": [item(x) for x in listing.data], "total_count": listing.total_count})
 
 
+def database_unavailable(error: OperationalError) -> Response:
+    """Clerk's 503 shape, with Retry-After, for a mirror that cannot be read right now."""
+    logger.warning("read API: database unavailable: %s", type(error.orig).__name__)
+    response = ApiError(
+        503, "service_unavailable", "Service unavailable", "The mirror cannot be read right now."
+    ).response()
+    response.headers["Retry-After"] = "5"
+    return response
+
+
 def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
     """Clerk's read endpoints over the mirror at ``engine``, for callers holding one of ``tokens``."""
     check = TokenCheck(tokens)
     factory = reads.read_sessions(engine)
     v1 = Blueprint("clerk_read_api", __name__, url_prefix="/v1")
+
+    def install(setup: BlueprintSetupState) -> None:
+        # Plain GETs of an organization's page of memberships are answered before Flask.
+        from api.lean import MembershipPageMiddleware  # noqa: PLC0415  (api.lean imports this module)
+
+        app = cast(Flask, setup.app)
+        app.wsgi_app = MembershipPageMiddleware(app.wsgi_app, app, check, factory)  # type: ignore[method-assign]
+
+    v1.record_once(install)
 
     def read(fn: Callable[[Session], T]) -> T:
         # Reads only: the session is rolled back on leaving, there is nothing to commit.
@@ -77,12 +97,7 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
 
     @v1.errorhandler(OperationalError)
     def database_error(error: OperationalError) -> Response:
-        logger.warning("read API: database unavailable: %s", type(error.orig).__name__)
-        response = ApiError(
-            503, "service_unavailable", "Service unavailable", "The mirror cannot be read right now."
-        ).response()
-        response.headers["Retry-After"] = "5"
-        return response
+        return database_unavailable(error)
 
     # ---------------------------------------------------------- organizations
     @v1.get("/organizations")

@@ -951,44 +951,10 @@ def membership_listing(
 
 
 def list_memberships(
-    session: Session,
-    *,
-    organization: str | None = None,
-    user: str | None = None,
-    limit: int = 10,
-    offset: int = 0,
-    order_by: str | None = None,
-    roles: Sequence[str] = (),
-    user_ids: Sequence[str] = (),
-    email_addresses: Sequence[str] = (),
-    usernames: Sequence[str] = (),
-    query: str | None = None,
-    email_address_query: str | None = None,
-    username_query: str | None = None,
-    name_query: str | None = None,
-    created_at_before: int | None = None,
-    created_at_after: int | None = None,
-    now_ms: int | None = None,
+    session: Session, *, now_ms: int | None = None, **filters: Any
 ) -> Listing[MembershipView] | None:
-    """``membership_listing`` with the filters as keywords (see ``MembershipQuery``)."""
-    q = MembershipQuery(
-        organization=organization,
-        user=user,
-        limit=limit,
-        offset=offset,
-        order_by=order_by,
-        roles=roles,
-        user_ids=user_ids,
-        email_addresses=email_addresses,
-        usernames=usernames,
-        query=query,
-        email_address_query=email_address_query,
-        username_query=username_query,
-        name_query=name_query,
-        created_at_before=created_at_before,
-        created_at_after=created_at_after,
-    )
-    return membership_listing(session, q, now_ms=now_ms)
+    """``membership_listing`` with the fields of ``MembershipQuery`` as keywords."""
+    return membership_listing(session, MembershipQuery(**filters), now_ms=now_ms)
 
 
 # ---------------------------------------------------------------- invitations

@@ -8,39 +8,22 @@ itself and hands everything else (filters, refusals, unknown organizations, bad 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+import test_read_api
 from flask import Flask
-from read_world import OTHER_TOKEN, TOKEN, World, build_world, mirror
-from sqlalchemy import Engine
+from read_world import TOKEN, World
 from sqlalchemy.exc import OperationalError
-from test_orgsync_api_lean import Answered, FlaskSpy, call, environ
-from test_read_api import make_settings
+from test_orgsync_api_lean import FlaskSpy, both, call, environ
 
 from api.lean import MembershipPageMiddleware
 from models import render
-from orgsync.web import create_app, get_state
 
 GOOD = f"Bearer {TOKEN}"
-TRACE_ID = re.compile(rb'"clerk_trace_id":"[0-9a-f]*"')
-
-
-@pytest.fixture
-def world(engine: Engine) -> World:
-    built = build_world()
-    mirror(built, engine)
-    return built
-
-
-@pytest.fixture
-def app(tmp_path: Path, engine: Engine, world: World) -> Iterator[Flask]:
-    app = create_app(make_settings(tmp_path, engine, (OTHER_TOKEN, TOKEN)), engine=engine)
-    yield app
-    get_state(app).close()
+# The read API's world and app, as its own tests have them.
+world = test_read_api.world
+app = test_read_api.app
 
 
 @pytest.fixture
@@ -49,24 +32,6 @@ def pages(app: Flask) -> MembershipPageMiddleware:
     while not isinstance(layer, MembershipPageMiddleware):
         layer = layer.app  # the middlewares each wrap the next one as ``app``
     return layer
-
-
-def both(pages: MembershipPageMiddleware, env: dict[str, Any], *, handed_on: bool) -> Answered:
-    """The middleware's answer, after checking Flask answers the same and who answered."""
-    spy = FlaskSpy(pages.app)
-    pages.app = spy
-    try:
-        fast = call(pages, env)
-    finally:
-        pages.app = spy.app
-    assert spy.calls == (1 if handed_on else 0), "handed to Flask" if spy.calls else "answered before Flask"
-    assert untraced(fast) == untraced(call(pages.app, env))
-    return fast
-
-
-def untraced(answer: Answered) -> Answered:
-    """The answer with the random ``clerk_trace_id`` of Clerk's error bodies blanked."""
-    return Answered(answer.status, answer.headers, TRACE_ID.sub(b'"clerk_trace_id":""', answer.body))
 
 
 def members(org: str) -> str:

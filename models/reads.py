@@ -699,7 +699,7 @@ class MembershipRows:
     """One page of a membership selection: its rows, the selection's total, and the page's
     organizations by id, with their counts."""
 
-    rows: list[Any]
+    rows: Sequence[Any]
     total_count: int
     organizations: dict[str, CountedOrganizationView]
 
@@ -721,24 +721,13 @@ def _like(column: Any, param: str) -> ColumnElement[bool]:
 
 @dataclass(frozen=True)
 class _MembershipShape:
-    """Which filters a membership query uses and its order: the form of its statement.
+    """The form of a membership query's statement: the names of the values it binds (which
+    filters it uses) and its order.
 
     A statement is built once per shape and columns and kept (SQLAlchemy then finds its
     compiled form at once); a query's values go in as bound parameters."""
 
-    organization: bool
-    user: bool
-    roles: bool
-    include_users: bool
-    exclude_users: bool
-    emails: bool
-    usernames: bool
-    query: bool
-    email_address_query: bool
-    username_query: bool
-    name_query: bool
-    created_at_before: bool
-    created_at_after: bool
+    bound: frozenset[str]
     order: Order
 
 
@@ -747,45 +736,40 @@ def _membership_statements(
 ) -> tuple[Select[Any], Select[Any]]:
     """The page statement (with the selection's total on each row) and the count statement."""
     conditions: list[ColumnElement[bool]] = [Membership.deleted.is_(False)]
-    if shape.organization:
+    if "org_id" in shape.bound:
         conditions.append(Membership.organization_id == bindparam("org_id"))
-    if shape.user:
+    if "user" in shape.bound:
         conditions.append(Membership.user_id == bindparam("user"))
-    if shape.roles:
+    if "roles" in shape.bound:
         conditions.append(Membership.role.in_(bindparam("roles", expanding=True)))
-    if shape.include_users:
+    if "include_users" in shape.bound:
         conditions.append(Membership.user_id.in_(bindparam("include_users", expanding=True)))
-    if shape.exclude_users:
+    if "exclude_users" in shape.bound:
         conditions.append(Membership.user_id.not_in(bindparam("exclude_users", expanding=True)))
-    if shape.emails:
+    if "emails" in shape.bound:
         conditions.append(func.lower(Membership.identifier).in_(bindparam("emails", expanding=True)))
-    if shape.usernames:
+    if "usernames" in shape.bound:
         conditions.append(_user_data_field("username").in_(bindparam("usernames", expanding=True)))
-    if shape.query:
+    if "query" in shape.bound:
         conditions.append(
             or_(
                 Membership.user_id == bindparam("query"),
                 _like(Membership.identifier, "query_like"),
-                *(
-                    _like(_user_data_field(name), "query_like")
-                    for name in ("username", "first_name", "last_name")
-                ),
+                *(_like(_user_data_field(name), "query_like") for name in _NAME_FIELDS),
             )
         )
-    if shape.email_address_query:
+    if "email_address_like" in shape.bound:
         conditions.append(_like(Membership.identifier, "email_address_like"))
-    if shape.username_query:
+    if "username_like" in shape.bound:
         conditions.append(_like(_user_data_field("username"), "username_like"))
-    if shape.name_query:
-        conditions.append(
-            or_(*(_like(_user_data_field(name), "name_like") for name in ("first_name", "last_name")))
-        )
+    if "name_like" in shape.bound:
+        conditions.append(or_(*(_like(_user_data_field(name), "name_like") for name in _NAME_FIELDS[1:])))
     statement: Select[Any] = select(*columns, func.count().over().label("total_count"))
-    if shape.created_at_before or shape.created_at_after:
+    if shape.bound & {"created_at_before", "created_at_after"}:
         statement = statement.join(User, and_(User.id == Membership.user_id, User.deleted.is_(False)))
-        if shape.created_at_before:
+        if "created_at_before" in shape.bound:
             conditions.append(User.created_at < bindparam("created_at_before"))
-        if shape.created_at_after:
+        if "created_at_after" in shape.bound:
             conditions.append(User.created_at > bindparam("created_at_after"))
     key: Any
     if shape.order.field == "created_at":
@@ -908,24 +892,9 @@ def select_memberships(
         if not _user_exists(session, q.user):
             return None
         values["user"] = q.user
-    shape = _MembershipShape(
-        organization=q.organization is not None,
-        user=q.user is not None,
-        roles="roles" in values,
-        include_users="include_users" in values,
-        exclude_users="exclude_users" in values,
-        emails="emails" in values,
-        usernames="usernames" in values,
-        query="query" in values,
-        email_address_query="email_address_like" in values,
-        username_query="username_like" in values,
-        name_query="name_like" in values,
-        created_at_before="created_at_before" in values,
-        created_at_after="created_at_after" in values,
-        order=order,
-    )
+    shape = _MembershipShape(frozenset(values), order)
     page, count = _cached_membership_statements(shape, columns)
-    rows = list(connection.execute(page, values).all())
+    rows = connection.execute(page, values).all()
     if rows:
         total = int(rows[0].total_count)
     elif q.offset == 0:

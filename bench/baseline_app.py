@@ -2,8 +2,8 @@
 
 It is what a first implementation would do: verify the Svix signature, parse the body and
 apply the event to the mirror with a commit of its own before answering. It runs under the
-same embedded gunicorn (``orgsync.serve.WebApplication``, same workers, threads and timeouts)
-as ``orgsync serve``, so the two intake figures differ only by what happens in the request.
+same embedded server (``orgsync.serve.serve``: granian, the same workers and threads) as
+``orgsync serve``, so the two intake figures differ only by what happens in the request.
 
     python bench/baseline_app.py --port 8001 [--workers 2] [--threads 8]
 
@@ -24,7 +24,7 @@ from models.errors import PayloadError
 from models.events import parse_event
 from models.mirror import apply_events
 from models.settings import Settings
-from orgsync.serve import ServeOptions, WebApplication
+from orgsync.serve import ServeOptions, serve
 
 
 def create_baseline_app(settings: Settings) -> Flask:
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env(require_webhook_secret=True)
     options = ServeOptions(host=args.host, port=args.port, workers=args.workers, threads=args.threads)
-    WebApplication(settings, options, factory=create_baseline_app).run()
+    serve(settings, options, factory=create_baseline_app)
 
 
 if __name__ == "__main__":

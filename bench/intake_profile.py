@@ -2,7 +2,7 @@
 
     python bench/intake_profile.py [--requests 3000] [--concurrency 4] [--profile /tmp/intake.prof]
 
-Builds the web app exactly as a gunicorn worker does (``orgsync.wsgi.build_web_app``: the
+Builds the web app exactly as a web worker does (``orgsync.wsgi.build_web_app``: the
 engine with its bounds, the Celery sender, the dispatcher), on a fresh PostgreSQL database,
 and calls it as a WSGI server would, from ``--concurrency`` threads, with signed membership
 events from ``bench.workload``. It prints the CPU per request of each thread kind (request

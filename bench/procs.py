@@ -70,7 +70,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process, its children and grandchildren (gunicorn and Celery pools)."""
+    """CPU time of a process, its children and grandchildren (web workers and Celery pools)."""
     total = cpu_seconds(pid)
     for child in children_of(pid):
         total += cpu_seconds(child) + sum(cpu_seconds(grandchild) for grandchild in children_of(child))
@@ -165,7 +165,7 @@ class Service:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 progress(f"{self.name} did not stop on SIGTERM within 20 s; killing it")
-        # Whatever is left of its group (gunicorn workers, pool children).
+        # Whatever is left of its group (web workers, pool children).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)

@@ -13,7 +13,7 @@ Backend API on this machine (Clerk minus the network):
   first answers are reported apart); baseline: ``GET /v1/organizations/{id}/memberships?
   user_id=...`` on a keep-alive connection, the membership's permissions read from the JSON;
 * permission check over HTTP: ``GET /orgsync/v1/permission`` closed loop on ``orgsync serve``
-  (gunicorn, as in production); baseline: the same membership lookup on the emulator;
+  (granian, as in production); baseline: the same membership lookup on the emulator;
 * a page of 100 memberships of an organization over HTTP: ``GET /v1/organizations/{id}/
   memberships?limit=100`` on both, closed loop;
 * intake under reads: signed webhooks closed loop on ``orgsync serve``, alone and then with a

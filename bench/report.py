@@ -309,7 +309,7 @@ def build_figures(
             web["baseline_web_rss"].get("child_max_mb"),
             better="lower",
             target=TARGET_WEB_RSS_MB,
-            detail="peak VmRSS of one gunicorn worker process",
+            detail="peak VmRSS of one web worker process",
         ),
         figure(
             "worker_rss_mb",

@@ -6,8 +6,8 @@ Every figure is measured in the same run for orgsync and for the baseline, "a pl
 that verifies and writes each event inside the request" (bench/baseline_app.py; for apply,
 one event per transaction), and printed as a ratio beside its target (bench/README.md).
 
-* intake: ``orgsync serve`` (the real app under its embedded gunicorn) and the baseline app
-  under the same gunicorn settings, on free loopback ports; pre-signed ~1 KB membership events
+* intake: ``orgsync serve`` (the real app under its embedded granian) and the baseline app
+  under the same server settings, on free loopback ports; pre-signed ~1 KB membership events
   with unique svix ids, sent over keep-alive connections by a lean raw-socket client. First
   closed-loop (as fast as the server answers: the throughput), then paced at the target rate
   (the sustained p99, measured from each request's scheduled time so a server that falls
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "client": "raw-socket HTTP/1.1 keep-alive client in "
                     f"{params.client_processes} processes x {params.client_threads} threads, "
                     "on the same machine",
-                    "server": f"gunicorn gthread, {params.web_workers} workers x {params.web_threads} "
+                    "server": f"granian (WSGI), {params.web_workers} workers x {params.web_threads} "
                     "threads, for orgsync and the baseline alike",
                 },
                 "figures": figures,

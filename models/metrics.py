@@ -1,6 +1,6 @@
 """Prometheus metrics: the counters and histograms every orgsync process records, and their files.
 
-Web (gunicorn) and worker (Celery prefork) processes each count in their own memory-mapped
+Web (granian) and worker (Celery prefork) processes each count in their own memory-mapped
 file under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode); ``/metrics``
 sums the files of every process, dead ones included, so a counter never goes down because a
 process restarted. orgsync sets that directory for the processes it starts when the operator
@@ -257,11 +257,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def drop_dead_gauges(*, alive: Callable[[int], bool] | None = None) -> int:
+    """Drop the live gauges of this host's processes that are gone; returns how many processes.
+
+    The web server calls it as each worker starts (one that died is replaced by a new one) and
+    once its workers have stopped; their counters stay, so totals never go down.
+    """
+    directory = multiprocess_dir()
+    if directory is None:
+        return 0
+    alive = alive or _pid_alive
+    prefix = f"{_HOST}-"
+    gone: set[str] = set()
+    for path in directory.glob("gauge_live*.db"):
+        owner = path.stem.rsplit("_", 1)[-1]
+        pid = owner[len(prefix) :] if owner.startswith(prefix) else ""
+        if pid.isdigit() and not alive(int(pid)):
+            gone.add(owner)
+    for owner in gone:
+        mark_process_dead(owner, str(directory))  # type: ignore[no-untyped-call]
+    return len(gone)
+
+
 def mark_dead(pid: int | None = None) -> None:
     """A process ended: drop its live gauges (its counters stay, so totals never go down).
 
-    Called by gunicorn's arbiter for each worker that exits, and by each Celery pool process
-    as it shuts down.
+    Called by each Celery pool process as it shuts down.
     """
     directory = multiprocess_dir()
     if directory is None:

@@ -1,8 +1,8 @@
 """Logging for every orgsync process: one line per event, as text or JSON (``ORGSYNC_LOG_FORMAT``).
 
-The web server (gunicorn), the worker and beat (Celery) and the CLI all log through the root
-logger set up here, so one format covers them all: gunicorn's own loggers hand their records
-to it (``orgsync.serve.GunicornLogger``), and Celery is told not to set up logging of its own
+The web server (granian), the worker and beat (Celery) and the CLI all log through the root
+logger set up here, so one format covers them all: granian's own loggers hand their records
+to it (``orgsync.serve.server_log_config``), and Celery is told not to set up logging of its own
 (``quiet_celery``).
 
 Each line may carry context as fields: ``delivery_id`` and ``event_type`` (passed by the code

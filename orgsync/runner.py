@@ -101,7 +101,7 @@ class Supervisor:
     def stop(self) -> None:
         """SIGTERM every live child, then SIGKILL whatever outlives the timeout, grandchildren included.
 
-        Only the leader gets SIGTERM: gunicorn's arbiter and Celery's main process stop their
+        Only the leader gets SIGTERM: granian's main process and Celery's main process stop their
         own workers gracefully, which a signal to the whole group would cut short.
         """
         for child in self.children:

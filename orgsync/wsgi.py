@@ -1,6 +1,7 @@
 """The web process's composition root: settings -> engine, Celery client and the Flask app.
 
-``gunicorn orgsync.wsgi:app`` works too: ``app`` is built on first access from the
+Any WSGI server can serve ``orgsync.wsgi:app`` too (``granian --interface wsgi
+orgsync.wsgi:app``, ``gunicorn orgsync.wsgi:app``): ``app`` is built on first access from the
 environment, so importing this module has no side effects.
 """
 
@@ -49,7 +50,7 @@ def build_web_app(settings: Settings) -> Flask:
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: build ``app`` lazily, so that only ``gunicorn orgsync.wsgi:app`` pays for it.
+    # PEP 562: build ``app`` lazily, so that only a server importing ``orgsync.wsgi:app`` pays for it.
     global _app  # noqa: PLW0603
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

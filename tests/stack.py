@@ -2,7 +2,7 @@
 
 Each process runs in a process group of its own with its output in a log file, so that a
 failure message can show what the processes said and teardown can always stop everything
-they started (gunicorn workers, Celery pool children), however the test ended.
+they started (web workers, Celery pool children), however the test ended.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def log_tail(path: Path, lines: int = 60) -> str:
 
 
 def stop_process(process: subprocess.Popen[bytes], *, bound: float = STOP_BOUND_S) -> None:
-    """SIGTERM the leader (gunicorn and Celery stop their own children), then SIGKILL its whole group."""
+    """SIGTERM the leader (granian and Celery stop their own children), then SIGKILL its whole group."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
@@ -149,7 +149,7 @@ class Stack:
         return proc
 
     def start_web(self, *, threads: int = 8, env: Mapping[str, str] | None = None) -> None:
-        """``orgsync serve`` (gunicorn, one gthread worker) on the loopback port; waits for /healthz.
+        """``orgsync serve`` (granian, one worker) on the loopback port; waits for /healthz.
 
         On ``env`` if given (another database URL, say), else the stack's.
         """

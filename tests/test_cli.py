@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from conftest import TEST_SIGNING_SECRET, free_port
+from granian.constants import Interfaces
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -37,7 +38,7 @@ from orgsync.cli.base import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILA
 from orgsync.cli.processes import WORKER_QUEUES
 from orgsync.render import render_table
 from orgsync.runner import ChildSpec, Supervisor, child_specs
-from orgsync.serve import ServeOptions, WebApplication
+from orgsync.serve import RequestEnviron, ServeOptions, build_server
 from orgsync.wsgi import build_web_app
 from worker.app import WORKER_QUEUES as APP_QUEUES
 
@@ -656,7 +657,7 @@ def test_beat_arguments(monkeypatch: pytest.MonkeyPatch, sqlite_url: str, tmp_pa
     assert fake.argv == ["beat", "--loglevel=WARNING"]
 
 
-def test_gunicorn_configuration() -> None:
+def test_server_configuration() -> None:
     settings = Settings.from_env(
         {"ORGSYNC_DATA_DIR": "/tmp/x", "CLERK_WEBHOOK_SIGNING_SECRET": TEST_SIGNING_SECRET}
     )
@@ -666,14 +667,45 @@ def test_gunicorn_configuration() -> None:
         built.append(given)
         return "the app"
 
-    application = WebApplication(settings, ServeOptions(host="::1", port=8123, workers=3, threads=5), factory)
-    assert application.cfg.bind == ["[::1]:8123"]
-    assert application.cfg.workers == 3
-    assert application.cfg.threads == 5
-    assert application.cfg.worker_class_str == "gthread"
-    assert application.cfg.preload_app is False
-    assert application.load() == "the app"
+    server, loader = build_server(
+        settings, ServeOptions(host="::1", port=8123, workers=3, threads=5, access_log=True), factory
+    )
+    assert (server.bind_addr, server.bind_port) == ("::1", 8123)
+    assert server._bind_addr_fmt == "[::1]:8123"
+    assert server.interface == Interfaces.WSGI
+    assert (server.workers, server.blocking_threads) == (3, 5)
+    assert server.respawn_failed_workers is True
+    assert server.log_access is True
+    # The app is built by the loader, in each worker after the fork, not by the main process.
+    assert built == []
+    app = loader()
+    assert isinstance(app, RequestEnviron)
+    assert app.app == "the app"
     assert built == [settings]
+
+
+def test_the_app_sees_the_request_not_the_process_environment() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(dict(environ))
+        return [b""]
+
+    process = {"CLERK_SECRET_KEY": "sk_test_x", "DATABASE_URL": "postgresql://u:p@h/d", "SERVER_NAME": "box"}
+    wrapped = RequestEnviron(app, process)
+    # As granian builds it: the process environment, then the request's own variables over it.
+    environ = {**process, "REQUEST_METHOD": "GET", "PATH_INFO": "/healthz", "SERVER_NAME": "orgsync.test"}
+    environ |= {"HTTP_AUTHORIZATION": "Bearer t", "wsgi.input": None}
+    wrapped(environ, None)  # type: ignore[arg-type]
+    assert seen == [
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/healthz",
+            "SERVER_NAME": "orgsync.test",
+            "HTTP_AUTHORIZATION": "Bearer t",
+            "wsgi.input": None,
+        }
+    ]
 
 
 def test_build_web_app_wires_the_embedded_default(sqlite_url: str, tmp_path: Path) -> None:

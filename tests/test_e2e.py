@@ -1,4 +1,4 @@
-"""End to end over real processes: gunicorn-served intake, a Celery worker, Redis and PostgreSQL.
+"""End to end over real processes: granian-served intake, a Celery worker, Redis and PostgreSQL.
 
 Signed events posted over HTTP end up in the mirror; and with the broker unreachable while
 they arrive, every acknowledged event waits in the inbox and is applied exactly once after

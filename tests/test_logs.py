@@ -130,11 +130,11 @@ def test_processes_log_json_with_context_and_without_task_chatter(
         assert "Sending due task" not in text, name
         assert "succeeded in" not in text, name
         assert "] received" not in text, name
-    # The web server prints nothing but log lines, and every one is JSON, gunicorn's own too.
+    # The web server prints nothing but log lines, and every one is JSON, granian's own too.
     web_text = (tmp_path / "logs" / "web.log").read_text(errors="replace")
     for line in web_text.splitlines():
         if line.strip():
             json.loads(line)
     web_lines = json_lines(tmp_path / "logs" / "web.log")
-    # gunicorn's own lines come through the same JSON formatter.
-    assert any(entry["logger"].startswith("gunicorn") for entry in web_lines), web_lines[:5]
+    # granian's own lines come through the same JSON formatter.
+    assert any(entry["logger"] == "_granian" for entry in web_lines), web_lines[:5]

@@ -361,6 +361,26 @@ def test_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path) 
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live, foreign])
 
 
+def test_live_gauges_of_dead_processes_go_and_their_counters_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    host = metrics.process_identifier().rsplit("-", 1)[0]
+    names = [
+        f"gauge_livesum_{host}-100.db",  # alive
+        f"gauge_livesum_{host}-200.db",  # dead: goes
+        f"gauge_liveall_{host}-200.db",  # dead: goes
+        f"counter_{host}-200.db",  # dead, but its counts stay
+        "gauge_livesum_otherhost-200.db",  # another host's process: not ours to judge
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert metrics.drop_dead_gauges(alive=lambda pid: pid == 100) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[:1] + names[3:])
+    monkeypatch.delenv(metrics.MULTIPROC_ENV)
+    assert metrics.drop_dead_gauges() == 0
+
+
 def test_the_operators_directory_wins_and_children_inherit_the_choice(tmp_path: Path) -> None:
     env: dict[str, str] = {}
     chosen = metrics.prepare_multiprocess_dir(env, tmp_path / "default")
@@ -420,7 +440,7 @@ def test_two_web_processes_and_a_worker_pool_are_summed_in_one_scrape(
         assert value(samples, "orgsync_inbox_pending") == 0
         files = sorted(path.name for path in (tmp_path / "data" / "metrics").iterdir())
         owners = {name.rsplit("_", 1)[-1] for name in files}
-        # Two gunicorn workers and at least one pool process wrote their own files.
+        # Two web workers and at least one pool process wrote their own files.
         assert len(owners) >= 3, files
     # Stopped: a new start clears the files of processes that no longer run.
     metrics.remove_dead_files(tmp_path / "data" / "metrics")

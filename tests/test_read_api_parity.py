@@ -1,6 +1,6 @@
 """The official Python SDK reads the same from orgsync as from the emulator holding the same state.
 
-The emulator serves the world over HTTP; ``orgsync serve`` (a real gunicorn server) serves
+The emulator serves the world over HTTP; ``orgsync serve`` (a real granian server) serves
 the mirror filled from the world's events. Every read endpoint is called through
 ``clerk_backend_api.Clerk`` on both, with paging and filters, and the parsed responses must
 be equal, except for the fields listed in ``NOT_MIRRORED`` (each with the reason). The

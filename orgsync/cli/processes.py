@@ -68,10 +68,10 @@ def run(ctx: click.Context, host: str, port: int) -> None:
 @click.option("--access-log", is_flag=True, help="Log every request.")
 @click.pass_context
 def serve(ctx: click.Context, *, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
-    """Serve the webhook endpoint with gunicorn.
+    """Serve the webhook endpoint (and the read API and console when configured) with granian.
 
-    POST /webhooks/clerk, GET /healthz (alive) and GET /readyz (database and broker reachable),
-    on gthread workers.
+    POST /webhooks/clerk, GET /healthz (alive) and GET /readyz (database and broker reachable);
+    each web process runs the app on its threads.
     """
     from orgsync.serve import ServeOptions  # noqa: PLC0415
     from orgsync.serve import serve as run_server  # noqa: PLC0415
@@ -108,7 +108,7 @@ def metrics_dir(settings: Settings) -> Path:
 def share_metrics_dir(settings: Settings) -> None:
     """Set up this process's metrics directory before it forks: its children inherit it.
 
-    The web server's gunicorn workers and the worker's pool processes each write their own
+    The web server's worker processes and the worker's pool processes each write their own
     files there; processes of the same data directory (a ``serve`` and a ``worker`` started
     apart) share it, so one ``/metrics`` shows them all.
     """

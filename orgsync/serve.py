@@ -10,6 +10,7 @@ belong to the process that uses them.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,11 +84,27 @@ def load_app(settings: Settings, factory: Callable[[Settings], WSGIApplication] 
     return RequestEnviron(factory(settings), os.environ)
 
 
+class ThreadAdvice(logging.Filter):
+    """Drops granian's advice against more threads than twice the cores, given at every start.
+
+    It fits apps that compute; requests here mostly wait on a commit shared with others
+    (``webhooks.committer``), and more threads waiting make bigger shared commits: on two
+    cores, 8 threads per worker took about 40 % more deliveries per second than 4 (bench/).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Configuration allows spawning up to")
+
+
 def server_log_config(level: str) -> dict[str, Any]:
     """granian's loggers hand their records to the root logger set up by ``orgsync.logs``."""
     return {
         "handlers": {},
-        "loggers": {name: {"level": level, "propagate": True, "handlers": []} for name in SERVER_LOGGERS},
+        "filters": {"thread_advice": {"()": ThreadAdvice}},
+        "loggers": {
+            name: {"level": level, "propagate": True, "handlers": [], "filters": ["thread_advice"]}
+            for name in SERVER_LOGGERS
+        },
     }
 
 

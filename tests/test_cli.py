@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from orgsync.cli.base import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILA
 from orgsync.cli.processes import WORKER_QUEUES
 from orgsync.render import render_table
 from orgsync.runner import ChildSpec, Supervisor, child_specs
-from orgsync.serve import RequestEnviron, ServeOptions, build_server
+from orgsync.serve import RequestEnviron, ServeOptions, ThreadAdvice, build_server, server_log_config
 from orgsync.wsgi import build_web_app
 from worker.app import WORKER_QUEUES as APP_QUEUES
 
@@ -682,6 +683,20 @@ def test_server_configuration() -> None:
     assert isinstance(app, RequestEnviron)
     assert app.app == "the app"
     assert built == [settings]
+
+
+def test_granians_thread_advice_is_dropped_and_its_other_lines_kept() -> None:
+    advice = ThreadAdvice()
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("_granian", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not advice.filter(record("Configuration allows spawning up to 8 Python threads, which seems high"))
+    assert advice.filter(record("Unexpected exit from worker-1"))
+    config = server_log_config("INFO")
+    assert config["loggers"]["_granian"] == {
+        "level": "INFO", "propagate": True, "handlers": [], "filters": ["thread_advice"]
+    }  # fmt: skip
 
 
 def test_the_app_sees_the_request_not_the_process_environment() -> None:

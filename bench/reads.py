@@ -96,6 +96,11 @@ class ReadParams:
     intake_requests: int = 8_000
     intake_warmup: int = 500
     read_load_rate: float = 300.0
+    # Latency at the rates the targets name: a closed loop at saturation measures its queue.
+    check_paced_rate: float = 2000.0
+    page_paced_rate: float = 1000.0
+    paced_seconds: float = 5.0
+    baseline_paced_seconds: float = 2.0
     client_processes: int = 2
     client_threads: int = 4
     web_workers: int = 2
@@ -118,6 +123,10 @@ QUICK_READS = ReadParams(
     intake_requests=300,
     intake_warmup=30,
     read_load_rate=50.0,
+    check_paced_rate=200.0,
+    page_paced_rate=50.0,
+    paced_seconds=1.0,
+    baseline_paced_seconds=0.5,
     max_seconds=15.0,
 )
 
@@ -255,14 +264,34 @@ def closed_loop(
     return _summary(result, label, tree_cpu_seconds(pid) - cpu_before if pid is not None else None)
 
 
-def _summary(result: LoadResult, label: str, server_cpu_s: float | None) -> dict[str, Any]:
+def paced(
+    target: Target, paths: Sequence[str], params: ReadParams, label: str, *, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Latency at a fixed offered rate, from each request's scheduled time (falling behind counts)."""
+    count = max(1, int(rate * seconds))
+    requests = [target.get(path) for path in spread(paths, count, 8)]
+    load = Load(
+        target.port,
+        requests,
+        processes=params.client_processes,
+        threads=params.client_threads,
+        rate=rate,
+        max_seconds=seconds + 5,
+    )
+    summary = _summary(load.wait(), f"{label} paced at {rate:.0f}/s", None, from_schedule=True)
+    return {**summary, "rate_offered": rate}
+
+
+def _summary(
+    result: LoadResult, label: str, server_cpu_s: float | None, *, from_schedule: bool = False
+) -> dict[str, Any]:
     done = len(result.completed)
     summary: dict[str, Any] = {
         "requests": len(result.status),
         "completed": done,
         "ok": result.ok_count(),
         "rate_per_s": result.rate(),
-        **latency_summary(result.latencies_ms(from_schedule=False)),
+        **latency_summary(result.latencies_ms(from_schedule=from_schedule)),
         "client_cpu_ms_per_request": 1000 * result.client_cpu_s / max(1, done),
     }
     if server_cpu_s is not None:
@@ -356,6 +385,16 @@ def bench_reads(stack: Stack, params: ReadParams) -> dict[str, Any]:
             clerk, spread([page_path(org) for org in orgs], params.baseline_http_pages, 5), params,
             "emulator page of 100", emulator_pid,
         )  # fmt: skip
+        # The same rates as orgsync's targets, briefly: where the emulator falls behind, its
+        # queue grows for the whole run and its p99 says so.
+        out["baseline_http_check_paced"] = paced(
+            clerk, clerk_paths, params, "emulator check",
+            rate=params.check_paced_rate, seconds=params.baseline_paced_seconds,
+        )  # fmt: skip
+        out["baseline_http_page_paced"] = paced(
+            clerk, [page_path(org) for org in orgs], params, "emulator page of 100",
+            rate=params.page_paced_rate, seconds=params.baseline_paced_seconds,
+        )  # fmt: skip
 
     # orgsync serve, with the read APIs on.
     token = secrets.token_urlsafe(32)
@@ -375,6 +414,14 @@ def bench_reads(stack: Stack, params: ReadParams) -> dict[str, Any]:
         out["http_page"] = closed_loop(
             target, spread([page_path(org) for org in orgs], params.http_pages, 7), params,
             "orgsync page of 100", web.pid,
+        )  # fmt: skip
+        out["http_check_paced"] = paced(
+            target, check_paths, params, "orgsync check",
+            rate=params.check_paced_rate, seconds=params.paced_seconds,
+        )  # fmt: skip
+        out["http_page_paced"] = paced(
+            target, [page_path(org) for org in orgs], params, "orgsync page of 100",
+            rate=params.page_paced_rate, seconds=params.paced_seconds,
         )  # fmt: skip
         mixed = check_paths + [page_path(org) for org in orgs]
         out["intake"] = intake_under_reads(stack, target, mixed, params, web)

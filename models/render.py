@@ -172,6 +172,10 @@ def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | N
         for org_id, view in found.organizations.items()
     }
     data = []
+    # Stored permissions and metadata repeat across a page (a role's permissions, "{}"): each
+    # distinct text is judged once.
+    arrays: dict[str | None, orjson.Fragment] = {}
+    objects: dict[str | None, orjson.Fragment] = {}
     # Plain tuples in ``_PAGE_COLUMNS`` order (then the total): unpacking beats attribute access.
     for (
         ident,
@@ -188,15 +192,24 @@ def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | N
         updated,
         _,
     ) in found.rows:
+        permissions = arrays.get(perms)
+        if permissions is None:
+            permissions = arrays[perms] = _stored(perms, _EMPTY_ARRAY, "[")
+        public_metadata = objects.get(public)
+        if public_metadata is None:
+            public_metadata = objects[public] = _stored(public, _EMPTY_OBJECT, "{")
+        private_metadata = objects.get(private)
+        if private_metadata is None:
+            private_metadata = objects[private] = _stored(private, _EMPTY_OBJECT, "{")
         data.append(
             {
                 "object": "organization_membership",
                 "id": ident,
                 "role": role,
                 "role_name": role_name,
-                "permissions": _stored(perms, _EMPTY_ARRAY, "["),
-                "public_metadata": _stored(public, _EMPTY_OBJECT, "{"),
-                "private_metadata": _stored(private, _EMPTY_OBJECT, "{"),
+                "permissions": permissions,
+                "public_metadata": public_metadata,
+                "private_metadata": private_metadata,
                 "organization": orgs.get(org_id),
                 "public_user_data": _complete_user_data(
                     reads.membership_user_data(user_data, user_id, identifier)

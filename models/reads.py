@@ -344,12 +344,12 @@ class DomainView:
 
 
 # What a JSON object's values are when it holds no float and nothing to walk into.
-_SCALARS = frozenset((str, int, bool, type(None)))
+JSON_SCALARS = frozenset((str, int, bool, type(None)))
 
 
 def _holds_float(value: Any) -> bool:
     """Whether a parsed JSON value holds a float anywhere (walked without recursion)."""
-    if type(value) is dict and _SCALARS.issuperset(map(type, value.values())):
+    if type(value) is dict and JSON_SCALARS.issuperset(map(type, value.values())):
         return False  # the usual flat object, judged without a walk
     pending = [value]
     while pending:

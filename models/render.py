@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, ColumnElement, Text, cast
+from sqlalchemy import JSON, ColumnElement, Connection, Text, cast
 from sqlalchemy.orm import Session
 
 from models import reads
@@ -160,7 +160,9 @@ def _stored(text: str | None, empty: orjson.Fragment, opening: str) -> orjson.Fr
     return empty
 
 
-def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | None = None) -> bytes | None:
+def membership_page(
+    session: Session | Connection, query: MembershipQuery, *, now_ms: int | None = None
+) -> bytes | None:
     """The memberships ``query`` selects as Clerk's listing body, ``{"data": [...],
     "total_count": n}``, each membership the JSON value ``membership`` gives its view; None
     when the query's organization or user is unknown.

@@ -53,11 +53,13 @@ def create_api_blueprint(engine: Engine, tokens: Sequence[str]) -> Blueprint:
     v1 = Blueprint("clerk_read_api", __name__, url_prefix="/v1")
 
     def install(setup: BlueprintSetupState) -> None:
-        # Plain GETs of an organization's page of memberships are answered before Flask.
+        # Plain GETs of an organization's page of memberships are answered before Flask, on a
+        # connection of their own (no session: it would cost as much as a statement).
         from api.lean import MembershipPageMiddleware  # noqa: PLC0415  (api.lean imports this module)
 
         app = cast(Flask, setup.app)
-        app.wsgi_app = MembershipPageMiddleware(app.wsgi_app, app, check, factory)  # type: ignore[method-assign]
+        pages = MembershipPageMiddleware(app.wsgi_app, app, check, reads.read_connections(engine))
+        app.wsgi_app = pages  # type: ignore[method-assign]
 
     v1.record_once(install)
 

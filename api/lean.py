@@ -25,6 +25,7 @@ from wsgiref.types import WSGIApplication as WsgiApp
 # Registers the "werkzeug.url_quote" codec error handler ``request.args`` parses with.
 import werkzeug.urls  # noqa: F401
 from flask import Flask
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.http import HTTP_STATUS_CODES
@@ -124,7 +125,7 @@ class MembershipPageMiddleware:
         app: WsgiApp,
         flask_app: Flask,
         tokens: TokenCheck,
-        sessions: Callable[[], AbstractContextManager[Session]],
+        sessions: Callable[[], AbstractContextManager[Session | Connection]],
     ) -> None:
         self.app = app
         self.flask_app = flask_app  # for the context Clerk's error body is built in

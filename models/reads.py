@@ -20,7 +20,7 @@ here and listed in ``models.render``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +41,7 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import clock
@@ -342,8 +343,14 @@ class DomainView:
     updated_at: int | None
 
 
+# What a JSON object's values are when it holds no float and nothing to walk into.
+JSON_SCALARS = frozenset((str, int, bool, type(None)))
+
+
 def _holds_float(value: Any) -> bool:
     """Whether a parsed JSON value holds a float anywhere (walked without recursion)."""
+    if type(value) is dict and JSON_SCALARS.issuperset(map(type, value.values())):
+        return False  # the usual flat object, judged without a walk
     pending = [value]
     while pending:
         item = pending.pop()
@@ -382,6 +389,17 @@ def read_sessions(engine: Engine) -> sessionmaker[Session]:
     if not event.contains(engine, "connect", _fast_json):
         event.listen(engine, "connect", _fast_json)
     return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+def read_connections(engine: Engine) -> Callable[[], Connection]:
+    """Connections for the hottest reads (``models.render.membership_page``): as the sessions of
+    ``read_sessions`` (autocommit and ``_loads`` on PostgreSQL) without a session around
+    them, which costs about as much as one of their statements."""
+    if engine.dialect.name != "postgresql":
+        return engine.connect
+    if not event.contains(engine, "connect", _fast_json):
+        event.listen(engine, "connect", _fast_json)
+    return engine.execution_options(isolation_level="AUTOCOMMIT").connect
 
 
 # ------------------------------------------------------------------ arguments
@@ -606,6 +624,8 @@ def list_organizations(
 # ---------------------------------------------------------------- memberships
 # A membership row as the views read it: every column of the table.
 MEMBERSHIP_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(Membership.__table__.c)
+# Their names, then the selection's total that rides on each row.
+MEMBERSHIP_COLUMN_NAMES = (*(column.name for column in Membership.__table__.c), "total_count")
 
 
 def _user_data_field(name: str) -> Any:
@@ -663,7 +683,7 @@ def membership_views(
     return views
 
 
-def _user_exists(session: Session, user_id: str) -> bool:
+def _user_exists(session: Session | Connection, user_id: str) -> bool:
     live_user = select(User.id).where(User.id == user_id, User.deleted.is_(False))
     if session.scalar(live_user) is not None:
         return True
@@ -696,8 +716,9 @@ class MembershipQuery:
 
 @dataclass(frozen=True)
 class MembershipRows:
-    """One page of a membership selection: its rows, the selection's total, and the page's
-    organizations by id, with their counts."""
+    """One page of a membership selection: its rows (plain tuples: the columns asked for, then
+    the selection's total), the selection's total, and the page's organizations by id, with
+    their counts."""
 
     rows: Sequence[Any]
     total_count: int
@@ -851,8 +872,110 @@ def counted_organizations(
     }
 
 
+@dataclass(frozen=True)
+class _DriverStatement:
+    """A statement as the driver takes it: its SQL, the values it binds itself (literals), and
+    its columns' names."""
+
+    sql: str
+    literals: dict[str, Any]
+    names: tuple[str, ...]
+
+
+# Per statement object (kept alive by the entry) and kind of dialect: its driver form, or None
+# when it needs SQLAlchemy's processing (a value or column type with a processor, an expanding
+# parameter) or the database is not PostgreSQL.
+_DRIVER_STATEMENTS: dict[tuple[int, type], tuple[Select[Any], _DriverStatement | None]] = {}
+
+
+def _driver_statement(statement: Select[Any], dialect: Any) -> _DriverStatement | None:
+    key = (id(statement), type(dialect))
+    found = _DRIVER_STATEMENTS.get(key)
+    if found is not None and found[0] is statement:
+        return found[1]
+    compiled: Any = statement.compile(dialect=dialect)
+    plain = (
+        dialect.name == "postgresql"
+        and dialect.paramstyle == "pyformat"
+        and not compiled.post_compile_params
+        and all(
+            bind.type.dialect_impl(dialect).bind_processor(dialect) is None
+            for bind in compiled.binds.values()
+        )
+        and all(
+            column.type.dialect_impl(dialect).result_processor(dialect, None) is None
+            for column in statement.selected_columns
+        )
+    )
+    driver = None
+    if plain:
+        literals = {
+            compiled.bind_names[bind]: bind.value
+            for bind in compiled.binds.values()
+            if not bind.required and bind.callable is None
+        }
+        driver = _DriverStatement(compiled.string, literals, tuple(statement.selected_columns.keys()))
+    if len(_DRIVER_STATEMENTS) < _MAX_CACHED_STATEMENTS:
+        _DRIVER_STATEMENTS[key] = (statement, driver)
+    return driver
+
+
+class _Record:
+    """A row fetched straight from the driver, its columns read by name as a ``Row``'s."""
+
+    def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
+        self.__dict__.update(zip(names, values, strict=True))
+
+
+def _fetch(connection: Connection, statement: Select[Any], values: dict[str, Any]) -> Sequence[Any]:
+    """The rows of ``statement`` as plain tuples, in the order of its columns.
+
+    On PostgreSQL a statement that needs no processing by SQLAlchemy (the values and columns
+    go to and from the driver as they are) runs on the driver's own cursor: SQLAlchemy's
+    execution and result machinery cost more CPU than the statement itself on the hot reads.
+    Driver errors are raised as SQLAlchemy's, the connection invalidated on a disconnect, as
+    ``Connection.execute`` does."""
+    dialect = connection.dialect
+    driver = _driver_statement(statement, dialect)
+    if driver is None:
+        return [tuple(row) for row in connection.execute(statement, values)]
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(driver.sql, {**driver.literals, **values})
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    except dialect.loaded_dbapi.Error as exc:
+        disconnected = bool(dialect.is_disconnect(exc, dbapi_connection, cursor))
+        if disconnected:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            driver.sql,
+            values,
+            exc,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=disconnected,
+            dialect=dialect,
+        ) from exc
+    finally:
+        cursor.close()
+    return rows
+
+
+def _fetch_record(connection: Connection, statement: Select[Any], values: dict[str, Any]) -> Any:
+    """The first row of ``statement`` with its columns by name, or None."""
+    driver = _driver_statement(statement, connection.dialect)
+    if driver is None:
+        return connection.execute(statement, values).first()
+    rows = _fetch(connection, statement, values)
+    return _Record(driver.names, rows[0]) if rows else None
+
+
 def select_memberships(
-    session: Session, q: MembershipQuery, columns: Sequence[ColumnElement[Any]], *, now_ms: int | None = None
+    session: Session | Connection,
+    q: MembershipQuery,
+    columns: Sequence[ColumnElement[Any]],
+    *,
+    now_ms: int | None = None,
 ) -> MembershipRows | None:
     """The page of live memberships ``q`` selects, each row holding ``columns`` (pass the same
     sequence object each time: statements are kept per object), with its organizations.
@@ -862,7 +985,7 @@ def select_memberships(
     check_window(q.limit, q.offset)
     order = parse_order(q.order_by, MEMBERSHIP_ORDER)
     now = _now(now_ms)
-    connection = session.connection()
+    connection = session if isinstance(session, Connection) else session.connection()
     values: dict[str, Any] = {"limit": q.limit, "offset": q.offset}
     include_users, exclude_users = _split_signed("user_id", q.user_ids)
     optional: dict[str, Any] = {
@@ -883,7 +1006,7 @@ def select_memberships(
         values["query_like"] = _like_pattern(q.query)
     organizations: dict[str, CountedOrganizationView] = {}
     if q.organization is not None:
-        org = connection.execute(_COUNTED_ORGANIZATION, {"key": q.organization, "now_ms": now}).first()
+        org = _fetch_record(connection, _COUNTED_ORGANIZATION, {"key": q.organization, "now_ms": now})
         if org is None:
             return None
         organizations[org.id] = counted_view(org, org.live_members_count, org.live_pending_invitations_count)
@@ -894,16 +1017,19 @@ def select_memberships(
         values["user"] = q.user
     shape = _MembershipShape(frozenset(values), order)
     page, count = _cached_membership_statements(shape, columns)
-    rows = connection.execute(page, values).all()
+    rows = _fetch(connection, page, values)
     if rows:
-        total = int(rows[0].total_count)
+        total = int(rows[0][-1])
     elif q.offset == 0:
         total = 0
     else:  # past the end: the rows that would carry the total are not there
-        total = int(connection.execute(count, values).scalar() or 0)
-    organizations.update(
-        counted_organizations(connection, {row.organization_id for row in rows} - organizations.keys(), now)
-    )
+        total = int(_fetch(connection, count, values)[0][0] or 0)
+    if "org_id" in values:  # every row is of that organization
+        others: set[str] = set()
+    else:
+        at = list(page.selected_columns.keys()).index("organization_id")
+        others = {row[at] for row in rows} - organizations.keys()
+    organizations.update(counted_organizations(connection, others, now))
     return MembershipRows(rows, total, organizations)
 
 
@@ -914,9 +1040,9 @@ def membership_listing(
     found = select_memberships(session, q, MEMBERSHIP_COLUMNS, now_ms=now_ms)
     if found is None:
         return None
-    return Listing(
-        membership_views(session, found.rows, _now(now_ms), found.organizations), found.total_count
-    )
+    names = MEMBERSHIP_COLUMN_NAMES
+    rows = [_Record(names, row) for row in found.rows]
+    return Listing(membership_views(session, rows, _now(now_ms), found.organizations), found.total_count)
 
 
 def list_memberships(

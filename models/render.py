@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, ColumnElement, Text, cast
+from sqlalchemy import JSON, ColumnElement, Connection, Text, cast
 from sqlalchemy.orm import Session
 
 from models import reads
@@ -70,6 +70,10 @@ def organization(org: OrganizationView, *, counts: bool) -> Json:
 
 def public_user_data(data: Json) -> Json:
     return _complete_user_data(dict(data))
+
+
+# What ``_complete_user_data`` adds when missing.
+_REQUIRED_USER_FIELDS = frozenset(("first_name", "last_name", "image_url", "profile_image_url", "has_image"))
 
 
 def _complete_user_data(result: Json) -> Json:
@@ -156,7 +160,9 @@ def _stored(text: str | None, empty: orjson.Fragment, opening: str) -> orjson.Fr
     return empty
 
 
-def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | None = None) -> bytes | None:
+def membership_page(
+    session: Session | Connection, query: MembershipQuery, *, now_ms: int | None = None
+) -> bytes | None:
     """The memberships ``query`` selects as Clerk's listing body, ``{"data": [...],
     "total_count": n}``, each membership the JSON value ``membership`` gives its view; None
     when the query's organization or user is unknown.
@@ -172,6 +178,12 @@ def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | N
         for org_id, view in found.organizations.items()
     }
     data = []
+    # Stored permissions and metadata repeat across a page (a role's permissions, "{}"): each
+    # distinct text is judged once.
+    arrays: dict[str | None, orjson.Fragment] = {}
+    loads = orjson.loads
+    scalars = reads.JSON_SCALARS
+    objects: dict[str | None, orjson.Fragment] = {}
     # Plain tuples in ``_PAGE_COLUMNS`` order (then the total): unpacking beats attribute access.
     for (
         ident,
@@ -188,19 +200,37 @@ def membership_page(session: Session, query: MembershipQuery, *, now_ms: int | N
         updated,
         _,
     ) in found.rows:
+        permissions = arrays.get(perms)
+        if permissions is None:
+            permissions = arrays[perms] = _stored(perms, _EMPTY_ARRAY, "[")
+        public_metadata = objects.get(public)
+        if public_metadata is None:
+            public_metadata = objects[public] = _stored(public, _EMPTY_OBJECT, "{")
+        private_metadata = objects.get(private)
+        if private_metadata is None:
+            private_metadata = objects[private] = _stored(private, _EMPTY_OBJECT, "{")
+        # The usual public user data, a flat object holding every field Clerk requires, is
+        # completed here; any other goes the views' way (``reads.membership_user_data``).
+        user = None if user_data is None else loads(user_data)
+        if type(user) is dict and scalars.issuperset(map(type, user.values())):
+            user["user_id"] = user_id
+            if "identifier" not in user:
+                user["identifier"] = identifier
+            if not user.keys() >= _REQUIRED_USER_FIELDS:
+                _complete_user_data(user)
+        else:
+            user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
         data.append(
             {
                 "object": "organization_membership",
                 "id": ident,
                 "role": role,
                 "role_name": role_name,
-                "permissions": _stored(perms, _EMPTY_ARRAY, "["),
-                "public_metadata": _stored(public, _EMPTY_OBJECT, "{"),
-                "private_metadata": _stored(private, _EMPTY_OBJECT, "{"),
+                "permissions": permissions,
+                "public_metadata": public_metadata,
+                "private_metadata": private_metadata,
                 "organization": orgs.get(org_id),
-                "public_user_data": _complete_user_data(
-                    reads.membership_user_data(user_data, user_id, identifier)
-                ),
+                "public_user_data": user,
                 "created_at": created,
                 "updated_at": updated,
             }

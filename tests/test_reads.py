@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from histories import T0, make_event
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from emulator.payloads import deleted as deleted_stub
 from emulator.payloads import invitation_data, membership_data, organization_data, permission_data, role_data
+from models import reads, render
 from models.db import make_session_factory, session_scope
 from models.errors import PermanentError
 from models.events import Event
@@ -323,3 +325,53 @@ def test_read_sessions_keep_every_json_value_exact(engine: Engine) -> None:
         listing = _list_memberships(session, organization="acme")
     assert listing is not None
     assert listing.data[0].public_metadata == {"big": big, "text": "é", "nested": [1.5, None, True]}
+
+
+def test_a_flat_json_object_holding_a_big_integer_stays_exact(engine: Engine) -> None:
+    big = 2**70  # a flat object: judged by its values' types, not walked
+    data = membership_data("orgmem_flat", ACME, "user_flat", created_at=T0 + 5)
+    data["public_metadata"] = {"big": big, "small": 1}
+    data["public_user_data"] = {**data["public_user_data"], "big": -big}
+    created = make_event("organizationMembership.created", data, T0 + 5)
+    apply(engine, [make_event("organization.created", ACME, T0), created])
+    with read_sessions(engine)() as session:
+        listing = _list_memberships(session, organization="acme")
+    assert listing is not None
+    assert listing.data[0].public_metadata == {"big": big, "small": 1}
+    assert listing.data[0].public_user_data["big"] == -big
+
+
+def test_the_hot_statements_run_on_the_drivers_cursor_on_postgresql(pg_engine: Engine) -> None:
+    apply(pg_engine, [make_event("organization.created", ACME, T0), join(ACME, "user_a", T0 + 1)])
+    with read_sessions(pg_engine)() as session:
+        assert memberships(session, "acme").total_count == 1
+        dialect = session.get_bind().dialect
+    assert reads._driver_statement(reads._COUNTED_ORGANIZATION, dialect) is not None
+    # An expanding parameter needs SQLAlchemy: that statement keeps its usual path.
+    assert reads._driver_statement(reads._COUNTED_ORGANIZATIONS, dialect) is None
+
+
+def test_a_lost_connection_on_the_drivers_cursor_is_sqlalchemys_error_and_is_dropped(
+    pg_engine: Engine,
+) -> None:
+    apply(pg_engine, [make_event("organization.created", ACME, T0), join(ACME, "user_a", T0 + 1)])
+    with read_sessions(pg_engine)() as session:
+        connection = session.connection()
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with pg_engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(OperationalError) as raised:
+            render.membership_page(session, reads.MembershipQuery(organization="acme"))
+        assert raised.value.connection_invalidated
+    with read_sessions(pg_engine)() as session:  # the pool hands out a live connection again
+        assert memberships(session, "acme").total_count == 1
+
+
+def test_a_statement_the_server_refuses_is_sqlalchemys_error(pg_engine: Engine) -> None:
+    apply(pg_engine, [make_event("organization.created", ACME, T0)])
+    with read_sessions(pg_engine)() as session:
+        session.connection().exec_driver_sql("SELECT set_config('search_path', 'nowhere', false)")
+        with pytest.raises(ProgrammingError) as raised:
+            render.membership_page(session, reads.MembershipQuery(organization="acme"))
+        assert not raised.value.connection_invalidated
+        session.connection().invalidate()  # its settings were changed for the test

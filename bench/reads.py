@@ -62,6 +62,7 @@ from bench.procs import (  # noqa: E402
     fresh_database,
     new_secret,
     pick_redis_db,
+    postgres_cpu_seconds,
     progress,
     running,
     tree_cpu_seconds,
@@ -252,6 +253,7 @@ def closed_loop(
 ) -> dict[str, Any]:
     requests = [target.get(path) for path in paths]
     cpu_before = tree_cpu_seconds(pid) if pid is not None else 0.0
+    postgres_before = postgres_cpu_seconds()
     load = Load(
         target.port,
         requests,
@@ -261,7 +263,11 @@ def closed_loop(
         max_seconds=params.max_seconds,
     )
     result = load.wait()
-    return _summary(result, label, tree_cpu_seconds(pid) - cpu_before if pid is not None else None)
+    summary = _summary(result, label, tree_cpu_seconds(pid) - cpu_before if pid is not None else None)
+    # Where the rest of the two CPUs went: the client's share is in the summary already.
+    postgres = postgres_cpu_seconds() - postgres_before
+    summary["postgres_cpu_ms_per_request"] = 1000 * postgres / max(1, len(result.completed))
+    return summary
 
 
 def paced(

@@ -288,6 +288,33 @@ def paced(
     return {**summary, "rate_offered": rate}
 
 
+def http_reads(
+    target: Target,
+    check_paths: Sequence[str],
+    page_paths: Sequence[str],
+    params: ReadParams,
+    *,
+    name: str,
+    pid: int,
+    counts: tuple[int, int],
+    paced_seconds: float,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """One server's checks and pages: closed loops (rates, CPU), then paced at the targets' rates."""
+    checks, pages = counts
+    page_label = f"{name} page of 100"
+    return {
+        "check": closed_loop(target, spread(check_paths, checks, seed), params, f"{name} check", pid),
+        "page": closed_loop(target, spread(page_paths, pages, seed + 1), params, page_label, pid),
+        "check_paced": paced(
+            target, check_paths, params, f"{name} check", rate=params.check_paced_rate, seconds=paced_seconds
+        ),
+        "page_paced": paced(
+            target, page_paths, params, page_label, rate=params.page_paced_rate, seconds=paced_seconds
+        ),
+    }
+
+
 def _summary(
     result: LoadResult, label: str, server_cpu_s: float | None, *, from_schedule: bool = False
 ) -> dict[str, Any]:
@@ -370,6 +397,7 @@ def bench_reads(stack: Stack, params: ReadParams) -> dict[str, Any]:
         out["memberships"] = memberships
         progress(f"reads: {memberships} memberships in the mirror; {len(pairs)} (user, organization) pairs")
         check_paths = [permission_path(user, org) for user, org in pairs]
+        page_paths = [page_path(org) for org in orgs]
         clerk_paths = [clerk_check_path(user, org) for user, org in pairs]
 
         # Python API, in this process.
@@ -382,25 +410,15 @@ def bench_reads(stack: Stack, params: ReadParams) -> dict[str, Any]:
                  f"p99 {out['python_check']['p99_ms']:.3f} ms")  # fmt: skip
         out["baseline_python_check"] = baseline_python_checks(api_url, pairs, params.baseline_python_checks)
 
-        # The emulator over HTTP.
+        # The emulator over HTTP; paced at orgsync's target rates only briefly: where it falls
+        # behind, its queue grows for the whole run and its p99 says so.
         clerk = Target(urllib.parse.urlsplit(api_url).port or 0, DEFAULT_SECRET_KEY)
-        out["baseline_http_check"] = closed_loop(
-            clerk, spread(clerk_paths, params.baseline_http_checks, 4), params, "emulator check", emulator_pid
-        )
-        out["baseline_http_page"] = closed_loop(
-            clerk, spread([page_path(org) for org in orgs], params.baseline_http_pages, 5), params,
-            "emulator page of 100", emulator_pid,
+        emulator_loads = http_reads(
+            clerk, clerk_paths, page_paths, params, name="emulator", pid=emulator_pid,
+            counts=(params.baseline_http_checks, params.baseline_http_pages),
+            paced_seconds=params.baseline_paced_seconds, seed=4,
         )  # fmt: skip
-        # The same rates as orgsync's targets, briefly: where the emulator falls behind, its
-        # queue grows for the whole run and its p99 says so.
-        out["baseline_http_check_paced"] = paced(
-            clerk, clerk_paths, params, "emulator check",
-            rate=params.check_paced_rate, seconds=params.baseline_paced_seconds,
-        )  # fmt: skip
-        out["baseline_http_page_paced"] = paced(
-            clerk, [page_path(org) for org in orgs], params, "emulator page of 100",
-            rate=params.page_paced_rate, seconds=params.baseline_paced_seconds,
-        )  # fmt: skip
+        out.update({f"baseline_http_{kind}": figures for kind, figures in emulator_loads.items()})
 
     # orgsync serve, with the read APIs on.
     token = secrets.token_urlsafe(32)
@@ -413,23 +431,13 @@ def bench_reads(stack: Stack, params: ReadParams) -> dict[str, Any]:
     with running(service) as web:
         wait_http_ok(web, port)
         # Warm-up: every pair once through each worker's cache, every page once.
-        closed_loop(target, check_paths * 2 + [page_path(org) for org in orgs], params, "orgsync warm-up")
-        out["http_check"] = closed_loop(
-            target, spread(check_paths, params.http_checks, 6), params, "orgsync check", web.pid
-        )
-        out["http_page"] = closed_loop(
-            target, spread([page_path(org) for org in orgs], params.http_pages, 7), params,
-            "orgsync page of 100", web.pid,
+        closed_loop(target, check_paths * 2 + page_paths, params, "orgsync warm-up")
+        orgsync_loads = http_reads(
+            target, check_paths, page_paths, params, name="orgsync", pid=web.pid,
+            counts=(params.http_checks, params.http_pages), paced_seconds=params.paced_seconds, seed=6,
         )  # fmt: skip
-        out["http_check_paced"] = paced(
-            target, check_paths, params, "orgsync check",
-            rate=params.check_paced_rate, seconds=params.paced_seconds,
-        )  # fmt: skip
-        out["http_page_paced"] = paced(
-            target, [page_path(org) for org in orgs], params, "orgsync page of 100",
-            rate=params.page_paced_rate, seconds=params.paced_seconds,
-        )  # fmt: skip
-        mixed = check_paths + [page_path(org) for org in orgs]
+        out.update({f"http_{kind}": figures for kind, figures in orgsync_loads.items()})
+        mixed = check_paths + page_paths
         out["intake"] = intake_under_reads(stack, target, mixed, params, web)
         out["web_rss"] = web.sample_rss()
     return out

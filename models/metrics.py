@@ -230,21 +230,23 @@ def prepare_multiprocess_dir(environ: MutableMapping[str, str], default: Path) -
 
 def remove_dead_files(directory: Path, *, alive: Callable[[int], bool] | None = None) -> int:
     """Remove the metric files of this host's processes that are gone; returns how many."""
-    alive = alive or _pid_alive
-    prefix = f"{_HOST}-"
     removed = 0
     for path in directory.glob("*.db"):
-        owner = path.stem.rsplit("_", 1)[-1]
-        if not owner.startswith(prefix):
-            continue
-        pid = owner[len(prefix) :]
-        if pid.isdigit() and not alive(int(pid)):
+        if _gone_owner(path, alive or _pid_alive) is not None:
             try:
                 path.unlink()
             except FileNotFoundError:
                 continue
             removed += 1
     return removed
+
+
+def _gone_owner(path: Path, alive: Callable[[int], bool]) -> str | None:
+    """The ``<host>-<pid>`` a metrics file is named after, when that process of this host is gone."""
+    owner = path.stem.rsplit("_", 1)[-1]
+    prefix = f"{_HOST}-"
+    pid = owner[len(prefix) :] if owner.startswith(prefix) else ""
+    return owner if pid.isdigit() and not alive(int(pid)) else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -266,14 +268,11 @@ def drop_dead_gauges(*, alive: Callable[[int], bool] | None = None) -> int:
     directory = multiprocess_dir()
     if directory is None:
         return 0
-    alive = alive or _pid_alive
-    prefix = f"{_HOST}-"
-    gone: set[str] = set()
-    for path in directory.glob("gauge_live*.db"):
-        owner = path.stem.rsplit("_", 1)[-1]
-        pid = owner[len(prefix) :] if owner.startswith(prefix) else ""
-        if pid.isdigit() and not alive(int(pid)):
-            gone.add(owner)
+    gone = {
+        owner
+        for path in directory.glob("gauge_live*.db")
+        if (owner := _gone_owner(path, alive or _pid_alive)) is not None
+    }
     for owner in gone:
         mark_process_dead(owner, str(directory))  # type: ignore[no-untyped-call]
     return len(gone)

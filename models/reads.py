@@ -344,12 +344,12 @@ class DomainView:
 
 
 # What a JSON object's values are when it holds no float and nothing to walk into.
-JSON_SCALARS = frozenset((str, int, bool, type(None)))
+_JSON_SCALARS = frozenset((str, int, bool, type(None)))
 
 
 def _holds_float(value: Any) -> bool:
     """Whether a parsed JSON value holds a float anywhere (walked without recursion)."""
-    if type(value) is dict and JSON_SCALARS.issuperset(map(type, value.values())):
+    if type(value) is dict and _JSON_SCALARS.issuperset(map(type, value.values())):
         return False  # the usual flat object, judged without a walk
     pending = [value]
     while pending:
@@ -379,27 +379,27 @@ def _fast_json(dbapi_connection: Any, _record: Any) -> None:
     set_json_loads(_loads, dbapi_connection)
 
 
-def read_sessions(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for reads: on PostgreSQL in autocommit, so that a request costs one round trip
-    per statement, without BEGIN and ROLLBACK around them. Each statement sees the latest
-    commit; a page's rows and its total come from one statement, so they always agree. Their
-    connections parse JSON columns with ``_loads``."""
+def _read_engine(engine: Engine) -> Engine:
+    """The engine reads go through: on PostgreSQL in autocommit, so that a request costs one
+    round trip per statement, without BEGIN and ROLLBACK around them. Each statement sees the
+    latest commit; a page's rows and its total come from one statement, so they always agree.
+    Its connections parse JSON columns with ``_loads``."""
     if engine.dialect.name != "postgresql":
-        return make_session_factory(engine)
+        return engine
     if not event.contains(engine, "connect", _fast_json):
         event.listen(engine, "connect", _fast_json)
-    return make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def read_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads, on ``_read_engine``."""
+    return make_session_factory(_read_engine(engine))
 
 
 def read_connections(engine: Engine) -> Callable[[], Connection]:
-    """Connections for the hottest reads (``models.render.membership_page``): as the sessions of
-    ``read_sessions`` (autocommit and ``_loads`` on PostgreSQL) without a session around
-    them, which costs about as much as one of their statements."""
-    if engine.dialect.name != "postgresql":
-        return engine.connect
-    if not event.contains(engine, "connect", _fast_json):
-        event.listen(engine, "connect", _fast_json)
-    return engine.execution_options(isolation_level="AUTOCOMMIT").connect
+    """Connections for the hottest reads (``models.render.membership_page``), on ``_read_engine``
+    without a session around them, which costs about as much as one of their statements."""
+    return _read_engine(engine).connect
 
 
 # ------------------------------------------------------------------ arguments

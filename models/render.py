@@ -72,10 +72,6 @@ def public_user_data(data: Json) -> Json:
     return _complete_user_data(dict(data))
 
 
-# What ``_complete_user_data`` adds when missing.
-_REQUIRED_USER_FIELDS = frozenset(("first_name", "last_name", "image_url", "profile_image_url", "has_image"))
-
-
 def _complete_user_data(result: Json) -> Json:
     """Clerk's required public user data fields added to ``result`` (changed in place)."""
     result.setdefault("first_name", None)
@@ -181,8 +177,6 @@ def membership_page(
     # Stored permissions and metadata repeat across a page (a role's permissions, "{}"): each
     # distinct text is judged once.
     arrays: dict[str | None, orjson.Fragment] = {}
-    loads = orjson.loads
-    scalars = reads.JSON_SCALARS
     objects: dict[str | None, orjson.Fragment] = {}
     # Plain tuples in ``_PAGE_COLUMNS`` order (then the total): unpacking beats attribute access.
     for (
@@ -209,17 +203,7 @@ def membership_page(
         private_metadata = objects.get(private)
         if private_metadata is None:
             private_metadata = objects[private] = _stored(private, _EMPTY_OBJECT, "{")
-        # The usual public user data, a flat object holding every field Clerk requires, is
-        # completed here; any other goes the views' way (``reads.membership_user_data``).
-        user = None if user_data is None else loads(user_data)
-        if type(user) is dict and scalars.issuperset(map(type, user.values())):
-            user["user_id"] = user_id
-            if "identifier" not in user:
-                user["identifier"] = identifier
-            if not user.keys() >= _REQUIRED_USER_FIELDS:
-                _complete_user_data(user)
-        else:
-            user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
+        user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
         data.append(
             {
                 "object": "organization_membership",

@@ -109,7 +109,8 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class Plan:
-    """When and where the client threads send: ``interval_ns`` 0 means closed loop."""
+    """When and where the client threads send: request ``i`` is due ``i * interval_ns`` after
+    ``start_ns``, whichever thread carries it; ``interval_ns`` 0 means closed loop."""
 
     port: int
     start_ns: int
@@ -125,8 +126,8 @@ def _client_thread(
 ) -> None:
     connection = Connection(plan.port)
     try:
-        for position, (index, request) in enumerate(work):
-            scheduled = plan.start_ns + position * plan.interval_ns
+        for index, request in work:
+            scheduled = plan.start_ns + index * plan.interval_ns
             now = time.perf_counter_ns()
             if now > plan.deadline_ns:
                 break
@@ -164,7 +165,9 @@ class Load:
     """Requests spread over client processes x threads, each thread on its own connection.
 
     ``rate`` None: closed loop, each thread sends its next request when the last is answered.
-    ``rate`` set: each thread follows a fixed schedule adding up to ``rate`` requests/s.
+    ``rate`` set: the requests are due evenly spaced, ``1/rate`` apart, and thread ``k`` of
+    ``n`` carries requests ``k``, ``k + n``, ...: the threads' schedules interleave, so the
+    server sees the offered rate, not bursts of one request per connection at a time.
     """
 
     def __init__(
@@ -178,12 +181,11 @@ class Load:
         max_seconds: float,
     ) -> None:
         lanes = processes * threads
-        self.lanes = lanes
         self.count = len(requests)
         parts: list[list[tuple[int, bytes]]] = [[] for _ in range(lanes)]
         for index, request in enumerate(requests):
             parts[index % lanes].append((index, request))
-        self.interval_ns = int(lanes * 1e9 / rate) if rate else 0
+        self.interval_ns = int(1e9 / rate) if rate else 0
         # Time for the processes to start and connect before the first request.
         self.start_ns = time.perf_counter_ns() + 400_000_000
         deadline = self.start_ns + int(max_seconds * 1e9)
@@ -200,8 +202,8 @@ class Load:
             self.procs.append(proc)
             self.pipes.append(receiver)
 
-    def scheduled_ns(self, index: int, lanes: int) -> int:
-        return self.start_ns + (index // lanes) * self.interval_ns
+    def scheduled_ns(self, index: int) -> int:
+        return self.start_ns + index * self.interval_ns
 
     def wait(self) -> LoadResult:
         size = self.count

@@ -108,7 +108,7 @@ def poll_visible(
     deadline = loader.start_ns + int(timeout_s * 1e9)
     while len(seen) < len(users) and time.perf_counter_ns() < deadline:
         now = time.perf_counter_ns()
-        while scheduled < len(users) and loader.scheduled_ns(scheduled, loader.lanes) <= now:
+        while scheduled < len(users) and loader.scheduled_ns(scheduled) <= now:
             due.append(scheduled)
             scheduled += 1
         pause = POLL_INTERVAL_S

@@ -215,7 +215,7 @@ def measure_paced(
     server_cpu = tree_cpu_seconds(service.pid) - cpu_before
     latencies = paced.latencies_ms(from_schedule=True)
     unanswered = [i for i, status in enumerate(paced.status) if not status]
-    latencies += [(ended - loader.scheduled_ns(i, loader.lanes)) / 1e6 for i in unanswered]
+    latencies += [(ended - loader.scheduled_ns(i)) / 1e6 for i in unanswered]
     service.check_alive()
     figures = {
         "offered_per_s": rate,
@@ -292,7 +292,6 @@ def poll_mirror(
     The poller shares the CPUs with what it measures: it waits at least four times as long as
     its last query took, so that a system falling behind is not pushed further by the poller.
     """
-    lanes = loader.lanes
     count = len(users)
     seen: dict[int, int] = {}
     due: list[int] = []
@@ -302,7 +301,7 @@ def poll_mirror(
     with psycopg.connect(env.pg_dsn, autocommit=True) as connection:
         while len(seen) < count and time.perf_counter_ns() < deadline:
             now = time.perf_counter_ns()
-            while scheduled < count and loader.scheduled_ns(scheduled, lanes) <= now:
+            while scheduled < count and loader.scheduled_ns(scheduled) <= now:
                 due.append(scheduled)
                 scheduled += 1
             pause = POLL_INTERVAL_S

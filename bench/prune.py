@@ -127,7 +127,7 @@ def _paced_rounds(
         ended = time.perf_counter_ns()
         latencies += result.latencies_ms(from_schedule=True)
         missing = [i for i, status in enumerate(result.status) if not status]
-        latencies += [(ended - loader.scheduled_ns(i, loader.lanes)) / 1e6 for i in missing]
+        latencies += [(ended - loader.scheduled_ns(i)) / 1e6 for i in missing]
         sent += len(requests)
         answered += len(result.completed)
         unanswered += len(missing)

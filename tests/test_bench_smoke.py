@@ -6,13 +6,16 @@ without servers: the workload is what orgsync accepts, the report computes ratio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import procs, report  # noqa: E402
-from bench.client import LoadResult  # noqa: E402
+from bench.client import Load, LoadResult  # noqa: E402
 from bench.workload import MessageIds, Workload, signed_requests  # noqa: E402
 
 # Only a guard against a hung run: nothing here depends on how fast it is. Generous: on a
@@ -126,6 +129,46 @@ def test_latency_summary_and_load_result_rate() -> None:
     assert latencies == [2.0, 4.0, 4.0]
     assert report.latency_summary(latencies) == {"p50_ms": 4.0, "p90_ms": 4.0, "p99_ms": 4.0, "max_ms": 4.0}
     assert report.latency_summary([])["p99_ms"] is None
+
+
+def _empty_http_server() -> tuple[socket.socket, threading.Thread]:
+    """A loopback server answering every request on every connection with an empty 200."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            pending = b""
+            while chunk := connection.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_paced_load_offers_its_requests_evenly_spaced_across_connections() -> None:
+    # Each of the 2 x 3 connections carries every sixth request, due 1/rate after the one
+    # before it whichever connection carries that: the server sees the rate, not bursts of six.
+    listener, _ = _empty_http_server()
+    with listener:
+        port = listener.getsockname()[1]
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        load = Load(port, [request] * 30, processes=2, threads=3, rate=200.0, max_seconds=10)
+        result = load.wait()
+    assert result.ok_count() == 30
+    interval = 5_000_000  # 1/200 s
+    assert result.scheduled_ns == [load.start_ns + i * interval for i in range(30)]
+    assert [load.scheduled_ns(i) for i in range(30)] == result.scheduled_ns
+    assert all(sent >= scheduled for sent, scheduled in zip(result.sent_ns, result.scheduled_ns, strict=True))
 
 
 def test_figure_ratio_and_verdict() -> None:

@@ -826,10 +826,11 @@ def _cached_membership_statements(
     return page, count
 
 
-def _counted_organizations() -> Select[Any]:
-    """Organization rows with their live members and pending, unexpired invitations (as of the
-    ``now_ms`` parameter): a page's organizations and their counts in one round trip."""
-    members = select(func.count()).where(
+def _counted_organizations(*, members: bool = True) -> Select[Any]:
+    """Organization rows with their live members (unless ``members`` is false: the caller
+    counts them itself) and pending, unexpired invitations (as of the ``now_ms`` parameter):
+    a page's organizations and their counts in one round trip."""
+    counted = select(func.count()).where(
         Membership.organization_id == Organization.id, Membership.deleted.is_(False)
     )
     pending = select(func.count()).where(
@@ -840,21 +841,29 @@ def _counted_organizations() -> Select[Any]:
     )
     return select(
         *Organization.__table__.c,
-        members.scalar_subquery().label("live_members_count"),
+        *([counted.scalar_subquery().label("live_members_count")] if members else []),
         pending.scalar_subquery().label("live_pending_invitations_count"),
     )
 
 
-_COUNTED_ORGANIZATION = (
-    _counted_organizations()
-    .where(
-        or_(Organization.id == bindparam("key"), Organization.slug == bindparam("key")),
-        Organization.deleted.is_(False),
+def _organization_by_key(statement: Select[Any]) -> Select[Any]:
+    """``statement`` narrowed to the live organization whose id or slug is the ``key`` parameter:
+    the id first; else the newest organization with that slug, as ``_live_org_row``."""
+    return (
+        statement.where(
+            or_(Organization.id == bindparam("key"), Organization.slug == bindparam("key")),
+            Organization.deleted.is_(False),
+        )
+        .order_by(
+            (Organization.id == bindparam("key")).desc(), Organization.created_at.desc(), Organization.id
+        )
+        .limit(1)
     )
-    # The id first; else the newest organization with that slug, as ``_live_org_row``.
-    .order_by((Organization.id == bindparam("key")).desc(), Organization.created_at.desc(), Organization.id)
-    .limit(1)
-)
+
+
+_COUNTED_ORGANIZATION = _organization_by_key(_counted_organizations())
+# For a page of all its live memberships, whose total is their count.
+_PAGED_ORGANIZATION = _organization_by_key(_counted_organizations(members=False))
 _COUNTED_ORGANIZATIONS = _counted_organizations().where(Organization.id.in_(bindparam("ids", expanding=True)))
 
 
@@ -981,7 +990,9 @@ def select_memberships(
     sequence object each time: statements are kept per object), with its organizations.
 
     None when the organization or user named is unknown. The rows and the total come from one
-    statement (the total rides on each row), so they always agree."""
+    statement (the total rides on each row), so they always agree; on a page of all of one
+    organization's live memberships that total is also the organization's members count,
+    which is then not counted a second time."""
     check_window(q.limit, q.offset)
     order = parse_order(q.order_by, MEMBERSHIP_ORDER)
     now = _now(now_ms)
@@ -1005,11 +1016,17 @@ def select_memberships(
     if q.query:
         values["query_like"] = _like_pattern(q.query)
     organizations: dict[str, CountedOrganizationView] = {}
+    # All of one organization's live memberships: the page's total is its members count.
+    whole = q.organization is not None and q.user is None and values.keys() == {"limit", "offset"}
+    org: Any = None
     if q.organization is not None:
-        org = _fetch_record(connection, _COUNTED_ORGANIZATION, {"key": q.organization, "now_ms": now})
+        statement = _PAGED_ORGANIZATION if whole else _COUNTED_ORGANIZATION
+        org = _fetch_record(connection, statement, {"key": q.organization, "now_ms": now})
         if org is None:
             return None
-        organizations[org.id] = counted_view(org, org.live_members_count, org.live_pending_invitations_count)
+        if not whole:
+            counts = (org.live_members_count, org.live_pending_invitations_count)
+            organizations[org.id] = counted_view(org, *counts)
         values["org_id"] = org.id
     if q.user is not None:
         if not _user_exists(session, q.user):
@@ -1024,6 +1041,8 @@ def select_memberships(
         total = 0
     else:  # past the end: the rows that would carry the total are not there
         total = int(_fetch(connection, count, values)[0][0] or 0)
+    if whole:
+        organizations[org.id] = counted_view(org, total, org.live_pending_invitations_count)
     if "org_id" in values:  # every row is of that organization
         others: set[str] = set()
     else:

@@ -104,3 +104,38 @@ def test_a_page_is_each_membership_view_rendered(
         "data": [render.membership(m) for m in listing.data],
         "total_count": len(rows),
     }
+
+
+def test_the_organization_on_a_page_counts_its_live_members_whatever_the_page_holds(engine: Engine) -> None:
+    # A page of all its memberships takes the count from the page's own total; a filtered
+    # page counts them apart. Either way: live members only, past the end and at the start.
+    with engine.begin() as connection:
+        connection.execute(delete(Membership))
+        connection.execute(delete(Organization))
+        connection.execute(
+            insert(Organization).values(
+                id="org_c", name="C", slug="c", version="1", deleted=False, synced_at=1
+            )
+        )
+        for n in range(7):
+            role = "org:admin" if n < 2 else "org:member"
+            row = {"organization_id": "org_c", "user_id": f"user_{n}", "id": f"orgmem_{n}", "role": role}
+            times = {"created_at": n, "updated_at": n, "version": "1", "deleted": n == 6, "synced_at": 1}
+            connection.execute(insert(Membership).values(**row, **times))
+    cases = [
+        (reads.MembershipQuery(organization="org_c", limit=2), 2, 6),
+        (reads.MembershipQuery(organization="c", limit=10, offset=4), 2, 6),
+        (reads.MembershipQuery(organization="org_c", limit=10, offset=50), 0, 6),
+        (reads.MembershipQuery(organization="org_c", limit=1, roles=("org:admin",)), 1, 2),
+        (reads.MembershipQuery(organization="org_c", limit=5, offset=9, roles=("org:member",)), 0, 4),
+    ]
+    with reads.read_sessions(engine)() as session:
+        for query, rows, total in cases:
+            body = render.membership_page(session, query)
+            assert body is not None
+            page = json.loads(body)
+            assert (len(page["data"]), page["total_count"]) == (rows, total), query
+            listing = reads.membership_listing(session, query)
+            assert listing is not None
+            for membership in [*page["data"], *(render.membership(m) for m in listing.data)]:
+                assert membership["organization"]["members_count"] == 6

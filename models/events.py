@@ -34,6 +34,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, Integer, String
 
 from models.errors import PayloadError
 from models.tables import Base
+from models.userdata import served_as_stored
 from models.versions import row_version
 
 # Envelope timestamps below this are seconds (the spec's examples), above it milliseconds.
@@ -392,6 +393,7 @@ def _membership_event(event: Event) -> tuple[Write, ...]:
         "permissions": _keys(data.get("permissions")),
         "identifier": _str(user_data or {}, "identifier"),
         "public_user_data": user_data,
+        "user_data_complete": served_as_stored(user_data, user_id),
         "public_metadata": _dict(data, "public_metadata"),
         "private_metadata": _dict(data, "private_metadata"),
         "created_at": created_at,

@@ -86,6 +86,7 @@ from models.events import (
     Write,
     event_writes,
 )
+from models.userdata import served_as_stored
 
 TABLES: dict[str, Table] = {
     ORGANIZATIONS: tables.Organization.__table__,  # type: ignore[dict-item]
@@ -335,6 +336,7 @@ def _refresh_user_copies(
                         "k_user": row.user_id,
                         "identifier": user.identifier,
                         "public_user_data": data,
+                        "user_data_complete": served_as_stored(data, row.user_id),
                     }
                 )
         if changes:
@@ -346,6 +348,7 @@ def _refresh_user_copies(
                 .values(
                     identifier=bindparam("identifier"),
                     public_user_data=bindparam("public_user_data"),
+                    user_data_complete=bindparam("user_data_complete"),
                 ),
                 changes,
                 execution_options={"synchronize_session": False},

@@ -90,7 +90,8 @@ IGNORED: dict[str, frozenset[str]] = {
         "missing_member_with_elevated_permissions",
     },
     USERS: _BOOKKEEPING | {"last_active_at"},
-    MEMBERSHIPS: _BOOKKEEPING | {"role_name", "permissions", "identifier", "public_user_data"},
+    MEMBERSHIPS: _BOOKKEEPING
+    | {"role_name", "permissions", "identifier", "public_user_data", "user_data_complete"},
     INVITATIONS: _BOOKKEEPING | {"role_name"},
 }
 # Deletions of the objects others hang from come after the changes of those others.

@@ -119,7 +119,8 @@ def encode(payload: Any) -> str:
 
 
 # A membership row as a page reads it: its JSON columns as stored text, never parsed but the
-# public user data (which gets its defaults); the rest goes into the page verbatim.
+# public user data that is not served as stored (which gets its defaults); the rest goes into
+# the page verbatim.
 _PAGE_COLUMNS: tuple[ColumnElement[Any], ...] = (
     *(
         cast(column, Text).label(column.name) if isinstance(column.type, JSON) else column
@@ -135,6 +136,7 @@ _PAGE_COLUMNS: tuple[ColumnElement[Any], ...] = (
                 "public_metadata",
                 "private_metadata",
                 "public_user_data",
+                "user_data_complete",
                 "identifier",
                 "created_at",
                 "updated_at",
@@ -163,9 +165,10 @@ def membership_page(
     "total_count": n}``, each membership the JSON value ``membership`` gives its view; None
     when the query's organization or user is unknown.
 
-    Stored metadata and permissions go into the body as the text they are stored as, and each
-    organization is encoded once per page: a page costs one parse per row (its public user
-    data) and one encoding."""
+    Stored metadata and permissions go into the body as the text they are stored as, and so
+    does public user data its writers found complete (``models.userdata``); each organization
+    is encoded once per page: a page costs one encoding, and a parse per row only for public
+    user data that gets defaults."""
     found = reads.select_memberships(session, query, _PAGE_COLUMNS, now_ms=now_ms)
     if found is None:
         return None
@@ -189,6 +192,7 @@ def membership_page(
         public,
         private,
         user_data,
+        user_data_complete,
         identifier,
         created,
         updated,
@@ -203,7 +207,11 @@ def membership_page(
         private_metadata = objects.get(private)
         if private_metadata is None:
             private_metadata = objects[private] = _stored(private, _EMPTY_OBJECT, "{")
-        user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
+        user: Json | orjson.Fragment
+        if user_data_complete and user_data is not None:
+            user = orjson.Fragment(user_data)
+        else:
+            user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
         data.append(
             {
                 "object": "organization_membership",
@@ -224,7 +232,8 @@ def membership_page(
         return orjson.dumps(page)
     except TypeError:  # an integer beyond 64 bits in some public user data: encoded one by one
         for item in data:
-            item["public_user_data"] = orjson.Fragment(encode(item["public_user_data"]))
+            if not isinstance(item["public_user_data"], orjson.Fragment):
+                item["public_user_data"] = orjson.Fragment(encode(item["public_user_data"]))
         return orjson.dumps(page)
 
 

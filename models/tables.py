@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -75,6 +75,8 @@ class Membership(Versioned, Base):
     permissions: Mapped[list[str] | None]
     identifier: Mapped[str | None] = mapped_column(String(320))
     public_user_data: Mapped[JsonDict | None]
+    # Whether ``public_user_data`` is served as stored (``models.userdata.served_as_stored``).
+    user_data_complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     public_metadata: Mapped[JsonDict | None]
     private_metadata: Mapped[JsonDict | None]
     created_at: Mapped[int | None] = mapped_column(Millis)

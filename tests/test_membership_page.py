@@ -1,6 +1,7 @@
 """A page of memberships as the read API serves it is, value for value, each membership's view
 rendered: whatever the stored row holds (JSON nulls, SQL NULLs, values of the wrong kind,
-integers beyond 64 bits, partial public user data)."""
+integers beyond 64 bits, partial public user data, or complete public user data that goes
+into the page as the text it is stored as)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, delete, insert, null
 
 from models import reads, render
 from models.tables import Membership, Organization
+from models.userdata import SERVED_FIELDS, served_as_stored
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12)
 SCALARS = st.one_of(
@@ -49,10 +51,17 @@ METADATA = st.one_of(NULLS, st.dictionaries(TEXT, VALUES, max_size=4), st.lists(
 PERMISSIONS = st.one_of(NULLS, st.lists(TEXT, max_size=3), st.dictionaries(TEXT, SCALARS, max_size=1))
 
 
+def complete_user_data(user_id: str) -> st.SearchStrategy[dict[str, Any]]:
+    """Public user data with every field the read path would add, as Clerk sends it."""
+    required = {name: strategy for name, strategy in USER_DATA_FIELDS.items() if name in SERVED_FIELDS}
+    optional = {name: strategy for name, strategy in USER_DATA_FIELDS.items() if name not in SERVED_FIELDS}
+    return st.fixed_dictionaries({**required, "user_id": st.just(user_id)}, optional=optional)
+
+
 @st.composite
 def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
     count = draw(st.integers(min_value=0, max_value=6))
-    return [
+    rows = [
         {
             "organization_id": "org_page",
             "user_id": f"user_{n}",
@@ -61,7 +70,7 @@ def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
             "role_name": draw(st.none() | TEXT),
             "permissions": draw(PERMISSIONS),
             "identifier": draw(st.none() | TEXT),
-            "public_user_data": draw(USER_DATA),
+            "public_user_data": draw(USER_DATA | complete_user_data(f"user_{n}")),
             "public_metadata": draw(METADATA),
             "private_metadata": draw(METADATA),
             "created_at": draw(st.none() | st.integers(min_value=0, max_value=2**53)),
@@ -72,6 +81,10 @@ def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
         }
         for n in range(count)
     ]
+    for row in rows:  # as the mirror's writers record it
+        data = row["public_user_data"]
+        row["user_data_complete"] = served_as_stored(None if data is null() else data, row["user_id"])
+    return rows
 
 
 @settings(

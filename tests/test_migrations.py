@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from conftest import PG_ADMIN_DSN, PG_HOST_URL, unavailable
 from sqlalchemy import Engine
 
 from models.db import create_db_engine
@@ -22,6 +27,7 @@ from models.migrate import (
     upgrade,
 )
 from models.tables import Base
+from models.userdata import mark_served_copies
 
 
 def test_migrated_schema_matches_the_tables(engine: Engine) -> None:
@@ -68,3 +74,81 @@ def test_checking_the_schema_loads_no_alembic(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def blank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no orgsync schema yet: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'blank.db'}"
+        return
+    name = f"orgsync_blank_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL unreachable ({PG_ADMIN_DSN}): {exc}".strip())
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_HOST_URL}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_upgrading_marks_the_memberships_whose_user_data_is_served_as_stored(blank_url: str) -> None:
+    # Memberships mirrored before revision 0008 are judged as their writers judge them now.
+    complete = {
+        "user_id": "user_1", "identifier": "a@example.com", "first_name": "A", "last_name": None,
+        "image_url": "https://img/a", "profile_image_url": "https://img/a", "has_image": False,
+        "extra": 2**70,
+    }  # fmt: skip
+    stored = {
+        ("org_1", "user_1"): complete,
+        ("org_1", "user_2"): {**complete, "user_id": "user_2"},
+        ("org_2", "user_1"): {key: value for key, value in complete.items() if key != "profile_image_url"},
+        ("org_2", "user_3"): {**complete, "user_id": "user_1"},  # another user's copy
+        ("org_3", "user_1"): None,
+        ("org_3", "user_2"): ["not", "an", "object"],
+    }
+    upgrade(blank_url, "0007")
+    engine = create_db_engine(blank_url)
+    try:
+        members = sa.table(
+            "memberships",
+            *(sa.column(name) for name in ("organization_id", "user_id", "id", "role", "version")),
+            sa.column("deleted"), sa.column("synced_at"), sa.column("public_user_data", sa.JSON),
+        )  # fmt: skip
+        with engine.begin() as connection:
+            for number, ((org, user), data) in enumerate(stored.items()):
+                connection.execute(
+                    sa.insert(members).values(
+                        organization_id=org,
+                        user_id=user,
+                        id=f"orgmem_{number}",
+                        role="org:member",
+                        version="1",
+                        deleted=False,
+                        synced_at=1,
+                        public_user_data=sa.null() if data is None else data,
+                    )
+                )
+        upgrade(blank_url)
+        read = sa.text("SELECT organization_id || '/' || user_id, user_data_complete FROM memberships")
+        with engine.connect() as connection:
+            marked = dict(connection.execute(read).all())
+        # The same judgement a few rows at a time, as on a large table.
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE memberships SET user_data_complete = false"))
+            assert mark_served_copies(connection, batch=2) == 2
+            assert dict(connection.execute(read).all()) == marked
+    finally:
+        engine.dispose()
+    assert marked == {
+        "org_1/user_1": True,
+        "org_1/user_2": True,
+        "org_2/user_1": False,
+        "org_2/user_3": False,
+        "org_3/user_1": False,
+        "org_3/user_2": False,
+    }

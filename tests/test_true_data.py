@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from emulator.payloads import deleted as deleted_stub
 from emulator.payloads import (
+    OMIT,
     domain_data,
     invitation_data,
     membership_data,
@@ -26,11 +26,14 @@ from emulator.payloads import (
     user_data,
     user_public_data,
 )
+from emulator.payloads import deleted as deleted_stub
+from models import render
 from models.db import make_session_factory, session_scope
 from models.errors import ConfigError, PermanentError
 from models.events import Event
 from models.inbox import reset_for_replay, store_delivery
 from models.mirror import apply_events
+from models.reads import MembershipQuery, read_sessions
 from models.settings import Settings
 from models.tables import (
     InboxEvent,
@@ -88,6 +91,26 @@ def test_user_updated_reaches_the_memberships_of_the_user(engine: Engine) -> Non
     assert stored.public_user_data["first_name"] == "Janet"
     assert stored.identifier == "janet@new.io"
     assert stored.public_user_data["identifier"] == "janet@new.io"
+
+
+def test_writers_record_whether_the_user_data_is_served_as_stored(engine: Engine) -> None:
+    # As Clerk sends it: served as stored. Without a field the read path adds: completed on
+    # every read, until a user update's copy brings the missing field.
+    apply(engine, [joined("Jane")])
+    assert get(engine, Membership, "org_1", "user_1").user_data_complete is True
+    partial = user_public_data("user_2", last_name=OMIT)
+    data = membership_data("orgmem_2", ORG, "user_2", updated_at=T0, public_user_data=partial)
+    apply(engine, [make_event("organizationMembership.created", data, T0)])
+    stored = get(engine, Membership, "org_1", "user_2")
+    assert "last_name" not in stored.public_user_data and stored.user_data_complete is False
+    update = make_event("user.updated", user_data("user_2", last_name="Roe", updated_at=T0 + 50), T0 + 50)
+    apply(engine, [update])
+    stored = get(engine, Membership, "org_1", "user_2")
+    assert stored.public_user_data["last_name"] == "Roe" and stored.user_data_complete is True
+    with read_sessions(engine)() as session:
+        page = json.loads(render.membership_page(session, MembershipQuery(organization="org_1")) or b"")
+    by_user = {item["public_user_data"]["user_id"]: item["public_user_data"] for item in page["data"]}
+    assert by_user["user_2"]["last_name"] == "Roe" and by_user["user_1"]["first_name"] == "Jane"
 
 
 def test_a_late_membership_event_with_stale_user_data_keeps_the_newer_user(engine: Engine) -> None:

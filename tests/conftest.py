@@ -8,6 +8,7 @@ Property tests run the ``ci`` Hypothesis profile there (five times the examples)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -88,21 +89,29 @@ def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
-    name = f"orgsync_test_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def new_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         unavailable(f"PostgreSQL unreachable ({PG_ADMIN_DSN}): {exc}".strip())
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{PG_HOST_URL}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{PG_HOST_URL}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
+    with new_pg_database("orgsync_test") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture

@@ -87,6 +87,20 @@ def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
     return rows
 
 
+def only_organization(engine: Engine, org_id: str, slug: str, memberships: list[dict[str, Any]]) -> None:
+    """The mirror holding one organization, ``org_id`` (``slug``), and ``memberships``."""
+    with engine.begin() as connection:
+        connection.execute(delete(Membership))
+        connection.execute(delete(Organization))
+        connection.execute(
+            insert(Organization).values(
+                id=org_id, name=slug.title(), slug=slug, version="1", deleted=False, synced_at=1
+            )
+        )
+        for row in memberships:
+            connection.execute(insert(Membership).values(**row))
+
+
 @settings(
     max_examples=examples(60),
     deadline=None,
@@ -98,16 +112,7 @@ def membership_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
 def test_a_page_is_each_membership_view_rendered(
     engine: Engine, rows: list[dict[str, Any]], order_by: str | None
 ) -> None:
-    with engine.begin() as connection:
-        connection.execute(delete(Membership))
-        connection.execute(delete(Organization))
-        connection.execute(
-            insert(Organization).values(
-                id="org_page", name="Page", slug="page", version="1", deleted=False, synced_at=1
-            )
-        )
-        for row in rows:
-            connection.execute(insert(Membership).values(**row))
+    only_organization(engine, "org_page", "page", rows)
     query = reads.MembershipQuery(organization="page", limit=500, order_by=order_by)
     with reads.read_sessions(engine)() as session:
         listing = reads.membership_listing(session, query)
@@ -122,19 +127,21 @@ def test_a_page_is_each_membership_view_rendered(
 def test_the_organization_on_a_page_counts_its_live_members_whatever_the_page_holds(engine: Engine) -> None:
     # A page of all its memberships takes the count from the page's own total; a filtered
     # page counts them apart. Either way: live members only, past the end and at the start.
-    with engine.begin() as connection:
-        connection.execute(delete(Membership))
-        connection.execute(delete(Organization))
-        connection.execute(
-            insert(Organization).values(
-                id="org_c", name="C", slug="c", version="1", deleted=False, synced_at=1
-            )
-        )
-        for n in range(7):
-            role = "org:admin" if n < 2 else "org:member"
-            row = {"organization_id": "org_c", "user_id": f"user_{n}", "id": f"orgmem_{n}", "role": role}
-            times = {"created_at": n, "updated_at": n, "version": "1", "deleted": n == 6, "synced_at": 1}
-            connection.execute(insert(Membership).values(**row, **times))
+    rows = [
+        {
+            "organization_id": "org_c",
+            "user_id": f"user_{n}",
+            "id": f"orgmem_{n}",
+            "role": "org:admin" if n < 2 else "org:member",
+            "created_at": n,
+            "updated_at": n,
+            "version": "1",
+            "deleted": n == 6,
+            "synced_at": 1,
+        }
+        for n in range(7)
+    ]
+    only_organization(engine, "org_c", "c", rows)
     cases = [
         (reads.MembershipQuery(organization="org_c", limit=2), 2, 6),
         (reads.MembershipQuery(organization="c", limit=10, offset=4), 2, 6),

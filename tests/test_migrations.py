@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import PG_ADMIN_DSN, PG_HOST_URL, unavailable
+from conftest import new_pg_database
 from sqlalchemy import Engine
 
 from models.db import create_db_engine
@@ -82,18 +80,8 @@ def blank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'blank.db'}"
         return
-    name = f"orgsync_blank_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        unavailable(f"PostgreSQL unreachable ({PG_ADMIN_DSN}): {exc}".strip())
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_HOST_URL}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_pg_database("orgsync_blank") as url:
+        yield url
 
 
 def test_upgrading_marks_the_memberships_whose_user_data_is_served_as_stored(blank_url: str) -> None:

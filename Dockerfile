@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     ORGSYNC_DATA_DIR=/var/lib/orgsync
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY orgsync ./orgsync
 COPY models ./models
 COPY webhooks ./webhooks

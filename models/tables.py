@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, MetaData, String, Text, false
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, MetaData, String, Text, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -326,6 +326,18 @@ class RuleState(Base):
     stopped_at: Mapped[int | None] = mapped_column(Millis)
     stopped_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[int] = mapped_column(Millis)
+
+    # A row per rule and membership, few of them stopped: status, metrics and ``rules check``
+    # find those without reading the others.
+    __table_args__ = (
+        Index(
+            "ix_rule_states_stopped",
+            "rule_name",
+            "stopped_at",
+            postgresql_where=text("stopped_at IS NOT NULL"),
+            sqlite_where=text("stopped_at IS NOT NULL"),
+        ),
+    )
 
 
 class SyncStatus:

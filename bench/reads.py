@@ -248,21 +248,28 @@ def baseline_python_checks(api_url: str, pairs: Sequence[tuple[str, str]], count
     return {"checks": count, "allowed": allowed, **latency_summary(sorted(times))}
 
 
-def closed_loop(
-    target: Target, paths: Sequence[str], params: ReadParams, label: str, pid: int | None = None
-) -> dict[str, Any]:
-    requests = [target.get(path) for path in paths]
-    cpu_before = tree_cpu_seconds(pid) if pid is not None else 0.0
-    postgres_before = postgres_cpu_seconds()
+def _load(
+    port: int, requests: Sequence[bytes], params: ReadParams, *, rate: float | None, max_seconds: float
+) -> LoadResult:
+    """``requests`` sent on the benchmark's client processes and threads, to the end."""
     load = Load(
-        target.port,
+        port,
         requests,
         processes=params.client_processes,
         threads=params.client_threads,
-        rate=None,
-        max_seconds=params.max_seconds,
+        rate=rate,
+        max_seconds=max_seconds,
     )
-    result = load.wait()
+    return load.wait()
+
+
+def closed_loop(
+    target: Target, paths: Sequence[str], params: ReadParams, label: str, pid: int | None = None
+) -> dict[str, Any]:
+    cpu_before = tree_cpu_seconds(pid) if pid is not None else 0.0
+    postgres_before = postgres_cpu_seconds()
+    requests = [target.get(path) for path in paths]
+    result = _load(target.port, requests, params, rate=None, max_seconds=params.max_seconds)
     summary = _summary(result, label, tree_cpu_seconds(pid) - cpu_before if pid is not None else None)
     # Where the rest of the two CPUs went: the client's share is in the summary already.
     postgres = postgres_cpu_seconds() - postgres_before
@@ -276,15 +283,8 @@ def paced(
     """Latency at a fixed offered rate, from each request's scheduled time (falling behind counts)."""
     count = max(1, int(rate * seconds))
     requests = [target.get(path) for path in spread(paths, count, 8)]
-    load = Load(
-        target.port,
-        requests,
-        processes=params.client_processes,
-        threads=params.client_threads,
-        rate=rate,
-        max_seconds=seconds + 5,
-    )
-    summary = _summary(load.wait(), f"{label} paced at {rate:.0f}/s", None, from_schedule=True)
+    result = _load(target.port, requests, params, rate=rate, max_seconds=seconds + 5)
+    summary = _summary(result, f"{label} paced at {rate:.0f}/s", None, from_schedule=True)
     return {**summary, "rate_offered": rate}
 
 
@@ -346,14 +346,7 @@ def intake_under_reads(
     def intake(label: str, count: int) -> LoadResult:
         bodies = load.bodies(count)
         requests = signed_requests(stack.secret, ids, bodies, target.port)
-        result = Load(
-            target.port,
-            requests,
-            processes=params.client_processes,
-            threads=params.client_threads,
-            rate=None,
-            max_seconds=params.max_seconds,
-        ).wait()
+        result = _load(target.port, requests, params, rate=None, max_seconds=params.max_seconds)
         web.check_alive()
         _summary(result, label, None)
         return result

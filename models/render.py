@@ -38,6 +38,7 @@ from models.reads import (
     UserView,
 )
 from models.tables import Membership
+from models.userdata import complete_user_data
 
 Json = dict[str, Any]
 
@@ -69,17 +70,7 @@ def organization(org: OrganizationView, *, counts: bool) -> Json:
 
 
 def public_user_data(data: Json) -> Json:
-    return _complete_user_data(dict(data))
-
-
-def _complete_user_data(result: Json) -> Json:
-    """Clerk's required public user data fields added to ``result`` (changed in place)."""
-    result.setdefault("first_name", None)
-    result.setdefault("last_name", None)
-    result.setdefault("image_url", result.get("profile_image_url") or "")
-    result.setdefault("profile_image_url", result["image_url"])
-    result.setdefault("has_image", False)
-    return result
+    return complete_user_data(dict(data))
 
 
 def _membership_head(mem: MembershipView) -> Json:
@@ -211,7 +202,7 @@ def membership_page(
         if user_data_complete and user_data is not None:
             user = orjson.Fragment(user_data)
         else:
-            user = _complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
+            user = complete_user_data(reads.membership_user_data(user_data, user_id, identifier))
         data.append(
             {
                 "object": "organization_membership",

@@ -1,12 +1,14 @@
-"""When a membership's stored public user data is already what the read API serves.
+"""A membership's public user data as the read API serves it, and when the stored copy
+already is that.
 
 Clerk requires ``user_id``, ``first_name``, ``last_name``, ``image_url``,
 ``profile_image_url`` and ``has_image`` in a membership's ``public_user_data`` and sends
 ``identifier`` too. A stored copy holding them all, with the membership's own user id, is
-served as the JSON text it is stored as; any other copy is read and completed
-(``models.reads.membership_user_data``, ``models.render``), which costs a parse and an
-encoding per membership on every page that shows it. Writers of memberships record which
-kind each copy is (``Membership.user_data_complete``).
+served as the JSON text it is stored as; any other copy is read
+(``models.reads.membership_user_data``: the user id and identifier) and completed
+(``complete_user_data``: Clerk's defaults), which costs a parse and an encoding per
+membership on every page that shows it. Writers of memberships record which kind each copy
+is (``Membership.user_data_complete``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-# Every field the read path adds when it is missing.
+# Every field the read path adds when it is missing: ``membership_user_data`` the first two,
+# ``complete_user_data`` the others.
 SERVED_FIELDS = (
     "user_id",
     "identifier",
@@ -26,6 +29,16 @@ SERVED_FIELDS = (
     "profile_image_url",
     "has_image",
 )
+
+
+def complete_user_data(result: dict[str, Any]) -> dict[str, Any]:
+    """Clerk's required public user data fields added to ``result`` (changed in place)."""
+    result.setdefault("first_name", None)
+    result.setdefault("last_name", None)
+    result.setdefault("image_url", result.get("profile_image_url") or "")
+    result.setdefault("profile_image_url", result["image_url"])
+    result.setdefault("has_image", False)
+    return result
 
 
 def served_as_stored(data: object, user_id: str) -> bool:
